@@ -1,0 +1,489 @@
+//! The subcommands.
+use crate::loaded::{human_bytes, peak_rss_bytes, Loaded};
+use crate::synth::{self, SynthFormat};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use moestream_engine::generate::{generate, GenerationRequest, GenerationStats, SamplingParams};
+use moestream_engine::models::blocks::FeedForward;
+use moestream_engine::models::Logits;
+use moestream_kernels::ops::log_softmax_at;
+use serde_json::{json, Value};
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+
+#[derive(Args)]
+pub struct SamplingArgs {
+    /// Sampling temperature (0 = greedy). Default: the model's generation_config.json, else 0.7.
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// Top-k cutoff (0 = off).
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Nucleus sampling mass (1 = off).
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// Min-p cutoff relative to the most likely token (0 = off).
+    #[arg(long)]
+    min_p: Option<f32>,
+    /// Repetition penalty (1 = off).
+    #[arg(long)]
+    repetition_penalty: Option<f32>,
+    /// Random seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl SamplingArgs {
+    fn params(&self, l: &Loaded) -> SamplingParams {
+        let g = &l.generation;
+        SamplingParams {
+            temperature: self.temperature.or(g.temperature).unwrap_or(0.7),
+            top_k: self.top_k.or(g.top_k).unwrap_or(0),
+            top_p: self.top_p.or(g.top_p).unwrap_or(1.0),
+            min_p: self.min_p.or(g.min_p).unwrap_or(0.0),
+            repetition_penalty: self.repetition_penalty.or(g.repetition_penalty).unwrap_or(1.0),
+            seed: self.seed,
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// Model folder. Without it, a small random-weight demo model is generated once into the
+    /// cache folder and used (its output is noise).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Prompt text (rendered through the model's chat template unless --raw). Without a prompt,
+    /// an interactive chat reads lines from stdin.
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Prompt as token ids ("ID ID ..."), fed as is.
+    #[arg(long, conflicts_with = "prompt")]
+    prompt_tokens: Option<String>,
+    /// System message for chat.
+    #[arg(long)]
+    system: Option<String>,
+    /// Feed the prompt text without the chat template.
+    #[arg(long)]
+    raw: bool,
+    /// Pass enable_thinking to the chat template (Qwen3: true/false).
+    #[arg(long)]
+    enable_thinking: Option<bool>,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Stop when this string is generated (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Do not stop at end-of-sequence tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Print one JSON object (prompt and generated token ids, text, statistics) instead of text.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+fn parse_ids(s: &str) -> Result<Vec<u32>> {
+    s.split(|c: char| c.is_whitespace() || c == ',')
+        .filter(|t| !t.is_empty())
+        .map(|t| t.parse::<u32>().with_context(|| format!("`{t}` is not a token id")))
+        .collect()
+}
+
+fn demo_model_dir() -> Result<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .context("neither XDG_CACHE_HOME nor HOME is set; pass --model")?;
+    let dir = base.join("moestream").join("demo-qwen3_moe-tiny");
+    if !dir.join("config.json").is_file() {
+        eprintln!("note: generating the random-weight demo model into {} (once)", dir.display());
+        let tmp = dir.with_extension("partial");
+        let _ = std::fs::remove_dir_all(&tmp);
+        synth::synth("qwen3_moe", "tiny", SynthFormat::HfBf16, 0, &tmp, false)?;
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::rename(&tmp, &dir).with_context(|| format!("moving the demo model into {}", dir.display()))?;
+    }
+    eprintln!("note: no --model given: running a tiny model with RANDOM weights ({}); its output is noise. Pass --model DIR for a real model.", dir.display());
+    Ok(dir)
+}
+
+fn print_stats(s: &GenerationStats) {
+    let rate = |n: usize, t: f64| if t > 0.0 { n as f64 / t } else { 0.0 };
+    let decode_tokens = s.generated_tokens.saturating_sub(1);
+    eprintln!(
+        "\n[prompt {} tok, prefill {:.1} tok/s | generated {} tok, decode {:.2} tok/s | peak resident {}]",
+        s.prompt_tokens,
+        rate(s.prompt_tokens, s.prefill_seconds),
+        s.generated_tokens,
+        rate(decode_tokens, s.decode_seconds),
+        peak_rss_bytes().map(human_bytes).unwrap_or_else(|| "?".into())
+    );
+}
+
+pub fn run(a: RunArgs) -> Result<()> {
+    let dir = match &a.model {
+        Some(d) => d.clone(),
+        None => demo_model_dir()?,
+    };
+    let l = Loaded::open(&dir)?;
+    let mut sampling = a.sampling.params(&l);
+    if a.json && a.sampling.temperature.is_none() {
+        sampling.temperature = 0.0;
+    }
+    let eos = if a.ignore_eos { vec![] } else { l.eos_ids() };
+    let mut extra = serde_json::Map::new();
+    if let Some(t) = a.enable_thinking {
+        extra.insert("enable_thinking".into(), json!(t));
+    }
+    let ctx = l.model.config.max_position_embeddings;
+    let one_shot = |prompt: Vec<u32>| -> Result<()> {
+        let req = GenerationRequest { prompt: prompt.clone(), max_tokens: a.max_tokens, sampling: sampling.clone(), eos_token_ids: eos.clone(), stop_strings: a.stop.clone() };
+        let mut cache = l.model.new_cache(prompt.len() + a.max_tokens);
+        let mut text = String::new();
+        let mut out = std::io::stdout().lock();
+        let stats = generate(&l.model, l.tokenizer.as_ref(), &mut cache, &req, |piece| {
+            if a.json {
+                text.push_str(piece);
+            } else {
+                let _ = write!(out, "{piece}");
+                let _ = out.flush();
+            }
+            true
+        })
+        .map_err(anyhow::Error::msg)?;
+        if a.json {
+            let v = json!({"prompt_tokens": prompt, "generated_tokens": stats.tokens, "text": text,
+                "finish_reason": format!("{:?}", stats.finish_reason).to_lowercase(),
+                "prefill_seconds": stats.prefill_seconds, "decode_seconds": stats.decode_seconds});
+            writeln!(out, "{v}")?;
+        } else {
+            writeln!(out)?;
+        }
+        drop(out);
+        print_stats(&stats);
+        Ok(())
+    };
+    if let Some(ids) = &a.prompt_tokens {
+        return one_shot(parse_ids(ids)?);
+    }
+    if let Some(p) = &a.prompt {
+        let tok = l.tokenizer()?;
+        let text = match (&l.template, a.raw) {
+            (Some(t), false) => {
+                let mut msgs = vec![];
+                if let Some(s) = &a.system {
+                    msgs.push(json!({"role": "system", "content": s}));
+                }
+                msgs.push(json!({"role": "user", "content": p}));
+                t.render(&Value::Array(msgs), true, &extra)?
+            }
+            _ => p.clone(),
+        };
+        let add_special = l.template.is_none() || a.raw;
+        let ids = tok.encode(&text, add_special)?;
+        if ids.len() + 1 > ctx {
+            bail!("the prompt has {} tokens; the model's context is {ctx} tokens", ids.len());
+        }
+        return one_shot(ids);
+    }
+    chat(&l, &a, sampling, eos, extra)
+}
+
+/// Interactive chat: the whole conversation is re-rendered each turn; the KV cache is kept for
+/// the longest common token prefix, so only the new turn is computed.
+fn chat(l: &Loaded, a: &RunArgs, sampling: SamplingParams, eos: Vec<u32>, extra: serde_json::Map<String, Value>) -> Result<()> {
+    let tok = l.tokenizer()?;
+    let template = l.template.as_ref().with_context(|| format!("{}: no chat template; use --prompt with --raw", l.dir.display()))?;
+    let mut messages: Vec<Value> = vec![];
+    if let Some(s) = &a.system {
+        messages.push(json!({"role": "system", "content": s}));
+    }
+    let ctx = l.model.config.max_position_embeddings;
+    let mut cache = l.model.new_cache(1024);
+    let mut cached: Vec<u32> = vec![];
+    eprintln!("chat with {} (empty line or Ctrl-D to quit)", l.dir.display());
+    let stdin = std::io::stdin();
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
+            return Ok(());
+        }
+        messages.push(json!({"role": "user", "content": line.trim_end()}));
+        let text = template.render(&Value::Array(messages.clone()), true, &extra)?;
+        let ids = tok.encode(&text, false)?;
+        if ids.len() + 1 > ctx {
+            bail!("the conversation has {} tokens; the model's context is {ctx} tokens", ids.len());
+        }
+        let common = cached.iter().zip(&ids).take_while(|(x, y)| x == y).count().min(ids.len() - 1);
+        cache.truncate(common);
+        let req = GenerationRequest { prompt: ids[common..].to_vec(), max_tokens: a.max_tokens, sampling: sampling.clone(), eos_token_ids: eos.clone(), stop_strings: a.stop.clone() };
+        let mut reply = String::new();
+        let mut out = std::io::stdout().lock();
+        let stats = generate(&l.model, Some(tok), &mut cache, &req, |piece| {
+            reply.push_str(piece);
+            let _ = write!(out, "{piece}");
+            let _ = out.flush();
+            true
+        })
+        .map_err(anyhow::Error::msg)?;
+        writeln!(out)?;
+        drop(out);
+        print_stats(&stats);
+        cached = ids;
+        cached.extend(&stats.tokens);
+        cache.truncate(cached.len());
+        messages.push(json!({"role": "assistant", "content": reply}));
+    }
+}
+
+#[derive(Args)]
+pub struct ScoreArgs {
+    /// Model folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// Token ids, "ID ID ...".
+    #[arg(long, conflicts_with = "text")]
+    tokens: Option<String>,
+    /// Text to tokenize (with the tokenizer's special tokens, e.g. BOS).
+    #[arg(long)]
+    text: Option<String>,
+}
+
+/// Chunk of tokens run per forward call when scoring: bounds the logits buffer.
+const SCORE_CHUNK: usize = 256;
+
+/// ln p(tokens[i+1] | tokens[..=i]) for every i, computed over `cache` (assumed empty).
+fn logprobs(l: &Loaded, tokens: &[u32]) -> Vec<f64> {
+    let v = l.model.config.vocab_size;
+    let mut cache = l.model.new_cache(tokens.len());
+    let mut out = Vec::with_capacity(tokens.len().saturating_sub(1));
+    for (c, chunk) in tokens.chunks(SCORE_CHUNK).enumerate() {
+        let logits = l.model.forward(chunk, &mut cache, Logits::All);
+        for (j, row) in logits.chunks_exact(v).enumerate() {
+            let i = c * SCORE_CHUNK + j;
+            if i + 1 < tokens.len() {
+                out.push(log_softmax_at(row, tokens[i + 1] as usize));
+            }
+        }
+    }
+    out
+}
+
+pub fn score(a: ScoreArgs) -> Result<()> {
+    let l = Loaded::open(&a.model)?;
+    let tokens = match (&a.tokens, &a.text) {
+        (Some(t), _) => parse_ids(t)?,
+        (None, Some(text)) => l.tokenizer()?.encode(text, true)?,
+        (None, None) => bail!("give --tokens or --text"),
+    };
+    if tokens.is_empty() {
+        bail!("no tokens to score");
+    }
+    l.model.check_tokens(&tokens).map_err(anyhow::Error::msg)?;
+    let ctx = l.model.config.max_position_embeddings;
+    if tokens.len() > ctx {
+        bail!("{} tokens exceed the model's context of {ctx}", tokens.len());
+    }
+    let lp = logprobs(&l, &tokens);
+    println!("{}", json!({"tokens": tokens, "logprobs": lp}));
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct PerplexityArgs {
+    /// Model folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// Text file.
+    #[arg(long)]
+    file: PathBuf,
+    /// Tokens per chunk.
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    /// Evaluate at most this many chunks.
+    #[arg(long)]
+    chunks: Option<usize>,
+}
+
+/// llama-perplexity's method: split the tokenized file into chunks of `ctx` tokens (the first of
+/// each replaced by BOS when the tokenizer adds one), run each chunk from an empty cache, and score
+/// only the second half of each chunk, so every scored token has at least ctx/2 tokens of context.
+pub fn perplexity(a: PerplexityArgs) -> Result<()> {
+    let l = Loaded::open(&a.model)?;
+    let text = std::fs::read_to_string(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
+    let tok = l.tokenizer()?;
+    let tokens = tok.encode(&text, false)?;
+    if a.ctx < 4 {
+        bail!("--ctx must be at least 4");
+    }
+    if a.ctx > l.model.config.max_position_embeddings {
+        bail!("--ctx {} exceeds the model's context of {}", a.ctx, l.model.config.max_position_embeddings);
+    }
+    let mut n_chunks = tokens.len() / a.ctx;
+    if let Some(c) = a.chunks {
+        n_chunks = n_chunks.min(c);
+    }
+    if n_chunks == 0 {
+        bail!("{}: {} tokens; at least {} are needed for one chunk of --ctx {}", a.file.display(), tokens.len(), a.ctx, a.ctx);
+    }
+    let bos = if tok.add_bos_token().unwrap_or(false) { tok.bos_token_id() } else { None };
+    let first = a.ctx / 2;
+    let (mut nll, mut nll2, mut count) = (0f64, 0f64, 0usize);
+    let t0 = std::time::Instant::now();
+    eprintln!("perplexity: {} tokens, {n_chunks} chunks of {}", tokens.len(), a.ctx);
+    for c in 0..n_chunks {
+        let mut chunk = tokens[c * a.ctx..(c + 1) * a.ctx].to_vec();
+        if let Some(b) = bos {
+            chunk[0] = b;
+        }
+        let lp = logprobs(&l, &chunk);
+        for &x in &lp[first - 1..] {
+            nll -= x;
+            nll2 += x * x;
+            count += 1;
+        }
+        print!("[{}]{:.4},", c + 1, (nll / count as f64).exp());
+        std::io::stdout().flush()?;
+    }
+    let mean = nll / count as f64;
+    let var = (nll2 / count as f64 - mean * mean).max(0.0);
+    let ppl = mean.exp();
+    let err = ppl * (var / (count as f64 - 1.0).max(1.0)).sqrt();
+    println!("\nFinal estimate: PPL = {ppl:.4} +/- {err:.5}");
+    eprintln!("[{count} tokens scored in {:.1} s]", t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct InspectArgs {
+    /// Model folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn inspect(a: InspectArgs) -> Result<()> {
+    let l = Loaded::open(&a.model)?;
+    let m = &l.model;
+    let c = &m.config;
+    let (mut expert_bytes, mut expert_params) = (0u64, 0u64);
+    let (mut dense_bytes, mut dense_params) = (0u64, 0u64);
+    let mut formats = std::collections::BTreeMap::<String, u64>::new();
+    let mut add_linear = |lin: &moestream_engine::weights::Linear, expert: bool| {
+        let (b, p) = (lin.size_bytes() as u64, (lin.rows * lin.cols) as u64);
+        *formats.entry(lin.format_name()).or_default() += b;
+        if expert {
+            expert_bytes += b;
+            expert_params += p;
+        } else {
+            dense_bytes += b;
+            dense_params += p;
+        }
+    };
+    let mut active_expert_bytes = 0u64;
+    add_linear(&m.embed_tokens, false);
+    let tied = std::ptr::eq(&m.embed_tokens, &m.lm_head) || c.tie_word_embeddings;
+    if !tied {
+        add_linear(&m.lm_head, false);
+    }
+    let mut norm_params = c.hidden_size as u64;
+    for layer in &m.layers {
+        let at = &layer.self_attn;
+        for lin in [&at.q_proj, &at.k_proj, &at.v_proj, &at.o_proj] {
+            add_linear(lin, false);
+        }
+        norm_params += 2 * c.hidden_size as u64 + if at.q_norm.is_some() { 2 * c.head_dim as u64 } else { 0 };
+        match &layer.mlp {
+            FeedForward::Dense(mlp) => {
+                for lin in [&mlp.gate_proj, &mlp.up_proj, &mlp.down_proj] {
+                    add_linear(lin, false);
+                }
+            }
+            FeedForward::Sparse(moe) => {
+                add_linear(&moe.router, false);
+                for e in &moe.experts {
+                    for lin in [&e.gate_proj, &e.up_proj, &e.down_proj] {
+                        add_linear(lin, true);
+                    }
+                }
+                if let Some(e) = moe.experts.first() {
+                    active_expert_bytes += (e.size_bytes() * moe.rule.top_k) as u64;
+                }
+            }
+        }
+    }
+    let files: u64 = moestream_formats::SafetensorsIndex::open(&a.model)?.files().iter().map(|f| f.bytes().len() as u64).sum();
+    let moe_layers = (0..c.num_hidden_layers).filter(|&i| c.is_moe_layer(i)).count();
+    let quant = match &c.quantization {
+        Some(q) => format!("MLX affine {}-bit, group size {} ({} per-module overrides)", q.default.bits, q.default.group_size, q.overrides.len()),
+        None => "none (float)".into(),
+    };
+    let v = json!({
+        "model": l.dir, "architecture": c.arch.model_type(), "layers": c.num_hidden_layers, "moe_layers": moe_layers,
+        "hidden_size": c.hidden_size, "attention_heads": c.num_attention_heads, "kv_heads": c.num_key_value_heads,
+        "head_dim": c.head_dim, "vocab_size": c.vocab_size, "experts": c.num_experts, "experts_per_token": c.num_experts_per_tok,
+        "expert_intermediate_size": c.moe_intermediate_size, "tied_embeddings": c.tie_word_embeddings,
+        "parameters": expert_params + dense_params + norm_params, "expert_parameters": expert_params,
+        "quantization": quant, "bytes_by_format": formats, "expert_bytes": expert_bytes, "non_expert_bytes": dense_bytes,
+        "active_expert_bytes_per_token": active_expert_bytes, "file_bytes": files,
+        "tokenizer": l.tokenizer.is_some(), "chat_template": l.template.is_some(), "eos_token_ids": l.eos_ids(),
+    });
+    if a.json {
+        println!("{v}");
+        return Ok(());
+    }
+    println!("model           {}", l.dir.display());
+    println!("architecture    {} ({} layers, {} MoE)", c.arch.model_type(), c.num_hidden_layers, moe_layers);
+    println!("geometry        hidden {}, heads {}/{} x {}, vocab {}", c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.vocab_size);
+    if c.num_experts > 0 {
+        println!("experts         {} per layer, {} active, width {}", c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size);
+    }
+    println!("parameters      {:.3} B ({:.3} B in experts)", (expert_params + dense_params + norm_params) as f64 / 1e9, expert_params as f64 / 1e9);
+    println!("quantization    {quant}");
+    for (f, b) in &formats {
+        println!("  {f:<12}  {}", human_bytes(*b));
+    }
+    println!("expert bytes    {} ({} active per token)", human_bytes(expert_bytes), human_bytes(active_expert_bytes));
+    println!("non-expert      {}", human_bytes(dense_bytes));
+    println!("files           {}", human_bytes(files));
+    println!("tokenizer       {}, chat template {}", if l.tokenizer.is_some() { "yes" } else { "no" }, if l.template.is_some() { "yes" } else { "no" });
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct SynthArgs {
+    /// Architecture: qwen3_moe, qwen3, mixtral.
+    #[arg(long)]
+    arch: String,
+    /// Geometry preset (tiny, qwen3-30b-a3b, qwen3-235b-a22b, qwen3-0.6b, mixtral-8x7b).
+    #[arg(long, default_value = "tiny")]
+    preset: String,
+    /// File layout and precision.
+    #[arg(long, value_enum, default_value = "hf-bf16")]
+    format: SynthFormat,
+    /// Random seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output folder.
+    out: PathBuf,
+}
+
+pub fn synth(a: SynthArgs) -> Result<()> {
+    if a.out.join("config.json").exists() {
+        bail!("{}: already holds a model; choose an empty folder", a.out.display());
+    }
+    let t0 = std::time::Instant::now();
+    let bytes = synth::synth(&a.arch, &a.preset, a.format, a.seed, &a.out, true)?;
+    eprintln!("wrote {} of weights to {} in {:.1} s (random weights: output is noise)", human_bytes(bytes), display(&a.out), t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn display(p: &Path) -> String {
+    p.display().to_string()
+}

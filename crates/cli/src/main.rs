@@ -1,0 +1,54 @@
+//! `moestream`: run Mixture-of-Experts language models on the CPU.
+//!
+//! Commands: `run` (generate or chat), `score` (per-token log-probabilities as JSON), `perplexity`
+//! (llama-perplexity's method), `inspect` (what a checkpoint holds), `synth` (random-weight models
+//! of real geometries).
+mod commands;
+mod loaded;
+mod synth;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "moestream", version, about = "Inference engine for Mixture-of-Experts models larger than memory")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt, or chat interactively when no prompt is given.
+    Run(commands::RunArgs),
+    /// Print the log-probability of each token given the ones before it, as JSON.
+    Score(commands::ScoreArgs),
+    /// Perplexity of a text file, computed as llama.cpp's llama-perplexity does.
+    Perplexity(commands::PerplexityArgs),
+    /// Describe a checkpoint: architecture, geometry, quantization, expert and non-expert bytes.
+    Inspect(commands::InspectArgs),
+    /// Write a random-weight model of a real geometry (its output is noise).
+    Synth(commands::SynthArgs),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MOESTREAM_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(a) => commands::run(a),
+        Command::Score(a) => commands::score(a),
+        Command::Perplexity(a) => commands::perplexity(a),
+        Command::Inspect(a) => commands::inspect(a),
+        Command::Synth(a) => commands::synth(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,427 @@
+//! `moestream synth`: random-weight models of real geometries, written in the same file layout as
+//! the real checkpoints (Hugging Face per-expert safetensors, or mlx-lm's quantized layout with
+//! stacked `switch_mlp` experts), with a small working byte-level tokenizer and the family's chat
+//! template. For tests, demos and benchmarks; the output of such a model is noise.
+//!
+//! Writing is streamed: the safetensors header is computed from the tensor list first, then each
+//! tensor's bytes are generated in parallel chunks and written, so a 17 GB model needs a few MB of
+//! memory and runs at disk speed.
+use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
+use serde_json::{json, Value};
+use std::io::Write;
+use std::path::Path;
+
+/// Weight file layouts `synth` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SynthFormat {
+    /// Hugging Face float32, one tensor per expert.
+    HfF32,
+    /// Hugging Face bfloat16, one tensor per expert.
+    HfBf16,
+    /// mlx-lm 4-bit, group size 64, bf16 scales.
+    Mlx4,
+    /// mlx-lm 8-bit, group size 64, bf16 scales.
+    Mlx8,
+}
+
+/// Architecture names accepted by `--arch`.
+pub const ARCHES: &[&str] = &["qwen3_moe", "qwen3", "mixtral"];
+
+fn preset_config(arch: &str, preset: &str) -> Result<Value> {
+    let qwen = |v: Value| -> Value {
+        let mut base = json!({
+            "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "hidden_act": "silu",
+            "attention_bias": false, "attention_dropout": 0.0, "torch_dtype": "bfloat16",
+            "bos_token_id": 256, "eos_token_id": 258, "use_sliding_window": false,
+        });
+        if let (Some(b), Some(o)) = (base.as_object_mut(), v.as_object()) {
+            for (k, x) in o {
+                b.insert(k.clone(), x.clone());
+            }
+        }
+        base
+    };
+    let cfg = match (arch, preset) {
+        ("qwen3_moe", "tiny") => qwen(json!({"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+            "vocab_size": 512, "hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 32, "intermediate_size": 256, "moe_intermediate_size": 128, "num_experts": 8, "num_experts_per_tok": 2,
+            "norm_topk_prob": true, "decoder_sparse_step": 1, "mlp_only_layers": [], "max_position_embeddings": 4096,
+            "tie_word_embeddings": false})),
+        ("qwen3_moe", "qwen3-30b-a3b") => qwen(json!({"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+            "vocab_size": 151936, "hidden_size": 2048, "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4,
+            "head_dim": 128, "intermediate_size": 6144, "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8,
+            "norm_topk_prob": true, "decoder_sparse_step": 1, "mlp_only_layers": [], "max_position_embeddings": 40960,
+            "tie_word_embeddings": false})),
+        ("qwen3_moe", "qwen3-235b-a22b") => qwen(json!({"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+            "vocab_size": 151936, "hidden_size": 4096, "num_hidden_layers": 94, "num_attention_heads": 64, "num_key_value_heads": 4,
+            "head_dim": 128, "intermediate_size": 12288, "moe_intermediate_size": 1536, "num_experts": 128, "num_experts_per_tok": 8,
+            "norm_topk_prob": true, "decoder_sparse_step": 1, "mlp_only_layers": [], "max_position_embeddings": 40960,
+            "tie_word_embeddings": false})),
+        ("qwen3", "tiny") => qwen(json!({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+            "vocab_size": 512, "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 32, "intermediate_size": 256, "max_position_embeddings": 4096, "tie_word_embeddings": true})),
+        ("qwen3", "qwen3-0.6b") => qwen(json!({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+            "vocab_size": 151936, "hidden_size": 1024, "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
+            "head_dim": 128, "intermediate_size": 3072, "max_position_embeddings": 40960, "tie_word_embeddings": true})),
+        ("mixtral", "tiny") => json!({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+            "vocab_size": 512, "hidden_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "intermediate_size": 128, "num_local_experts": 8, "num_experts_per_tok": 2, "rms_norm_eps": 1e-5,
+            "rope_theta": 1000000.0, "max_position_embeddings": 4096, "tie_word_embeddings": false,
+            "bos_token_id": 256, "eos_token_id": 257, "hidden_act": "silu", "torch_dtype": "bfloat16"}),
+        ("mixtral", "mixtral-8x7b") => json!({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+            "vocab_size": 32000, "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "intermediate_size": 14336, "num_local_experts": 8, "num_experts_per_tok": 2, "rms_norm_eps": 1e-5,
+            "rope_theta": 1000000.0, "max_position_embeddings": 32768, "tie_word_embeddings": false,
+            "bos_token_id": 256, "eos_token_id": 257, "hidden_act": "silu", "torch_dtype": "bfloat16"}),
+        _ => bail!(
+            "no preset `{preset}` for architecture `{arch}`; presets: qwen3_moe: tiny, qwen3-30b-a3b, qwen3-235b-a22b; \
+             qwen3: tiny, qwen3-0.6b; mixtral: tiny, mixtral-8x7b"
+        ),
+    };
+    Ok(cfg)
+}
+
+/// One tensor to write: name, dtype string, shape, and how to fill it.
+struct TensorSpec {
+    name: String,
+    dtype: &'static str,
+    shape: Vec<usize>,
+    fill: Fill,
+}
+
+#[derive(Clone, Copy)]
+enum Fill {
+    /// Uniform floats in `[-a, a]` (+ `center`), stored as F32 or BF16.
+    Uniform { a: f32, center: f32 },
+    /// Random bytes (packed quantization codes).
+    RandomBytes,
+    /// Constant float.
+    Const(f32),
+}
+
+impl TensorSpec {
+    fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    fn size_bytes(&self) -> usize {
+        self.numel() * if self.dtype == "F32" || self.dtype == "U32" { 4 } else { 2 }
+    }
+}
+
+struct Plan {
+    tensors: Vec<TensorSpec>,
+}
+
+impl Plan {
+    /// A float or quantized linear layer `[rows, cols]`, optionally stacked over `experts`.
+    fn linear(&mut self, name: &str, experts: Option<usize>, rows: usize, cols: usize, std: f32, format: SynthFormat, bits_override: Option<u32>) {
+        let a = std * 3f32.sqrt();
+        let lead: Vec<usize> = experts.into_iter().collect();
+        let shape = |v: &[usize]| -> Vec<usize> { lead.iter().chain(v).copied().collect() };
+        match format {
+            SynthFormat::HfF32 | SynthFormat::HfBf16 => {
+                let dtype = if format == SynthFormat::HfF32 { "F32" } else { "BF16" };
+                self.tensors.push(TensorSpec { name: format!("{name}.weight"), dtype, shape: shape(&[rows, cols]), fill: Fill::Uniform { a, center: 0.0 } });
+            }
+            SynthFormat::Mlx4 | SynthFormat::Mlx8 => {
+                let bits = bits_override.unwrap_or(if format == SynthFormat::Mlx4 { 4 } else { 8 }) as usize;
+                let gs = 64;
+                let levels = ((1u32 << bits) - 1) as f32;
+                // codes uniform in 0..=levels map to [-a, a]: scale = 2a/levels, bias = -a.
+                self.tensors.push(TensorSpec { name: format!("{name}.weight"), dtype: "U32", shape: shape(&[rows, cols * bits / 32]), fill: Fill::RandomBytes });
+                self.tensors.push(TensorSpec { name: format!("{name}.scales"), dtype: "BF16", shape: shape(&[rows, cols / gs]), fill: Fill::Uniform { a: 0.1 * 2.0 * a / levels, center: 2.0 * a / levels } });
+                self.tensors.push(TensorSpec { name: format!("{name}.biases"), dtype: "BF16", shape: shape(&[rows, cols / gs]), fill: Fill::Uniform { a: 0.1 * a, center: -a } });
+            }
+        }
+    }
+
+    fn norm(&mut self, name: &str, len: usize, format: SynthFormat) {
+        let dtype = if format == SynthFormat::HfF32 { "F32" } else { "BF16" };
+        self.tensors.push(TensorSpec { name: name.into(), dtype, shape: vec![len], fill: Fill::Uniform { a: 0.2, center: 1.0 } });
+    }
+}
+
+fn usize_of(cfg: &Value, k: &str) -> usize {
+    cfg.get(k).and_then(Value::as_u64).unwrap_or(0) as usize
+}
+
+fn plan(cfg: &Value, format: SynthFormat) -> Plan {
+    let arch = cfg["model_type"].as_str().unwrap_or_default();
+    let h = usize_of(cfg, "hidden_size");
+    let v = usize_of(cfg, "vocab_size");
+    let nh = usize_of(cfg, "num_attention_heads");
+    let nkv = usize_of(cfg, "num_key_value_heads");
+    let d = match usize_of(cfg, "head_dim") {
+        0 => h / nh,
+        x => x,
+    };
+    let layers = usize_of(cfg, "num_hidden_layers");
+    let f = usize_of(cfg, "intermediate_size");
+    let (e, i) = match arch {
+        "qwen3_moe" => (usize_of(cfg, "num_experts"), usize_of(cfg, "moe_intermediate_size")),
+        "mixtral" => (usize_of(cfg, "num_local_experts"), f),
+        _ => (0, 0),
+    };
+    let mlx = matches!(format, SynthFormat::Mlx4 | SynthFormat::Mlx8);
+    let mut p = Plan { tensors: vec![] };
+    // Standard deviations chosen so activations stay O(1) through the stack: 1/sqrt(fan_in).
+    let s = |fan_in: usize| 1.0 / (fan_in as f32).sqrt();
+    p.linear("model.embed_tokens", None, v, h, 1.0, format, None);
+    for l in 0..layers {
+        let pre = format!("model.layers.{l}");
+        p.norm(&format!("{pre}.input_layernorm.weight"), h, format);
+        p.norm(&format!("{pre}.post_attention_layernorm.weight"), h, format);
+        let at = format!("{pre}.self_attn");
+        p.linear(&format!("{at}.q_proj"), None, nh * d, h, s(h), format, None);
+        p.linear(&format!("{at}.k_proj"), None, nkv * d, h, s(h), format, None);
+        p.linear(&format!("{at}.v_proj"), None, nkv * d, h, s(h), format, None);
+        p.linear(&format!("{at}.o_proj"), None, h, nh * d, s(nh * d), format, None);
+        if arch != "mixtral" {
+            p.norm(&format!("{at}.q_norm.weight"), d, format);
+            p.norm(&format!("{at}.k_norm.weight"), d, format);
+        }
+        if e == 0 {
+            for (n, r, c) in [("gate_proj", f, h), ("up_proj", f, h), ("down_proj", h, f)] {
+                p.linear(&format!("{pre}.mlp.{n}"), None, r, c, s(c), format, None);
+            }
+            continue;
+        }
+        let moe = if arch == "mixtral" { format!("{pre}.block_sparse_moe") } else { format!("{pre}.mlp") };
+        // mlx-lm keeps the Qwen3-MoE router at 8 bits (its quant_predicate); Mixtral's at base bits.
+        let router_bits = if arch == "qwen3_moe" { Some(8) } else { None };
+        p.linear(&format!("{moe}.gate"), None, e, h, 4.0 * s(h), format, router_bits);
+        let names = if arch == "mixtral" && !mlx { ["w1", "w3", "w2"] } else { ["gate_proj", "up_proj", "down_proj"] };
+        let shapes = [(i, h), (i, h), (h, i)];
+        if mlx {
+            for (n, (r, c)) in names.iter().zip(shapes) {
+                p.linear(&format!("{moe}.switch_mlp.{n}"), Some(e), r, c, s(c), format, None);
+            }
+        } else {
+            for x in 0..e {
+                for (n, (r, c)) in names.iter().zip(shapes) {
+                    p.linear(&format!("{moe}.experts.{x}.{n}"), None, r, c, s(c), format, None);
+                }
+            }
+        }
+    }
+    p.norm("model.norm.weight", h, format);
+    if !cfg["tie_word_embeddings"].as_bool().unwrap_or(false) {
+        p.linear("lm_head", None, v, h, s(h), format, None);
+    }
+    p
+}
+
+/// Writes the model; returns the total bytes of weights.
+pub fn synth(arch: &str, preset: &str, format: SynthFormat, seed: u64, out: &Path, progress: bool) -> Result<u64> {
+    if !ARCHES.contains(&arch) {
+        bail!("unknown architecture `{arch}`; supported: {}", ARCHES.join(", "));
+    }
+    let mut cfg = preset_config(arch, preset)?;
+    let plan = plan(&cfg, format);
+    if matches!(format, SynthFormat::Mlx4 | SynthFormat::Mlx8) {
+        let bits = if format == SynthFormat::Mlx4 { 4 } else { 8 };
+        let mut q = json!({"group_size": 64, "bits": bits, "mode": "affine"});
+        if arch == "qwen3_moe" {
+            for l in 0..usize_of(&cfg, "num_hidden_layers") {
+                q[format!("model.layers.{l}.mlp.gate")] = json!({"group_size": 64, "bits": 8});
+            }
+        }
+        cfg["quantization"] = q.clone();
+        cfg["quantization_config"] = q;
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    write_json(&out.join("config.json"), &cfg)?;
+    let eos = cfg["eos_token_id"].clone();
+    write_json(&out.join("generation_config.json"), &json!({"bos_token_id": cfg["bos_token_id"], "eos_token_id": eos, "do_sample": true, "temperature": 0.7, "top_p": 0.8, "top_k": 20}))?;
+    write_tokenizer(out, arch)?;
+    std::fs::write(
+        out.join("README.md"),
+        format!("Random-weight `{arch}` model, preset `{preset}`, format {format:?}, seed {seed}, written by `moestream synth`.\nIts output is noise: it exists for tests, demos and benchmarks.\n"),
+    )?;
+    write_safetensors(out, &plan.tensors, seed, progress)
+}
+
+fn write_json(path: &Path, v: &Value) -> Result<()> {
+    std::fs::write(path, serde_json::to_string_pretty(v)?).with_context(|| format!("writing {}", path.display()))
+}
+
+/// GPT-2's byte-to-unicode map: printable stand-ins for every byte, as byte-level BPE uses.
+fn byte_to_unicode() -> Vec<char> {
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut cs = bs.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !bs.contains(&b) {
+            bs.push(b);
+            cs.push(256 + n);
+            n += 1;
+        }
+    }
+    let mut map = vec![' '; 256];
+    for (b, c) in bs.into_iter().zip(cs) {
+        map[b as usize] = char::from_u32(c).unwrap_or('?');
+    }
+    map
+}
+
+/// A byte-level BPE tokenizer with the 256 bytes and the family's special tokens: every string
+/// round-trips, so `run`, `score --text` and chat work on synthetic models.
+fn write_tokenizer(out: &Path, arch: &str) -> Result<()> {
+    let map = byte_to_unicode();
+    let mut vocab = serde_json::Map::new();
+    for (i, c) in map.iter().enumerate() {
+        vocab.insert(c.to_string(), json!(i));
+    }
+    let specials: &[&str] = if arch == "mixtral" {
+        &["<s>", "</s>", "<unk>", "[INST]", "[/INST]"]
+    } else {
+        &["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<tool_call>", "</tool_call>"]
+    };
+    // Qwen layout: <|endoftext|>=256 (bos), <|im_start|>=257, <|im_end|>=258 (eos).
+    // Mixtral layout: <s>=256 (bos), </s>=257 (eos).
+    let added: Vec<Value> = specials
+        .iter()
+        .enumerate()
+        .map(|(k, s)| json!({"id": 256 + k, "content": s, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
+        .collect();
+    let tok = json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                  "fuse_unk": false, "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": []}
+    });
+    write_json(&out.join("tokenizer.json"), &tok)?;
+    let (template, bos, eos) = if arch == "mixtral" {
+        (include_str!("../assets/mixtral.jinja"), "<s>", "</s>")
+    } else {
+        (include_str!("../assets/qwen3.jinja"), "<|endoftext|>", "<|im_end|>")
+    };
+    let bos_v = if arch == "mixtral" { json!(bos) } else { Value::Null };
+    write_json(
+        &out.join("tokenizer_config.json"),
+        &json!({"add_bos_token": arch == "mixtral", "bos_token": bos_v, "eos_token": eos, "pad_token": eos,
+                "model_max_length": 131072, "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template}),
+    )?;
+    Ok(())
+}
+
+const SHARD_BYTES: usize = 4 << 30;
+
+fn write_safetensors(out: &Path, tensors: &[TensorSpec], seed: u64, progress: bool) -> Result<u64> {
+    // Split into shards of at most SHARD_BYTES (whole tensors), as Hugging Face does.
+    let mut shards: Vec<Vec<&TensorSpec>> = vec![vec![]];
+    let mut cur = 0usize;
+    for t in tensors {
+        if cur > 0 && cur + t.size_bytes() > SHARD_BYTES {
+            shards.push(vec![]);
+            cur = 0;
+        }
+        cur += t.size_bytes();
+        if let Some(last) = shards.last_mut() {
+            last.push(t);
+        }
+    }
+    let total: u64 = tensors.iter().map(|t| t.size_bytes() as u64).sum();
+    let bar = if progress { indicatif::ProgressBar::new(total) } else { indicatif::ProgressBar::hidden() };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let n = shards.len();
+    let mut weight_map = serde_json::Map::new();
+    for (si, shard) in shards.iter().enumerate() {
+        let fname = if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{:05}.safetensors", si + 1, n) };
+        let mut header = serde_json::Map::new();
+        header.insert("__metadata__".into(), json!({"format": "pt"}));
+        let mut off = 0usize;
+        for t in shard {
+            header.insert(t.name.clone(), json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [off, off + t.size_bytes()]}));
+            off += t.size_bytes();
+            weight_map.insert(t.name.clone(), json!(fname));
+        }
+        let mut hbytes = serde_json::to_vec(&Value::Object(header))?;
+        while hbytes.len() % 8 != 0 {
+            hbytes.push(b' ');
+        }
+        let path = out.join(&fname);
+        let file = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        let mut w = std::io::BufWriter::with_capacity(8 << 20, file);
+        w.write_all(&(hbytes.len() as u64).to_le_bytes())?;
+        w.write_all(&hbytes)?;
+        for t in shard {
+            let tseed = seed ^ fxhash(&t.name);
+            write_tensor(&mut w, t, tseed, &bar)?;
+        }
+        w.flush()?;
+    }
+    if n > 1 {
+        write_json(&out.join("model.safetensors.index.json"), &json!({"metadata": {"total_size": total}, "weight_map": weight_map}))?;
+    }
+    bar.finish_and_clear();
+    Ok(total)
+}
+
+fn fxhash(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+}
+
+const CHUNK_ELEMS: usize = 1 << 20;
+
+fn write_tensor(w: &mut impl Write, t: &TensorSpec, seed: u64, bar: &indicatif::ProgressBar) -> Result<()> {
+    let elem = t.size_bytes() / t.numel().max(1);
+    let n = t.numel();
+    let chunks = n.div_ceil(CHUNK_ELEMS);
+    // Generate a batch of chunks in parallel, then write them in order.
+    let batch = rayon::current_num_threads().max(1) * 2;
+    let mut c0 = 0;
+    while c0 < chunks {
+        let c1 = (c0 + batch).min(chunks);
+        let bufs: Vec<Vec<u8>> = (c0..c1)
+            .into_par_iter()
+            .map(|c| {
+                let len = CHUNK_ELEMS.min(n - c * CHUNK_ELEMS);
+                let mut rng = seed ^ (c as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                let mut next = move || {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    rng
+                };
+                let mut buf = Vec::with_capacity(len * elem);
+                match (t.fill, t.dtype) {
+                    (Fill::RandomBytes, _) => {
+                        for _ in 0..(len * elem).div_ceil(8) {
+                            buf.extend_from_slice(&next().to_le_bytes());
+                        }
+                        buf.truncate(len * elem);
+                    }
+                    (fill, dtype) => {
+                        for _ in 0..len {
+                            let v = match fill {
+                                Fill::Const(c) => c,
+                                Fill::Uniform { a, center } => center + a * ((next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0),
+                                Fill::RandomBytes => 0.0,
+                            };
+                            if dtype == "F32" {
+                                buf.extend_from_slice(&v.to_le_bytes());
+                            } else {
+                                buf.extend_from_slice(&half::bf16::from_f32(v).to_bits().to_le_bytes());
+                            }
+                        }
+                    }
+                }
+                buf
+            })
+            .collect();
+        for b in bufs {
+            w.write_all(&b)?;
+            bar.inc(b.len() as u64);
+        }
+        c0 = c1;
+    }
+    Ok(())
+}

@@ -1,0 +1,102 @@
+//! Shared loading code: reads config.json, indexes the safetensors files and dispatches to the
+//! architecture's file, which names the tensors.
+use super::blocks::{Attention, Mlp, RmsNorm};
+use super::Model;
+use crate::config::{Arch, ConfigError, ModelConfig};
+use crate::weights::{Linear, WeightLoader};
+use moestream_formats::{FormatError, SafetensorsIndex};
+use moestream_kernels::ops::AttentionShape;
+use std::path::Path;
+
+/// Why a model could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// config.json problem.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Weight file problem.
+    #[error(transparent)]
+    Format(#[from] FormatError),
+}
+
+pub(super) fn load(dir: &Path) -> Result<Model, LoadError> {
+    let config = ModelConfig::from_dir(dir)?;
+    let index = SafetensorsIndex::open(dir)?;
+    let loader = WeightLoader { index: &index };
+    let model = match config.arch {
+        Arch::Qwen3Moe | Arch::Qwen3 => super::qwen3_moe::load(config, &loader)?,
+        Arch::Mixtral => super::mixtral::load(config, &loader)?,
+    };
+    Ok(model)
+}
+
+pub(super) fn norm(l: &WeightLoader, name: &str, len: usize, eps: f32) -> Result<RmsNorm, FormatError> {
+    Ok(RmsNorm { weight: l.vector(name, len)?, eps })
+}
+
+/// `{p}.q_proj` ... `{p}.o_proj` (+ `q_norm`/`k_norm` when `qk_norm`).
+pub(super) fn attention(l: &WeightLoader, p: &str, c: &ModelConfig, qk_norm: bool) -> Result<Attention, FormatError> {
+    let (h, d) = (c.hidden_size, c.head_dim);
+    let (nq, nkv) = (c.num_attention_heads * d, c.num_key_value_heads * d);
+    let (q_norm, k_norm) = if qk_norm {
+        (Some(norm(l, &format!("{p}.q_norm.weight"), d, c.rms_norm_eps)?), Some(norm(l, &format!("{p}.k_norm.weight"), d, c.rms_norm_eps)?))
+    } else {
+        (None, None)
+    };
+    Ok(Attention {
+        q_proj: l.linear(&format!("{p}.q_proj"), nq, h)?,
+        k_proj: l.linear(&format!("{p}.k_proj"), nkv, h)?,
+        v_proj: l.linear(&format!("{p}.v_proj"), nkv, h)?,
+        o_proj: l.linear(&format!("{p}.o_proj"), h, nq)?,
+        q_norm,
+        k_norm,
+        shape: AttentionShape { n_heads: c.num_attention_heads, n_kv_heads: c.num_key_value_heads, head_dim: d },
+    })
+}
+
+/// A dense MLP `{p}.{gate,up,down}`.
+pub(super) fn mlp(l: &WeightLoader, p: &str, names: [&str; 3], hidden: usize, inter: usize) -> Result<Mlp, FormatError> {
+    Ok(Mlp {
+        gate_proj: l.linear(&format!("{p}.{}", names[0]), inter, hidden)?,
+        up_proj: l.linear(&format!("{p}.{}", names[1]), inter, hidden)?,
+        down_proj: l.linear(&format!("{p}.{}", names[2]), hidden, inter)?,
+    })
+}
+
+/// The experts of MoE block `{p}` in whichever layout the checkpoint uses:
+/// MLX stacked `switch_mlp.{gate,up,down}_proj`, transformers-5 fused `experts.gate_up_proj` +
+/// `experts.down_proj`, or one tensor per expert `experts.{e}.{names}`.
+pub(super) fn experts(l: &WeightLoader, p: &str, names: [&str; 3], c: &ModelConfig) -> Result<Vec<Mlp>, FormatError> {
+    let (e, h, i) = (c.num_experts, c.hidden_size, c.moe_intermediate_size);
+    if l.has(&format!("{p}.switch_mlp.gate_proj.weight")) {
+        let s = |n: &str, rows, cols| l.stacked_linear(&format!("{p}.switch_mlp.{n}.weight"), &format!("{p}.switch_mlp.{n}"), e, rows, cols);
+        let gate = s("gate_proj", i, h)?;
+        let up = s("up_proj", i, h)?;
+        let down = s("down_proj", h, i)?;
+        return Ok(zip3(gate, up, down));
+    }
+    if l.has(&format!("{p}.experts.gate_up_proj")) {
+        let gu = l.fused_gate_up(&format!("{p}.experts.gate_up_proj"), e, i, h)?;
+        let down_name = format!("{p}.experts.down_proj");
+        let down = l.stacked_linear(&down_name, &down_name, e, h, i)?;
+        return Ok(gu.into_iter().zip(down).map(|((g, u), d)| Mlp { gate_proj: g, up_proj: u, down_proj: d }).collect());
+    }
+    (0..e).map(|x| mlp(l, &format!("{p}.experts.{x}"), names, h, i)).collect()
+}
+
+fn zip3(a: Vec<Linear>, b: Vec<Linear>, c: Vec<Linear>) -> Vec<Mlp> {
+    a.into_iter()
+        .zip(b)
+        .zip(c)
+        .map(|((g, u), d)| Mlp { gate_proj: g, up_proj: u, down_proj: d })
+        .collect()
+}
+
+/// `lm_head`, or the embedding when tied (or when a tied checkpoint omits `lm_head`).
+pub(super) fn lm_head(l: &WeightLoader, c: &ModelConfig, embed: &Linear) -> Result<Linear, FormatError> {
+    if c.tie_word_embeddings && !l.has("lm_head.weight") {
+        Ok(embed.clone())
+    } else {
+        l.linear("lm_head", c.vocab_size, c.hidden_size)
+    }
+}

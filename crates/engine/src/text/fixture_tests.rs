@@ -1,0 +1,277 @@
+//! Byte-for-byte comparisons with Hugging Face transformers, from `tests/fixtures/text/expected.json`
+//! (written by `scripts/text/make_expected.py`), and llama.cpp's Qwen2 vocabulary test.
+//!
+//! Each test gathers every mismatch before failing, so one run shows all of them.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::OnceLock;
+
+use serde_json::{Map, Value};
+
+use super::python_compat::strftime_utc;
+use super::test_support::{fixtures_dir, mixtral, qwen3};
+use super::{ChatTemplate, IncrementalDecoder, TextError, Tokenizer, TokenizerConfig};
+
+fn expected() -> &'static Value {
+    static EXPECTED: OnceLock<Value> = OnceLock::new();
+    EXPECTED.get_or_init(|| {
+        let text = std::fs::read_to_string(fixtures_dir().join("expected.json")).unwrap();
+        serde_json::from_str(&text).unwrap()
+    })
+}
+
+fn tokenizer_named(name: &str) -> &'static Tokenizer {
+    match name {
+        "qwen3" => qwen3(),
+        "mixtral" => mixtral(),
+        other => panic!("no fixture tokenizer {other}"),
+    }
+}
+
+fn ids_of(value: &Value) -> Vec<u32> {
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn assert_no_failures(what: &str, checked: usize, failures: &[String]) {
+    assert!(checked > 0, "{what}: nothing checked");
+    assert!(
+        failures.is_empty(),
+        "{what}: {} of {checked} differ:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn text_fixture_versions_recorded() {
+    let versions = &expected()["versions"];
+    assert!(versions["transformers"].is_string(), "{versions}");
+}
+
+#[test]
+fn text_fixture_encode_matches_hf() {
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for name in ["qwen3", "mixtral"] {
+        let tokenizer = tokenizer_named(name);
+        let reference = &expected()["tokenizers"][name];
+        assert_eq!(
+            tokenizer.vocab_size() as u64,
+            reference["vocab_size"].as_u64().unwrap()
+        );
+        for case in reference["encode"].as_array().unwrap() {
+            let text = case["text"].as_str().unwrap();
+            let add_special = case["add_special_tokens"].as_bool().unwrap();
+            let got = tokenizer.encode(text, add_special).unwrap();
+            checked += 1;
+            if got != ids_of(&case["ids"]) {
+                failures.push(format!(
+                    "{name} {text:?} add_special={add_special}: {got:?} != {}",
+                    case["ids"]
+                ));
+            }
+        }
+    }
+    assert_no_failures("encode", checked, &failures);
+}
+
+#[test]
+fn text_fixture_decode_matches_hf() {
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for name in ["qwen3", "mixtral"] {
+        let tokenizer = tokenizer_named(name);
+        for case in expected()["tokenizers"][name]["decode"].as_array().unwrap() {
+            let ids = ids_of(&case["ids"]);
+            let skip = case["skip_special_tokens"].as_bool().unwrap();
+            let want = case["text"].as_str().unwrap();
+            let got = tokenizer.decode(&ids, skip).unwrap();
+            checked += 1;
+            if got != want {
+                failures.push(format!("{name} {ids:?} skip={skip}: {got:?} != {want:?}"));
+            }
+        }
+    }
+    assert_no_failures("decode", checked, &failures);
+}
+
+/// Streams every reference id sequence through [`IncrementalDecoder`]: pieces concatenate to HF's decode and
+/// never carry U+FFFD unless HF's decode does.
+#[test]
+fn text_fixture_incremental_decode_matches_hf() {
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for name in ["qwen3", "mixtral"] {
+        let tokenizer = tokenizer_named(name);
+        for case in expected()["tokenizers"][name]["decode"].as_array().unwrap() {
+            let ids = ids_of(&case["ids"]);
+            let skip = case["skip_special_tokens"].as_bool().unwrap();
+            let want = case["text"].as_str().unwrap();
+            let mut decoder = IncrementalDecoder::new(skip);
+            let mut pieces = Vec::new();
+            for &id in &ids {
+                pieces.push(decoder.push(tokenizer, id).unwrap());
+            }
+            pieces.push(decoder.flush(tokenizer).unwrap());
+            checked += 1;
+            if pieces.concat() != want {
+                failures.push(format!(
+                    "{name} {ids:?} skip={skip}: {pieces:?} != {want:?}"
+                ));
+            }
+            let broken = pieces
+                .iter()
+                .any(|p| p.contains(char::REPLACEMENT_CHARACTER));
+            if broken && !want.contains(char::REPLACEMENT_CHARACTER) {
+                failures.push(format!("{name} {ids:?}: a piece has U+FFFD: {pieces:?}"));
+            }
+        }
+    }
+    assert_no_failures("incremental decode", checked, &failures);
+}
+
+/// llama.cpp's `models/ggml-vocab-qwen2.gguf.{inp,out}`: strings separated by `\n__ggml_vocab_test__\n` (with a
+/// trailing separator), one line of ids per string.
+#[test]
+fn text_fixture_llama_cpp_qwen2_vocab() {
+    let dir = fixtures_dir().join("qwen3");
+    let inp = std::fs::read_to_string(dir.join("ggml-vocab-qwen2.gguf.inp")).unwrap();
+    let out = std::fs::read_to_string(dir.join("ggml-vocab-qwen2.gguf.out")).unwrap();
+    let mut texts: Vec<&str> = inp.split("\n__ggml_vocab_test__\n").collect();
+    assert_eq!(texts.pop(), Some(""), "the .inp file ends with a separator");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(texts.len(), lines.len());
+    assert_eq!(texts.len(), 46);
+    let tokenizer = qwen3();
+    let mut failures = Vec::new();
+    for (text, line) in texts.iter().zip(&lines) {
+        let want: Vec<u32> = line
+            .split_whitespace()
+            .map(|id| id.parse().unwrap())
+            .collect();
+        let got = tokenizer.encode(text, false).unwrap();
+        if got != want {
+            failures.push(format!("{text:?}: {got:?} != {want:?}"));
+        }
+        let decoded = tokenizer.decode(&got, false).unwrap();
+        if decoded != *text {
+            failures.push(format!("{text:?} decodes back to {decoded:?}"));
+        }
+    }
+    assert_no_failures("ggml-vocab-qwen2", texts.len(), &failures);
+}
+
+/// Every template case of expected.json: same output byte for byte, or an error where Python raised; for
+/// `raise_exception` (Jinja's TemplateError) the same message.
+#[test]
+fn text_fixture_templates_match_hf() {
+    let mut templates: HashMap<(String, String), ChatTemplate> = HashMap::new();
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for case in expected()["templates"].as_array().unwrap() {
+        let file = case["template"].as_str().unwrap();
+        let tokenizer = case["tokenizer"].as_str().unwrap();
+        let template = templates
+            .entry((file.into(), tokenizer.into()))
+            .or_insert_with(|| {
+                let path = fixtures_dir().join("templates").join(file);
+                let source = std::fs::read_to_string(&path).unwrap();
+                let config = TokenizerConfig::from_dir(&fixtures_dir().join(tokenizer)).unwrap();
+                ChatTemplate::new(file, source, config.special_tokens).unwrap()
+            });
+        let add_generation_prompt = case["add_generation_prompt"].as_bool().unwrap();
+        let kwargs: Map<String, Value> = case["kwargs"].as_object().unwrap().clone();
+        let label = format!(
+            "{file} [{tokenizer}] {} agp={add_generation_prompt}",
+            case["case"].as_str().unwrap()
+        );
+        let got = template.render(&case["messages"], add_generation_prompt, &kwargs);
+        checked += 1;
+        match (
+            got,
+            case.get("output"),
+            case.get("error_type").and_then(Value::as_str),
+        ) {
+            (Ok(got), Some(Value::String(want)), _) => {
+                if got != *want {
+                    failures.push(format!("{label}:\n--- got\n{got}\n--- want\n{want}\n---"));
+                }
+            }
+            (Err(TextError::TemplateRaised { message, .. }), None, Some("TemplateError")) => {
+                if Some(message.as_str()) != case["error"].as_str() {
+                    failures.push(format!(
+                        "{label}: raised {message:?}, Python {}",
+                        case["error"]
+                    ));
+                }
+            }
+            (Err(err), None, Some(kind)) if kind != "TemplateError" => {
+                if matches!(err, TextError::TemplateRaised { .. }) {
+                    failures.push(format!(
+                        "{label}: raise_exception, Python {kind}: {}",
+                        case["error"]
+                    ));
+                }
+            }
+            (got, _, _) => failures.push(format!(
+                "{label}: got {got:?}, Python {}",
+                case.get("output")
+                    .or(case.get("error"))
+                    .unwrap_or(&Value::Null)
+            )),
+        }
+    }
+    assert!(checked >= 200, "only {checked} template cases");
+    assert_no_failures("templates", checked, &failures);
+}
+
+#[test]
+fn text_fixture_strftime_matches_python() {
+    let mut failures = Vec::new();
+    let cases = expected()["strftime"].as_array().unwrap();
+    for case in cases {
+        let format = case["format"].as_str().unwrap();
+        let unix_seconds = case["unix_seconds"].as_i64().unwrap();
+        let got = strftime_utc(format, unix_seconds);
+        if got != case["text"].as_str().unwrap() {
+            failures.push(format!(
+                "{format:?} @ {unix_seconds}: {got:?} != {}",
+                case["text"]
+            ));
+        }
+    }
+    assert_no_failures("strftime", cases.len(), &failures);
+}
+
+/// The Qwen3 folder's `tokenizer_config.json` carries the current HF template: loading it from the folder
+/// renders as the same template read from its .jinja copy.
+#[test]
+fn text_fixture_template_from_model_dir() {
+    let dir = fixtures_dir().join("qwen3");
+    let from_dir = ChatTemplate::from_dir(&dir).unwrap().unwrap();
+    let file = fixtures_dir().join("templates/Qwen3-0.6B.current.jinja");
+    assert_eq!(from_dir.source(), std::fs::read_to_string(&file).unwrap());
+    assert!(from_dir.name().contains("tokenizer_config.json"));
+    let case = expected()["templates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["template"] == "Qwen3-0.6B.current.jinja" && c["case"] == "tools")
+        .unwrap();
+    let extra = case["kwargs"].as_object().unwrap();
+    let agp = case["add_generation_prompt"].as_bool().unwrap();
+    let got = from_dir.render(&case["messages"], agp, extra).unwrap();
+    assert_eq!(got, case["output"].as_str().unwrap());
+    // Mixtral's base-model config has no template.
+    assert!(
+        ChatTemplate::from_dir(Path::new(&fixtures_dir().join("mixtral")))
+            .unwrap()
+            .is_none()
+    );
+}

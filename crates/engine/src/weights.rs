@@ -1,0 +1,281 @@
+//! Turning checkpoint tensors into weight views the kernels read in place.
+//!
+//! A [`Linear`] is a `[rows, cols]` matrix whose bytes stay in the memory map: float (F32, F16,
+//! BF16) or MLX group-affine quantized (packed codes + scales + biases). Stacked expert tensors
+//! (MLX `switch_mlp.*` `[E, out, in]`, transformers-5 fused `experts.gate_up_proj`) are sliced per
+//! expert into ordinary `Linear`s: each expert is a contiguous byte range of each tensor, which is
+//! also what the expert store will read from disk.
+//!
+//! Every tensor's dtype and shape are checked against what `config.json` implies, so a mismatch is
+//! an error naming the file, tensor and both shapes, never a panic or a silent misread.
+use moestream_formats::{DType, FormatError, MappedFile, SafetensorsIndex, TensorLocation};
+use moestream_kernels::{FloatKind, Matrix, Weights};
+use std::sync::Arc;
+
+/// A byte range of a mapped weight file.
+#[derive(Clone, Debug)]
+pub struct Bytes {
+    file: Arc<MappedFile>,
+    offset: usize,
+    len: usize,
+}
+
+impl Bytes {
+    fn of(t: &TensorLocation) -> Bytes {
+        Bytes { file: t.file.clone(), offset: t.offset, len: t.len }
+    }
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.file.bytes()[self.offset..self.offset + self.len]
+    }
+    /// Sub-range `[start, start + len)` relative to this one.
+    fn slice(&self, start: usize, len: usize) -> Bytes {
+        debug_assert!(start + len <= self.len);
+        Bytes { file: self.file.clone(), offset: self.offset + start, len }
+    }
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Whether empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// The file and absolute offset (for the expert store).
+    pub fn location(&self) -> (&Arc<MappedFile>, usize) {
+        (&self.file, self.offset)
+    }
+}
+
+/// How a [`Linear`]'s numbers are stored.
+#[derive(Clone, Debug)]
+pub enum Storage {
+    /// Plain floats.
+    Float {
+        /// Element type.
+        kind: FloatKind,
+        /// `rows * cols` elements.
+        data: Bytes,
+    },
+    /// MLX group-affine quantization.
+    Affine {
+        /// Bits per code.
+        bits: u32,
+        /// Elements per group.
+        group_size: usize,
+        /// Packed codes.
+        packed: Bytes,
+        /// Per-group scales.
+        scales: Bytes,
+        /// Per-group biases.
+        biases: Bytes,
+        /// Scale/bias element type.
+        scale_kind: FloatKind,
+    },
+}
+
+/// A `[rows, cols]` weight matrix (`y = W x`).
+#[derive(Clone, Debug)]
+pub struct Linear {
+    /// Output features.
+    pub rows: usize,
+    /// Input features.
+    pub cols: usize,
+    /// Where the numbers are.
+    pub storage: Storage,
+}
+
+impl Linear {
+    /// A kernel view of the matrix.
+    pub fn matrix(&self) -> Matrix<'_> {
+        let weights = match &self.storage {
+            Storage::Float { kind, data } => Weights::Float { kind: *kind, data: data.as_slice() },
+            Storage::Affine { bits, group_size, packed, scales, biases, scale_kind } => Weights::Affine {
+                bits: *bits,
+                group_size: *group_size,
+                packed: packed.as_slice(),
+                scales: scales.as_slice(),
+                biases: biases.as_slice(),
+                scale_kind: *scale_kind,
+            },
+        };
+        Matrix { rows: self.rows, cols: self.cols, weights }
+    }
+
+    /// `y[t] = W x[t]` for `n_tokens` rows of `x`.
+    pub fn forward(&self, x: &[f32], n_tokens: usize, y: &mut [f32]) {
+        moestream_kernels::matmul(&self.matrix(), x, n_tokens, y)
+    }
+
+    /// Bytes of weights.
+    pub fn size_bytes(&self) -> usize {
+        match &self.storage {
+            Storage::Float { data, .. } => data.len(),
+            Storage::Affine { packed, scales, biases, .. } => packed.len() + scales.len() + biases.len(),
+        }
+    }
+
+    /// A short description of the format, e.g. `bf16` or `q4g64`.
+    pub fn format_name(&self) -> String {
+        match &self.storage {
+            Storage::Float { kind, .. } => format!("{kind:?}").to_lowercase(),
+            Storage::Affine { bits, group_size, .. } => format!("q{bits}g{group_size}"),
+        }
+    }
+
+    /// Rows `[start, start + n)` as their own matrix (used to split fused gate/up tensors).
+    fn rows_slice(&self, start: usize, n: usize) -> Linear {
+        let storage = match &self.storage {
+            Storage::Float { kind, data } => {
+                let rb = self.cols * kind.size_bytes();
+                Storage::Float { kind: *kind, data: data.slice(start * rb, n * rb) }
+            }
+            Storage::Affine { bits, group_size, packed, scales, biases, scale_kind } => {
+                let pb = self.cols * *bits as usize / 8;
+                let sb = self.cols / group_size * scale_kind.size_bytes();
+                Storage::Affine {
+                    bits: *bits,
+                    group_size: *group_size,
+                    packed: packed.slice(start * pb, n * pb),
+                    scales: scales.slice(start * sb, n * sb),
+                    biases: biases.slice(start * sb, n * sb),
+                    scale_kind: *scale_kind,
+                }
+            }
+        };
+        Linear { rows: n, cols: self.cols, storage }
+    }
+}
+
+fn float_kind(t: &TensorLocation) -> Result<FloatKind, FormatError> {
+    match t.dtype {
+        DType::F32 => Ok(FloatKind::F32),
+        DType::F16 => Ok(FloatKind::F16),
+        DType::BF16 => Ok(FloatKind::BF16),
+        d => Err(t.error(format!("unsupported dtype {d}; supported: F32, F16, BF16 (and U32 for MLX packed weights)"))),
+    }
+}
+
+fn shape_error(t: &TensorLocation, expected: &[usize]) -> FormatError {
+    t.error(format!("shape {:?} disagrees with config.json, which implies {:?}", t.shape, expected))
+}
+
+/// Reads tensors out of a [`SafetensorsIndex`] as typed, shape-checked views.
+pub struct WeightLoader<'a> {
+    /// The checkpoint's tensors.
+    pub index: &'a SafetensorsIndex,
+}
+
+impl<'a> WeightLoader<'a> {
+    /// Whether a tensor exists.
+    pub fn has(&self, name: &str) -> bool {
+        self.index.contains(name)
+    }
+
+    /// A 1-D float tensor of `len` elements, converted to f32 (norm weights: small).
+    pub fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, FormatError> {
+        let t = self.index.require(name)?;
+        let kind = float_kind(t)?;
+        if t.shape != [len] {
+            return Err(shape_error(t, &[len]));
+        }
+        let mut out = vec![0f32; len];
+        let m = Matrix { rows: 1, cols: len, weights: Weights::Float { kind, data: t.bytes() } };
+        moestream_kernels::dequantize_row(&m, 0, &mut out);
+        Ok(out)
+    }
+
+    /// The linear layer `{prefix}.weight` (float) or `{prefix}.{weight,scales,biases}` (MLX).
+    pub fn linear(&self, prefix: &str, rows: usize, cols: usize) -> Result<Linear, FormatError> {
+        let mut v = self.stacked(&format!("{prefix}.weight"), prefix, 1, rows, cols, false)?;
+        Ok(v.remove(0))
+    }
+
+    /// `experts` matrices of `[rows, cols]` stacked in one tensor `[experts, rows, cols]` (MLX
+    /// `switch_mlp`, or transformers-5 fused tensors named without `.weight`).
+    pub fn stacked_linear(&self, weight_name: &str, prefix: &str, experts: usize, rows: usize, cols: usize) -> Result<Vec<Linear>, FormatError> {
+        self.stacked(weight_name, prefix, experts, rows, cols, true)
+    }
+
+    /// transformers-5 fused `gate_up_proj [E, 2I, H]`: returns (gate, up) per expert.
+    pub fn fused_gate_up(&self, name: &str, experts: usize, inter: usize, hidden: usize) -> Result<Vec<(Linear, Linear)>, FormatError> {
+        let stacked = self.stacked(name, name, experts, 2 * inter, hidden, true)?;
+        Ok(stacked.into_iter().map(|m| (m.rows_slice(0, inter), m.rows_slice(inter, inter))).collect())
+    }
+
+    fn stacked(&self, weight_name: &str, prefix: &str, experts: usize, rows: usize, cols: usize, has_expert_axis: bool) -> Result<Vec<Linear>, FormatError> {
+        let w = self.index.require(weight_name)?;
+        let lead: Vec<usize> = if has_expert_axis { vec![experts] } else { vec![] };
+        let scales_name = format!("{prefix}.scales");
+        if let Some(s) = self.index.get(&scales_name) {
+            // MLX quantized: bits and group size follow from the shapes, checked for consistency.
+            let b = self.index.require(&format!("{prefix}.biases"))?;
+            if w.dtype != DType::U32 {
+                return Err(w.error(format!("quantized weight must be U32, found {}", w.dtype)));
+            }
+            let scale_kind = float_kind(s)?;
+            if b.dtype != s.dtype {
+                return Err(b.error(format!("biases dtype {} differs from scales dtype {}", b.dtype, s.dtype)));
+            }
+            let (Some(&packed_cols), Some(&groups)) = (w.shape.last(), s.shape.last()) else {
+                return Err(w.error("quantized weight has no dimensions"));
+            };
+            if packed_cols == 0 || groups == 0 || (packed_cols * 32) % cols != 0 || cols % groups != 0 {
+                return Err(w.error(format!(
+                    "packed shape {:?} and scales shape {:?} do not fit {cols} input features",
+                    w.shape, s.shape
+                )));
+            }
+            let bits = (packed_cols * 32 / cols) as u32;
+            let group_size = cols / groups;
+            if !matches!(bits, 2 | 3 | 4 | 5 | 6 | 8) {
+                return Err(w.error(format!("unsupported quantization: {bits} bits (supported: 2, 3, 4, 5, 6, 8)")));
+            }
+            if !matches!(group_size, 32 | 64 | 128) {
+                return Err(w.error(format!("unsupported quantization group size {group_size} (supported: 32, 64, 128)")));
+            }
+            let mut ws = lead.clone();
+            ws.extend([rows, packed_cols]);
+            if w.shape != ws {
+                return Err(shape_error(w, &ws));
+            }
+            let mut ss = lead.clone();
+            ss.extend([rows, groups]);
+            if s.shape != ss {
+                return Err(shape_error(s, &ss));
+            }
+            if b.shape != ss {
+                return Err(shape_error(b, &ss));
+            }
+            let (pw, ps, pb) = (Bytes::of(w), Bytes::of(s), Bytes::of(b));
+            let pe = rows * packed_cols * 4;
+            let se = rows * groups * scale_kind.size_bytes();
+            Ok((0..experts)
+                .map(|e| Linear {
+                    rows,
+                    cols,
+                    storage: Storage::Affine {
+                        bits,
+                        group_size,
+                        packed: pw.slice(e * pe, pe),
+                        scales: ps.slice(e * se, se),
+                        biases: pb.slice(e * se, se),
+                        scale_kind,
+                    },
+                })
+                .collect())
+        } else {
+            let kind = float_kind(w)?;
+            let mut ws = lead.clone();
+            ws.extend([rows, cols]);
+            if w.shape != ws {
+                return Err(shape_error(w, &ws));
+            }
+            let data = Bytes::of(w);
+            let per = rows * cols * kind.size_bytes();
+            Ok((0..experts)
+                .map(|e| Linear { rows, cols, storage: Storage::Float { kind, data: data.slice(e * per, per) } })
+                .collect())
+        }
+    }
+}

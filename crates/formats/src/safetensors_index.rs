@@ -1,0 +1,289 @@
+//! Tensor index over the `*.safetensors` files of a checkpoint folder.
+//!
+//! Files are memory-mapped read-only. The mapping is shared (`Arc`) by every tensor view and by
+//! the model, so it lives as long as any weight is in use.
+//!
+//! SIGBUS: a memory map turns a file that shrinks underneath us (another process truncating it)
+//! into a SIGBUS on access. We accept that risk as llama.cpp and ripgrep do: checkpoints are not
+//! edited while loaded, and every offset is validated against the file's length at load, so a
+//! file that is merely truncated or corrupt is reported as an error before any access.
+use crate::FormatError;
+use memmap2::Mmap;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Element types a safetensors tensor may declare.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    /// IEEE binary32.
+    F32,
+    /// IEEE binary16.
+    F16,
+    /// bfloat16.
+    BF16,
+    /// Unsigned 32-bit integer (MLX packed quantized weights).
+    U32,
+    /// Any other type; named for error messages.
+    Other(&'static str),
+}
+
+impl DType {
+    fn from_safetensors(d: safetensors::Dtype) -> DType {
+        use safetensors::Dtype as D;
+        match d {
+            D::F32 => DType::F32,
+            D::F16 => DType::F16,
+            D::BF16 => DType::BF16,
+            D::U32 => DType::U32,
+            D::BOOL => DType::Other("BOOL"),
+            D::U8 => DType::Other("U8"),
+            D::I8 => DType::Other("I8"),
+            D::I16 => DType::Other("I16"),
+            D::U16 => DType::Other("U16"),
+            D::I32 => DType::Other("I32"),
+            D::I64 => DType::Other("I64"),
+            D::U64 => DType::Other("U64"),
+            D::F64 => DType::Other("F64"),
+            D::F8_E4M3 => DType::Other("F8_E4M3"),
+            D::F8_E5M2 => DType::Other("F8_E5M2"),
+            _ => DType::Other("unknown"),
+        }
+    }
+
+    /// Bytes per element, where fixed.
+    pub fn size_bytes(self) -> Option<usize> {
+        match self {
+            DType::F32 | DType::U32 => Some(4),
+            DType::F16 | DType::BF16 => Some(2),
+            DType::Other(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DType::F32 => f.write_str("F32"),
+            DType::F16 => f.write_str("F16"),
+            DType::BF16 => f.write_str("BF16"),
+            DType::U32 => f.write_str("U32"),
+            DType::Other(s) => f.write_str(s),
+        }
+    }
+}
+
+/// One memory-mapped weight file.
+#[derive(Debug)]
+pub struct MappedFile {
+    path: PathBuf,
+    map: Mmap,
+}
+
+impl MappedFile {
+    /// Maps `path` read-only.
+    pub fn open(path: &Path) -> Result<Self, FormatError> {
+        let io = |source| FormatError::Io { path: path.to_path_buf(), source };
+        let file = File::open(path).map_err(io)?;
+        // SAFETY: the map is read-only and private to this process. If another process truncates
+        // the file while it is mapped, access faults (SIGBUS); see the module docs for why that is
+        // accepted. Offsets are validated against the length before any access.
+        let map = unsafe { Mmap::map(&file) }.map_err(io)?;
+        Ok(MappedFile { path: path.to_path_buf(), map })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The whole mapped file.
+    pub fn bytes(&self) -> &[u8] {
+        &self.map
+    }
+}
+
+/// Where one tensor's bytes are.
+#[derive(Clone, Debug)]
+pub struct TensorLocation {
+    /// Tensor name as stored.
+    pub name: String,
+    /// Declared element type.
+    pub dtype: DType,
+    /// Declared shape.
+    pub shape: Vec<usize>,
+    /// The file that holds it.
+    pub file: Arc<MappedFile>,
+    /// Absolute byte offset of the first element in the file.
+    pub offset: usize,
+    /// Length in bytes.
+    pub len: usize,
+}
+
+impl TensorLocation {
+    /// The tensor's bytes, borrowed from the memory map.
+    pub fn bytes(&self) -> &[u8] {
+        &self.file.bytes()[self.offset..self.offset + self.len]
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// An error about this tensor.
+    pub fn error(&self, reason: impl Into<String>) -> FormatError {
+        FormatError::BadTensor {
+            path: self.file.path().to_path_buf(),
+            tensor: self.name.clone(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Every tensor of every `*.safetensors` file in a checkpoint folder.
+#[derive(Debug)]
+pub struct SafetensorsIndex {
+    dir: PathBuf,
+    tensors: HashMap<String, TensorLocation>,
+    files: Vec<Arc<MappedFile>>,
+}
+
+impl SafetensorsIndex {
+    /// Indexes the folder: the files named by `model.safetensors.index.json` when present, else
+    /// every `*.safetensors` file. Every header is parsed and validated here.
+    pub fn open(dir: &Path) -> Result<Self, FormatError> {
+        let paths = weight_files(dir)?;
+        let mut tensors = HashMap::new();
+        let mut files = Vec::new();
+        for path in paths {
+            let file = Arc::new(MappedFile::open(&path)?);
+            for loc in parse_header(&file)? {
+                if let Some(prev) = tensors.get(&loc.name) {
+                    let prev: &TensorLocation = prev;
+                    return Err(FormatError::BadTensor {
+                        path: path.clone(),
+                        tensor: loc.name.clone(),
+                        reason: format!("also present in {}", prev.file.path().display()),
+                    });
+                }
+                tensors.insert(loc.name.clone(), loc);
+            }
+            files.push(file);
+        }
+        Ok(SafetensorsIndex { dir: dir.to_path_buf(), tensors, files })
+    }
+
+    /// The checkpoint folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The tensor, or `None`.
+    pub fn get(&self, name: &str) -> Option<&TensorLocation> {
+        self.tensors.get(name)
+    }
+
+    /// The tensor, or an error naming it.
+    pub fn require(&self, name: &str) -> Result<&TensorLocation, FormatError> {
+        self.tensors.get(name).ok_or_else(|| FormatError::MissingTensor {
+            dir: self.dir.clone(),
+            tensor: name.to_string(),
+        })
+    }
+
+    /// Whether a tensor of that name exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// All tensors, sorted by name.
+    pub fn tensors(&self) -> Vec<&TensorLocation> {
+        let mut v: Vec<_> = self.tensors.values().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// The mapped files.
+    pub fn files(&self) -> &[Arc<MappedFile>] {
+        &self.files
+    }
+}
+
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, FormatError> {
+    let index_path = dir.join("model.safetensors.index.json");
+    if index_path.is_file() {
+        let text = std::fs::read_to_string(&index_path)
+            .map_err(|source| FormatError::Io { path: index_path.clone(), source })?;
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| FormatError::Json {
+            path: index_path.clone(),
+            reason: format!("malformed JSON: {e}"),
+        })?;
+        let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| FormatError::Json {
+            path: index_path.clone(),
+            reason: "missing object field `weight_map`".into(),
+        })?;
+        let mut names = BTreeMap::new();
+        for (tensor, file) in map {
+            let file = file.as_str().ok_or_else(|| FormatError::Json {
+                path: index_path.clone(),
+                reason: format!("`weight_map.{tensor}` is not a string"),
+            })?;
+            if file.contains('/') || file.contains("..") {
+                return Err(FormatError::Json {
+                    path: index_path.clone(),
+                    reason: format!("`weight_map.{tensor}` names a file outside the folder: {file}"),
+                });
+            }
+            names.insert(file.to_string(), ());
+        }
+        return Ok(names.into_keys().map(|f| dir.join(f)).collect());
+    }
+    let rd = std::fs::read_dir(dir).map_err(|source| FormatError::Io { path: dir.to_path_buf(), source })?;
+    let mut paths: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    paths.sort();
+    if paths.is_empty() {
+        return Err(FormatError::NoWeights { dir: dir.to_path_buf() });
+    }
+    Ok(paths)
+}
+
+/// Parses and validates one file's header: offsets must be in bounds, contiguous, and agree with
+/// dtype x shape (the `safetensors` crate's validation), so later slicing cannot go out of range.
+fn parse_header(file: &Arc<MappedFile>) -> Result<Vec<TensorLocation>, FormatError> {
+    let bytes = file.bytes();
+    let bad = |reason: String| FormatError::Safetensors { path: file.path().to_path_buf(), reason };
+    let (header_len, metadata) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| {
+        let hint = match e {
+            safetensors::SafeTensorError::MetadataIncompleteBuffer => {
+                format!("{e} (the tensors' byte ranges do not match the file's length: truncated or corrupt)")
+            }
+            _ => e.to_string(),
+        };
+        bad(hint)
+    })?;
+    let data_start = 8 + header_len;
+    let mut out = Vec::new();
+    for (name, info) in metadata.tensors() {
+        let (start, end) = info.data_offsets;
+        let offset = data_start.checked_add(start).ok_or_else(|| bad(format!("tensor `{name}` offset overflows")))?;
+        let stop = data_start.checked_add(end).ok_or_else(|| bad(format!("tensor `{name}` offset overflows")))?;
+        if end < start || stop > bytes.len() {
+            return Err(bad(format!("tensor `{name}` byte range {start}..{end} runs past the end of the file")));
+        }
+        out.push(TensorLocation {
+            name,
+            dtype: DType::from_safetensors(info.dtype),
+            shape: info.shape.clone(),
+            file: file.clone(),
+            offset,
+            len: end - start,
+        });
+    }
+    Ok(out)
+}

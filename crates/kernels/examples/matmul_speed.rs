@@ -1,0 +1,232 @@
+//! Speed of the matrix-product kernels against this machine's memory bandwidth.
+//!
+//! ```text
+//! cargo run -p moestream-kernels --release --example matmul_speed [-- --quick]
+//! ```
+//!
+//! Times decode (1 token) and prefill (128 tokens) for 4-bit and 8-bit gs64 affine weights (bf16
+//! scales and biases) and bf16 weights, at the Qwen3-30B-A3B expert shapes [768 x 2048] and
+//! [2048 x 768] and the lm_head shape [151936 x 2048], for each SIMD level this CPU has, on one
+//! thread and on all of rayon's threads. `--quick` leaves out the lm_head.
+//!
+//! The expert matrices are far smaller than the last-level cache, but during MoE decoding experts
+//! arrive from RAM; each measurement therefore cycles through enough copies of the matrix to fill
+//! [`POOL_BYTES`], so that the figures are for weights read from memory, not from cache.
+//!
+//! Columns: `GB/s` is weight bytes (codes + scales + biases) read per call divided by the time of
+//! a call; for prefill each call reads the weights once for all tokens, so compare its `ms/token`
+//! with decode's `ms/call`. `GFLOP/s` counts 2 flops per weight per token.
+
+use std::time::{Duration, Instant};
+
+use moestream_kernels::features::{cpu_level, SimdLevel};
+use moestream_kernels::{matmul_with, FloatKind, Matrix, Weights};
+use rayon::prelude::*;
+
+/// Bytes of distinct copies each measurement cycles through (8× a 32 MiB L3).
+const POOL_BYTES: usize = 256 << 20;
+/// Each measurement repeats calls for at least this long (and at least 2 calls).
+const MEASURE: Duration = Duration::from_millis(400);
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let all_threads = rayon::current_num_threads();
+    let one_thread = rayon::ThreadPoolBuilder::new().num_threads(1).build().expect("rayon pool with one thread");
+
+    println!("CPU SIMD level: {:?}; rayon threads: {all_threads}", cpu_level());
+    let (bw_all, bw_one) = memory_bandwidth(&one_thread);
+    println!("memory bandwidth (sum of a 1 GiB buffer): {bw_all:.1} GB/s all threads, {bw_one:.1} GB/s one thread");
+    println!();
+
+    let mut levels = vec![SimdLevel::Scalar];
+    if cpu_level() >= SimdLevel::Avx2 {
+        levels.push(SimdLevel::Avx2);
+    }
+    if cpu_level() >= SimdLevel::Avx512 {
+        levels.push(SimdLevel::Avx512);
+    }
+    let formats = [Format::Affine(4), Format::Affine(8), Format::Bf16];
+    let mut shapes = vec![(768, 2048), (2048, 768)];
+    if !quick {
+        shapes.push((151_936, 2048));
+    }
+
+    println!(
+        "| {:<9} | {:<13} | {:>6} | {:<6} | {:>7} | {:>10} | {:>9} | {:>7} | {:>7} | {:>6} |",
+        "format", "shape", "tokens", "path", "threads", "ms/call", "ms/token", "GB/s", "GFLOP/s", "% bw"
+    );
+    println!("|{}|", ["-----------", "---------------", "--------", "--------", "---------", "------------", "-----------", "---------", "---------", "--------"].join("|"));
+    for format in formats {
+        for &(rows, cols) in &shapes {
+            let pool = Pool::new(format, rows, cols);
+            for n_tokens in [1usize, 128] {
+                let mut rng = 0x1234_5678_9abc_def1u64;
+                let x: Vec<f32> = (0..n_tokens * cols).map(|_| (next(&mut rng) >> 40) as f32 / (1u64 << 24) as f32 - 0.5).collect();
+                let mut y = vec![0f32; n_tokens * rows];
+                for &level in &levels {
+                    for (threads, bw) in [(1, bw_one), (all_threads, bw_all)] {
+                        // The scalar lm_head prefill takes minutes; its ratio to AVX2 is visible on the experts.
+                        if level == SimdLevel::Scalar && n_tokens > 1 && rows > 100_000 {
+                            continue;
+                        }
+                        let seconds = if threads == 1 {
+                            one_thread.install(|| pool.time(level, &x, n_tokens, &mut y))
+                        } else {
+                            pool.time(level, &x, n_tokens, &mut y)
+                        };
+                        let gb_s = pool.matrix_bytes as f64 / seconds / 1e9;
+                        let gflop_s = 2.0 * (rows * cols * n_tokens) as f64 / seconds / 1e9;
+                        println!(
+                            "| {:<9} | {:<13} | {:>6} | {:<6} | {:>7} | {:>10.3} | {:>9.4} | {:>7.2} | {:>7.1} | {:>5.0}% |",
+                            format.name(),
+                            format!("{rows}x{cols}"),
+                            n_tokens,
+                            format!("{level:?}").to_lowercase(),
+                            threads,
+                            seconds * 1e3,
+                            seconds * 1e3 / n_tokens as f64,
+                            gb_s,
+                            gflop_s,
+                            100.0 * gb_s / bw
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// xorshift64 step.
+fn next(s: &mut u64) -> u64 {
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    *s
+}
+
+/// Best GB/s of summing a 1 GiB buffer of u64: with every thread, then with one.
+fn memory_bandwidth(one_thread: &rayon::ThreadPool) -> (f64, f64) {
+    let words = (1usize << 30) / 8;
+    let buffer: Vec<u64> = (0..words as u64).into_par_iter().map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15)).collect();
+    let sum_all = || buffer.par_chunks(1 << 16).map(sum_words).reduce(|| 0, u64::wrapping_add);
+    let best = |f: &dyn Fn() -> u64, runs: usize| {
+        (0..runs)
+            .map(|_| {
+                let start = Instant::now();
+                std::hint::black_box(f());
+                (1u64 << 30) as f64 / start.elapsed().as_secs_f64() / 1e9
+            })
+            .fold(0.0, f64::max)
+    };
+    let all = best(&sum_all, 5);
+    let one = one_thread.install(|| best(&sum_all, 3));
+    (all, one)
+}
+
+/// Four independent sums so that the loop is limited by loads, not by the add latency.
+fn sum_words(words: &[u64]) -> u64 {
+    let mut acc = [0u64; 4];
+    let chunks = words.chunks_exact(4);
+    let tail: u64 = chunks.remainder().iter().fold(0, |a, &w| a.wrapping_add(w));
+    for c in chunks {
+        for k in 0..4 {
+            acc[k] = acc[k].wrapping_add(c[k]);
+        }
+    }
+    acc.iter().fold(tail, |a, &w| a.wrapping_add(w))
+}
+
+#[derive(Clone, Copy)]
+enum Format {
+    /// MLX affine, group size 64, bf16 scales and biases.
+    Affine(u32),
+    Bf16,
+}
+
+impl Format {
+    fn name(self) -> String {
+        match self {
+            Format::Affine(bits) => format!("q{bits} gs64"),
+            Format::Bf16 => "bf16".to_string(),
+        }
+    }
+}
+
+/// Copies of one matrix, back to back, that a measurement cycles through.
+struct Pool {
+    format: Format,
+    rows: usize,
+    cols: usize,
+    copies: usize,
+    matrix_bytes: usize,
+    data: Vec<u8>,
+    scales: Vec<u8>,
+    biases: Vec<u8>,
+}
+
+impl Pool {
+    fn new(format: Format, rows: usize, cols: usize) -> Self {
+        let (data_len, params_len) = match format {
+            Format::Affine(bits) => (rows * cols * bits as usize / 8, rows * cols / 64 * 2),
+            Format::Bf16 => (rows * cols * 2, 0),
+        };
+        let matrix_bytes = data_len + 2 * params_len;
+        let copies = POOL_BYTES.div_ceil(matrix_bytes).max(1);
+        // Codes are any bytes; bf16 numbers get exponents near 2^-7 (no NaN, no subnormals).
+        let bf16_values = |n: usize, seed: u64| -> Vec<u8> {
+            let mut s = seed;
+            (0..n / 2)
+                .flat_map(|_| (((next(&mut s) as u16) & 0x807f) | (0x78 << 7)).to_le_bytes())
+                .collect()
+        };
+        let data = match format {
+            Format::Affine(_) => {
+                let mut s = 7u64;
+                (0..copies * data_len).map(|_| next(&mut s) as u8).collect()
+            }
+            Format::Bf16 => bf16_values(copies * data_len, 7),
+        };
+        Pool {
+            format,
+            rows,
+            cols,
+            copies,
+            matrix_bytes,
+            data,
+            scales: bf16_values(copies * params_len, 11),
+            biases: bf16_values(copies * params_len, 13),
+        }
+    }
+
+    fn matrix<'a>(&'a self, copy: usize) -> Matrix<'a> {
+        let part = |v: &'a [u8]| -> &'a [u8] {
+            let len = v.len() / self.copies;
+            &v[copy * len..(copy + 1) * len]
+        };
+        let weights = match self.format {
+            Format::Affine(bits) => Weights::Affine {
+                bits,
+                group_size: 64,
+                packed: part(&self.data),
+                scales: part(&self.scales),
+                biases: part(&self.biases),
+                scale_kind: FloatKind::BF16,
+            },
+            Format::Bf16 => Weights::Float { kind: FloatKind::BF16, data: part(&self.data) },
+        };
+        Matrix { rows: self.rows, cols: self.cols, weights }
+    }
+
+    /// Mean seconds per call, cycling through the copies.
+    fn time(&self, level: SimdLevel, x: &[f32], n_tokens: usize, y: &mut [f32]) -> f64 {
+        matmul_with(level, &self.matrix(self.copies - 1), x, n_tokens, y);
+        let start = Instant::now();
+        let mut calls = 0;
+        while calls < 2 || start.elapsed() < MEASURE {
+            matmul_with(level, &self.matrix(calls % self.copies), x, n_tokens, y);
+            calls += 1;
+        }
+        std::hint::black_box(&y);
+        start.elapsed().as_secs_f64() / calls as f64
+    }
+}

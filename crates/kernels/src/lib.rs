@@ -1,0 +1,142 @@
+//! CPU numeric kernels for moestream.
+//!
+//! The hot path of MoE decoding is a product of a weight matrix, whose bytes live in a memory map or
+//! in a streamed expert buffer, with a few activation rows. [`matmul`] computes it for every weight
+//! format the engine loads, with dequantization fused into the product: a quantized expert is never
+//! materialised as floats. SIMD paths (AVX2+FMA, AVX-512) are chosen once at run time
+//! ([`features::simd_level`]); every one has a scalar twin ([`matmul_scalar`]) it is tested against.
+//!
+//! Weight bytes are taken as `&[u8]` in little-endian order with no alignment promise: memory-mapped
+//! safetensors place tensors at arbitrary offsets, so all loads are unaligned.
+//!
+//! [`ops`] holds the small element-wise and attention kernels.
+#![deny(missing_docs)]
+
+pub mod features;
+pub mod ops;
+
+mod matmul;
+pub use matmul::{dequantize_row, matmul, matmul_scalar, matmul_with};
+
+/// Element type of a float tensor stored in a checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FloatKind {
+    /// IEEE binary32.
+    F32,
+    /// IEEE binary16.
+    F16,
+    /// bfloat16.
+    BF16,
+}
+
+impl FloatKind {
+    /// Bytes per element.
+    pub fn size_bytes(self) -> usize {
+        match self {
+            FloatKind::F32 => 4,
+            FloatKind::F16 | FloatKind::BF16 => 2,
+        }
+    }
+}
+
+/// Where the numbers of a `[rows, cols]` row-major weight matrix come from.
+#[derive(Clone, Copy, Debug)]
+pub enum Weights<'a> {
+    /// Plain floats, `rows * cols` elements.
+    Float {
+        /// Element type.
+        kind: FloatKind,
+        /// `rows * cols * kind.size_bytes()` bytes.
+        data: &'a [u8],
+    },
+    /// MLX group-affine quantization: `w[o, i] = scale[o, i / gs] * q[o, i] + bias[o, i / gs]`.
+    /// Each row of `packed` is a little-endian bitstream of `cols` unsigned `bits`-bit codes in
+    /// `cols * bits / 32` u32 words (element i at stream bits `[i*bits, (i+1)*bits)`, stream bit n is
+    /// bit `n % 32` of word `n / 32`).
+    Affine {
+        /// Bits per code: 2, 3, 4, 5, 6 or 8.
+        bits: u32,
+        /// Elements per group: 32, 64 or 128 (any divisor of `cols` that is a multiple of 32 works).
+        group_size: usize,
+        /// `rows * cols * bits / 8` bytes of packed codes.
+        packed: &'a [u8],
+        /// `rows * cols / group_size` scales of type `scale_kind`.
+        scales: &'a [u8],
+        /// `rows * cols / group_size` biases of type `scale_kind`.
+        biases: &'a [u8],
+        /// Element type of scales and biases.
+        scale_kind: FloatKind,
+    },
+}
+
+/// A row-major `[rows, cols]` weight matrix (PyTorch `nn.Linear` layout `[out, in]`).
+#[derive(Clone, Copy, Debug)]
+pub struct Matrix<'a> {
+    /// Output features.
+    pub rows: usize,
+    /// Input features.
+    pub cols: usize,
+    /// The numbers.
+    pub weights: Weights<'a>,
+}
+
+/// A [`Matrix`] whose byte lengths disagree with its shape or format.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayoutError(pub String);
+
+impl std::fmt::Display for LayoutError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for LayoutError {}
+
+impl<'a> Matrix<'a> {
+    /// Checks that every byte slice has exactly the length the shape and format require and that
+    /// the quantization parameters are supported. Kernels assume a validated matrix.
+    pub fn validate(&self) -> Result<(), LayoutError> {
+        let n = self.rows * self.cols;
+        match self.weights {
+            Weights::Float { kind, data } => {
+                if data.len() != n * kind.size_bytes() {
+                    return Err(LayoutError(format!(
+                        "{}x{} {:?} matrix needs {} bytes, has {}",
+                        self.rows,
+                        self.cols,
+                        kind,
+                        n * kind.size_bytes(),
+                        data.len()
+                    )));
+                }
+            }
+            Weights::Affine { bits, group_size, packed, scales, biases, scale_kind } => {
+                if !matches!(bits, 2 | 3 | 4 | 5 | 6 | 8) {
+                    return Err(LayoutError(format!("unsupported quantization bits {bits} (supported: 2, 3, 4, 5, 6, 8)")));
+                }
+                if group_size == 0 || group_size % 32 != 0 || self.cols % group_size != 0 {
+                    return Err(LayoutError(format!(
+                        "group size {group_size} does not divide {} columns in multiples of 32",
+                        self.cols
+                    )));
+                }
+                let packed_len = n * bits as usize / 8;
+                let groups = n / group_size * scale_kind.size_bytes();
+                if packed.len() != packed_len || scales.len() != groups || biases.len() != groups {
+                    return Err(LayoutError(format!(
+                        "{}x{} {bits}-bit gs{group_size} matrix needs {packed_len} packed bytes and {groups} bytes of scales and of biases, has {}, {}, {}",
+                        self.rows, self.cols, packed.len(), scales.len(), biases.len()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of weight data this matrix reads per full product.
+    pub fn size_bytes(&self) -> usize {
+        match self.weights {
+            Weights::Float { data, .. } => data.len(),
+            Weights::Affine { packed, scales, biases, .. } => packed.len() + scales.len() + biases.len(),
+        }
+    }
+}

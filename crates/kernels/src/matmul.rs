@@ -1,0 +1,304 @@
+//! Matrix products `y = W·x` over every weight format, with dequantization fused into the product.
+//!
+//! # Structure
+//! - this file: argument checks, activation preparation ([`Activations`]), the split of the work
+//!   into rayon tasks, and the choice of backend ([`Backend`]);
+//! - [`scalar`]: the portable reference twin of every kernel;
+//! - `avx2` (AVX2+FMA+F16C, every format) and `avx512` (AVX-512F/BW: float formats and 4-/8-bit
+//!   affine; other formats use `avx2` on such CPUs), chosen at run time.
+//!
+//! # Invariants the backends rely on
+//! - The matrix passed [`Matrix::validate`] and `x` holds `n_tokens * cols` values: checked on every
+//!   call (O(1)) before any backend runs, because the SIMD backends use unchecked loads.
+//! - A backend computes a block of rows × tokens into a task-local buffer,
+//!   `out[(o - rows.start) * tokens.len() + (t - tokens.start)]`; this file scatters it into `y`.
+//! - Affine products use `y = Σ_g (scale_g · Σ_{i∈g} q_i·x_i + bias_g · Σ_{i∈g} x_i)`: the
+//!   per-group sums of x are computed once per call, here, and shared by all rows.
+//! - A SIMD backend may want x reordered within each 32-column block to match the order in which
+//!   it unpacks codes ([`ColumnOrder`]); the reordered copy is made once per call, here.
+//! - Weight bytes come from memory maps at arbitrary offsets: every load is unaligned.
+//!
+//! # Threads
+//! Decode (one token) splits the rows into tasks of at most a few MiB of weights; prefill splits
+//! them into tasks of ~128 KiB of weights, so that a task's rows stay in L2 while every tile of
+//! tokens passes over them, and also splits the tokens when there are too few row tasks. Products
+//! smaller than [`SERIAL_WORK_BYTES`] run on the calling thread. Calling from inside a rayon
+//! parallel iterator (experts in parallel) is fine: the tasks join the same pool.
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod scalar;
+#[cfg(test)]
+mod tests;
+
+use std::borrow::Cow;
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use crate::features::{cpu_level, simd_level, SimdLevel};
+use crate::{Matrix, Weights};
+
+/// Below this many bytes of weight traffic (matrix bytes × tokens) a product runs on the calling
+/// thread: a rayon fork/join costs a few microseconds, about the time of a 64 KiB matvec.
+const SERIAL_WORK_BYTES: usize = 256 << 10;
+/// Decode task size bounds: large enough to amortise scheduling, small enough to balance.
+const DECODE_MIN_TASK_BYTES: usize = 64 << 10;
+const DECODE_MAX_TASK_BYTES: usize = 2 << 20;
+/// Weight bytes per prefill task: fits in L2 next to a tile of activations.
+const PREFILL_TASK_BYTES: usize = 128 << 10;
+
+/// `y[t * rows + o] = Σ_i W[o, i] · x[t * cols + i]` for `t in 0..n_tokens`, with the best SIMD
+/// path ([`simd_level`]). Activations and accumulation are f32.
+///
+/// # Panics
+/// If `m` fails [`Matrix::validate`], `x.len() != n_tokens * m.cols` or
+/// `y.len() != n_tokens * m.rows`.
+pub fn matmul(m: &Matrix, x: &[f32], n_tokens: usize, y: &mut [f32]) {
+    matmul_with(simd_level(), m, x, n_tokens, y)
+}
+
+/// [`matmul`] with the portable scalar path: the reference every SIMD path is tested against.
+///
+/// # Panics
+/// As [`matmul`].
+pub fn matmul_scalar(m: &Matrix, x: &[f32], n_tokens: usize, y: &mut [f32]) {
+    matmul_with(SimdLevel::Scalar, m, x, n_tokens, y)
+}
+
+/// [`matmul`] with an explicit SIMD level. A level above what the CPU supports falls back to the
+/// best one it does support; a format without a kernel at `level` uses the next level down.
+///
+/// # Panics
+/// As [`matmul`].
+pub fn matmul_with(level: SimdLevel, m: &Matrix, x: &[f32], n_tokens: usize, y: &mut [f32]) {
+    check_arguments(m, x, n_tokens, y);
+    if n_tokens == 0 || m.rows == 0 {
+        return;
+    }
+    if m.cols == 0 {
+        y.fill(0.0);
+        return;
+    }
+    let backend = Backend::select(level, m);
+    let act = Activations::new(m, x, n_tokens, backend.column_order(m));
+    run_tasks(m, n_tokens, y, &|rows, tokens, out| backend.run(m, &act, rows, tokens, out));
+}
+
+/// Writes row `row` of `m` as f32 into `out`; used for embedding lookups.
+///
+/// # Panics
+/// If `m` fails [`Matrix::validate`], `row >= m.rows` or `out.len() != m.cols`.
+pub fn dequantize_row(m: &Matrix, row: usize, out: &mut [f32]) {
+    if let Err(e) = m.validate() {
+        panic!("dequantize_row: {e}");
+    }
+    assert!(row < m.rows, "dequantize_row: row {row} of a {}-row matrix", m.rows);
+    assert_eq!(out.len(), m.cols, "dequantize_row: output length vs columns");
+    scalar::dequantize_row(m, row, out);
+}
+
+fn check_arguments(m: &Matrix, x: &[f32], n_tokens: usize, y: &[f32]) {
+    if let Err(e) = m.validate() {
+        panic!("matmul: {e}");
+    }
+    let x_len = n_tokens.checked_mul(m.cols);
+    let y_len = n_tokens.checked_mul(m.rows);
+    assert!(
+        x_len == Some(x.len()),
+        "matmul: x holds {} values, {n_tokens} tokens of {} columns need {x_len:?}",
+        x.len(),
+        m.cols
+    );
+    assert!(
+        y_len == Some(y.len()),
+        "matmul: y holds {} values, {n_tokens} tokens of {} rows need {y_len:?}",
+        y.len(),
+        m.rows
+    );
+}
+
+/// The implementation a product runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backend {
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl Backend {
+    /// The best backend at or below `level` that this CPU runs and that has a kernel for `m`.
+    fn select(level: SimdLevel, m: &Matrix) -> Backend {
+        match level.min(cpu_level()) {
+            SimdLevel::Scalar => Backend::Scalar,
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::Avx512 if avx512::supports(m) => Backend::Avx512,
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::Avx2 | SimdLevel::Avx512 => Backend::Avx2,
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => {
+                let _ = m;
+                Backend::Scalar
+            }
+        }
+    }
+
+    fn column_order(self, m: &Matrix) -> ColumnOrder {
+        match (self, m.weights) {
+            (Backend::Scalar, _) => ColumnOrder::Natural,
+            (_, Weights::Affine { bits: 4, .. }) => ColumnOrder::NibbleSplit,
+            _ => ColumnOrder::Natural,
+        }
+    }
+
+    fn run(self, m: &Matrix, act: &Activations, rows: Range<usize>, tokens: Range<usize>, out: &mut [f32]) {
+        debug_assert_eq!(out.len(), rows.len() * tokens.len());
+        match self {
+            Backend::Scalar => scalar::matmul_block(m, act, rows, tokens, out),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `select` returns Avx2 only when `cpu_level()` reports AVX2+FMA+F16C (Avx512
+            // implies them); `matmul_with` checked the matrix and the activation length, and
+            // `run_tasks` passes row and token ranges inside the matrix and the call.
+            Backend::Avx2 => unsafe { avx2::matmul_block(m, act, rows, tokens, out) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `select` returns Avx512 only when `cpu_level()` reports AVX-512F/BW plus the
+            // AVX2 set and `avx512::supports(m)`; arguments checked as for Avx2.
+            Backend::Avx512 => unsafe { avx512::matmul_block(m, act, rows, tokens, out) },
+        }
+    }
+}
+
+/// Order of the columns of the prepared activations within each 32-column block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ColumnOrder {
+    /// As given.
+    Natural,
+    /// Even columns, then odd columns: 4-bit codes come out of a byte as (low, high) nibble pairs,
+    /// and the SIMD kernels unpack all low nibbles of a block, then all high nibbles.
+    NibbleSplit,
+}
+
+/// The activations of one call, prepared once and shared by every task.
+struct Activations<'a> {
+    /// `n_tokens × cols` values, columns in the backend's [`ColumnOrder`].
+    x: Cow<'a, [f32]>,
+    cols: usize,
+    /// `n_tokens × groups` sums of x over each quantization group (affine weights only).
+    group_sums: Vec<f32>,
+    groups: usize,
+}
+
+impl<'a> Activations<'a> {
+    fn new(m: &Matrix, x: &'a [f32], n_tokens: usize, order: ColumnOrder) -> Self {
+        let cols = m.cols;
+        let (group_sums, groups) = match m.weights {
+            Weights::Affine { group_size, .. } => {
+                let sums: Vec<f32> = x.chunks_exact(group_size).map(|g| g.iter().sum()).collect();
+                debug_assert_eq!(sums.len(), n_tokens * (cols / group_size));
+                (sums, cols / group_size)
+            }
+            Weights::Float { .. } => (Vec::new(), 0),
+        };
+        let x = match order {
+            ColumnOrder::Natural => Cow::Borrowed(x),
+            ColumnOrder::NibbleSplit => {
+                // Affine column counts are multiples of 32 (validated), so blocks never straddle tokens.
+                let mut split = vec![0f32; x.len()];
+                for (dst, src) in split.chunks_exact_mut(32).zip(x.chunks_exact(32)) {
+                    for p in 0..16 {
+                        dst[p] = src[2 * p];
+                        dst[16 + p] = src[2 * p + 1];
+                    }
+                }
+                Cow::Owned(split)
+            }
+        };
+        Activations { x, cols, group_sums, groups }
+    }
+
+    /// The prepared values of tokens `tokens`, token after token.
+    fn tokens(&self, tokens: Range<usize>) -> &[f32] {
+        &self.x[tokens.start * self.cols..tokens.end * self.cols]
+    }
+
+    /// The group sums of tokens `tokens`, token after token (empty for float weights).
+    fn group_sums(&self, tokens: Range<usize>) -> &[f32] {
+        &self.group_sums[tokens.start * self.groups..tokens.end * self.groups]
+    }
+}
+
+/// A block of the product, `(rows, tokens, out)` with `out` as described in the module docs.
+type BlockFn<'a> = dyn Fn(Range<usize>, Range<usize>, &mut [f32]) + Sync + 'a;
+
+/// One prefill task: a block of rows × tokens and the pieces of `y` it fills, one per token.
+struct Task<'y> {
+    rows: Range<usize>,
+    tokens: Range<usize>,
+    pieces: Vec<&'y mut [f32]>,
+}
+
+/// Splits the product into tasks (module docs, "Threads") and runs them.
+fn run_tasks(m: &Matrix, n_tokens: usize, y: &mut [f32], block: &BlockFn) {
+    let rows = m.rows;
+    let bytes = m.size_bytes();
+    let row_bytes = (bytes / rows).max(1);
+    let threads = rayon::current_num_threads();
+    let parallel = threads > 1 && bytes.saturating_mul(n_tokens) >= SERIAL_WORK_BYTES;
+
+    if n_tokens == 1 {
+        if !parallel {
+            return block(0..rows, 0..1, y);
+        }
+        let task_bytes = (bytes / (threads * 4)).clamp(DECODE_MIN_TASK_BYTES, DECODE_MAX_TASK_BYTES);
+        let task_rows = (task_bytes / row_bytes).clamp(1, rows);
+        y.par_chunks_mut(task_rows).enumerate().for_each(|(i, ys)| {
+            let r0 = i * task_rows;
+            block(r0..r0 + ys.len(), 0..1, ys)
+        });
+        return;
+    }
+
+    let task_rows = (PREFILL_TASK_BYTES / row_bytes).clamp(1, rows);
+    let row_tasks = rows.div_ceil(task_rows);
+    let task_tokens = if parallel && row_tasks < 2 * threads {
+        let parts = (2 * threads).div_ceil(row_tasks);
+        n_tokens.div_ceil(parts).next_multiple_of(8).min(n_tokens)
+    } else {
+        n_tokens
+    };
+    let token_tasks = n_tokens.div_ceil(task_tokens);
+    let mut tasks: Vec<Task> = (0..token_tasks * row_tasks)
+        .map(|i| {
+            let (tt, rt) = (i / row_tasks, i % row_tasks);
+            Task {
+                rows: rt * task_rows..((rt + 1) * task_rows).min(rows),
+                tokens: tt * task_tokens..((tt + 1) * task_tokens).min(n_tokens),
+                pieces: Vec::with_capacity(task_tokens),
+            }
+        })
+        .collect();
+    for (t, y_token) in y.chunks_mut(rows).enumerate() {
+        for (rt, piece) in y_token.chunks_mut(task_rows).enumerate() {
+            tasks[(t / task_tokens) * row_tasks + rt].pieces.push(piece);
+        }
+    }
+    let run = |task: Task| {
+        let nt = task.tokens.len();
+        let mut out = vec![0f32; task.rows.len() * nt];
+        block(task.rows, task.tokens, &mut out);
+        for (k, piece) in task.pieces.into_iter().enumerate() {
+            for (r, v) in piece.iter_mut().enumerate() {
+                *v = out[r * nt + k];
+            }
+        }
+    };
+    if parallel {
+        tasks.into_par_iter().for_each(run);
+    } else {
+        tasks.into_iter().for_each(run);
+    }
+}

@@ -1,0 +1,252 @@
+//! AVX-512F/BW kernels for float weights and 4-/8-bit affine weights: the AVX2 kernels with
+//! 16-lane vectors. Other formats run on the AVX2 backend on such CPUs ([`supports`]).
+//!
+//! Every function here is a `#[target_feature]` function that may run only after
+//! [`crate::features::cpu_level`] reported [`crate::features::SimdLevel::Avx512`], which also
+//! guarantees the AVX2 set: the row preparation (scale widening, bias dot) is shared with
+//! [`super::avx2`]. Bounds reasoning as in `avx2`.
+//!
+//! A 32-code block is two 16-lane vectors: for 4-bit codes the low nibbles of its 16 bytes, then
+//! the high nibbles ([`super::ColumnOrder::NibbleSplit`], the same order as AVX2); for 8-bit codes
+//! codes 0..16 and 16..32.
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use super::avx2::{dot, kind_of, tile_len, widen_floats, AffineRow, BF16, F16, F32};
+use super::{scalar::read_float, Activations};
+use crate::{FloatKind, Matrix, Weights};
+
+/// Whether this backend has kernels for `m`.
+pub(super) fn supports(m: &Matrix) -> bool {
+    matches!(m.weights, Weights::Float { .. } | Weights::Affine { bits: 4 | 8, .. })
+}
+
+/// Computes `out[(o - rows.start) * tokens.len() + (t - tokens.start)]` for the given rows and
+/// tokens (see the parent module for the contract).
+///
+/// # Safety
+/// The CPU must support AVX-512F/BW, AVX2, FMA and F16C, and [`supports`]`(m)` must hold; the rest
+/// as [`super::avx2::matmul_block`].
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+pub(super) unsafe fn matmul_block(m: &Matrix, act: &Activations, rows: Range<usize>, tokens: Range<usize>, out: &mut [f32]) {
+    match m.weights {
+        Weights::Float { kind: FloatKind::F32, data } => float_block::<F32>(data, m.cols, act, rows, tokens, out),
+        Weights::Float { kind: FloatKind::F16, data } => float_block::<F16>(data, m.cols, act, rows, tokens, out),
+        Weights::Float { kind: FloatKind::BF16, data } => float_block::<BF16>(data, m.cols, act, rows, tokens, out),
+        Weights::Affine { bits: 4, .. } => affine_block::<4>(m, act, rows, tokens, out),
+        Weights::Affine { bits: 8, .. } => affine_block::<8>(m, act, rows, tokens, out),
+        Weights::Affine { bits, .. } => unreachable!("avx512 backend called for {bits}-bit codes"),
+    }
+}
+
+/// Sixteen weights of kind `K` at `p` as f32.
+///
+/// # Safety
+/// AVX-512F/BW; `p` must be readable for `16 * size` bytes.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+unsafe fn load16<const K: u8>(p: *const u8) -> __m512 {
+    match K {
+        F32 => _mm512_loadu_ps(p.cast()),
+        F16 => _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())),
+        _ => _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast())), 16)),
+    }
+}
+
+/// # Safety
+/// As [`matmul_block`], with `data` the weights of a `[_, cols]` matrix of kind `K`.
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+unsafe fn float_block<const K: u8>(
+    data: &[u8],
+    cols: usize,
+    act: &Activations,
+    rows: Range<usize>,
+    tokens: Range<usize>,
+    out: &mut [f32],
+) {
+    let row_bytes = cols * kind_of(K).size_bytes();
+    let nt = tokens.len();
+    let x = act.tokens(tokens);
+    let mut t = 0;
+    while t < nt {
+        let tile = tile_len(nt - t);
+        let xs = &x[t * cols..(t + tile) * cols];
+        for (r, o) in rows.clone().enumerate() {
+            let w = &data[o * row_bytes..(o + 1) * row_bytes];
+            let dst = &mut out[r * nt + t..r * nt + t + tile];
+            match tile {
+                8 => float_tile::<K, 8>(w, xs, dst),
+                4 => float_tile::<K, 4>(w, xs, dst),
+                2 => float_tile::<K, 2>(w, xs, dst),
+                _ => float_tile::<K, 1>(w, xs, dst),
+            }
+        }
+        t += tile;
+    }
+}
+
+/// `dst[t] = Σ_i w[i]·x[t * cols + i]` for a tile of `T` tokens (`cols = w.len() / size`); a
+/// single token uses two accumulators to halve the FMA dependency chain.
+///
+/// # Safety
+/// AVX-512F/BW; `xs.len() == T * cols`, `dst.len() == T`.
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+unsafe fn float_tile<const K: u8, const T: usize>(w: &[u8], xs: &[f32], dst: &mut [f32]) {
+    let size = kind_of(K).size_bytes();
+    let cols = w.len() / size;
+    debug_assert!(xs.len() == T * cols && dst.len() == T);
+    let (wp, xp) = (w.as_ptr(), xs.as_ptr());
+    let mut acc = [_mm512_setzero_ps(); T];
+    let mut extra = _mm512_setzero_ps();
+    let mut i = 0;
+    if T == 1 {
+        // Reads [i, i + 32) of the row and of the single token while i + 32 <= cols.
+        while i + 32 <= cols {
+            acc[0] = _mm512_fmadd_ps(load16::<K>(wp.add(i * size)), _mm512_loadu_ps(xp.add(i)), acc[0]);
+            extra = _mm512_fmadd_ps(load16::<K>(wp.add((i + 16) * size)), _mm512_loadu_ps(xp.add(i + 16)), extra);
+            i += 32;
+        }
+    }
+    // Weight loads cover [i, i + 16) of the row, activation loads [t * cols + i, .. + 16) of
+    // token t < T: inside both slices while i + 16 <= cols.
+    while i + 16 <= cols {
+        let wv = load16::<K>(wp.add(i * size));
+        for (t, a) in acc.iter_mut().enumerate() {
+            *a = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xp.add(t * cols + i)), *a);
+        }
+        i += 16;
+    }
+    acc[0] = _mm512_add_ps(acc[0], extra);
+    for (d, a) in dst.iter_mut().zip(acc) {
+        *d = _mm512_reduce_add_ps(a);
+    }
+    for j in i..cols {
+        let wj = read_float(kind_of(K), &w[j * size..]);
+        for (t, d) in dst.iter_mut().enumerate() {
+            *d += wj * xs[t * cols + j];
+        }
+    }
+}
+
+/// The 32 codes that start at byte `at` of `packed`, as f32, in two vectors of sixteen (module
+/// docs for the order).
+///
+/// # Safety
+/// AVX-512F/BW; `BITS` is 4 or 8; `at + 4 * BITS <= packed.len()`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+unsafe fn decode32<const BITS: usize>(packed: &[u8], at: usize) -> [__m512; 2] {
+    debug_assert!(at + 4 * BITS <= packed.len());
+    let p = packed.as_ptr().add(at);
+    if BITS == 4 {
+        // Reads bytes [at, at + 16): the block's 16 bytes.
+        let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(p.cast()));
+        [
+            _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0f))),
+            _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)),
+        ]
+    } else {
+        // Reads bytes [at, at + 32): the block's 32 bytes.
+        [
+            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(p.cast()))),
+            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(16).cast()))),
+        ]
+    }
+}
+
+/// # Safety
+/// As [`matmul_block`], with an affine `m` of `BITS`-bit codes, `BITS` 4 or 8.
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+unsafe fn affine_block<const BITS: usize>(
+    m: &Matrix,
+    act: &Activations,
+    rows: Range<usize>,
+    tokens: Range<usize>,
+    out: &mut [f32],
+) {
+    let Weights::Affine { group_size, packed, scales, biases, scale_kind, .. } = m.weights else {
+        unreachable!("affine_block called with float weights")
+    };
+    let cols = m.cols;
+    let groups = cols / group_size;
+    let row_bytes = cols * BITS / 8;
+    let size = scale_kind.size_bytes();
+    let nt = tokens.len();
+    let x = act.tokens(tokens.clone());
+    let sums = act.group_sums(tokens);
+    let (mut row_scales, mut row_biases) = (vec![0f32; groups], vec![0f32; groups]);
+    let mut t = 0;
+    while t < nt {
+        let tile = tile_len(nt - t);
+        let xs = &x[t * cols..(t + tile) * cols];
+        for (r, o) in rows.clone().enumerate() {
+            let params = o * groups * size..(o + 1) * groups * size;
+            widen_floats(scale_kind, &scales[params.clone()], &mut row_scales);
+            widen_floats(scale_kind, &biases[params], &mut row_biases);
+            let row = AffineRow { packed, start: o * row_bytes, cols, group_size, scales: &row_scales };
+            let dst = &mut out[r * nt + t..r * nt + t + tile];
+            match tile {
+                8 => affine_tile::<BITS, 8>(&row, xs, dst),
+                4 => affine_tile::<BITS, 4>(&row, xs, dst),
+                2 => affine_tile::<BITS, 2>(&row, xs, dst),
+                _ => dst[0] = affine_dot::<BITS>(&row, xs),
+            }
+            for (k, d) in dst.iter_mut().enumerate() {
+                *d += dot(&row_biases, &sums[(t + k) * groups..(t + k + 1) * groups]);
+            }
+        }
+        t += tile;
+    }
+}
+
+/// `Σ_g scale_g · Σ_{i∈g} q_i·x_i` for one row and one token (the bias term is the caller's).
+///
+/// # Safety
+/// AVX-512F/BW; the rest as [`super::avx2`]'s `affine_dot`.
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+unsafe fn affine_dot<const BITS: usize>(row: &AffineRow, x: &[f32]) -> f32 {
+    debug_assert!(row.start + row.cols * BITS / 8 <= row.packed.len() && x.len() == row.cols);
+    let xp = x.as_ptr();
+    let mut acc = _mm512_setzero_ps();
+    for (g, scale) in row.scales.iter().enumerate() {
+        let mut part = [_mm512_setzero_ps(); 2];
+        for c0 in (g * row.group_size..(g + 1) * row.group_size).step_by(32) {
+            let codes = decode32::<BITS>(row.packed, row.start + c0 * BITS / 8);
+            for (k, p) in part.iter_mut().enumerate() {
+                // Reads x[c0 + 16k, c0 + 16k + 16) with c0 + 32 <= cols.
+                *p = _mm512_fmadd_ps(codes[k], _mm512_loadu_ps(xp.add(c0 + 16 * k)), *p);
+            }
+        }
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(*scale), _mm512_add_ps(part[0], part[1]), acc);
+    }
+    _mm512_reduce_add_ps(acc)
+}
+
+/// `dst[t] = Σ_g scale_g · Σ_{i∈g} q_i·x[t * cols + i]` for a tile of `T` tokens.
+///
+/// # Safety
+/// As [`affine_dot`], with `xs.len() == T * cols` and `dst.len() == T`.
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+unsafe fn affine_tile<const BITS: usize, const T: usize>(row: &AffineRow, xs: &[f32], dst: &mut [f32]) {
+    let cols = row.cols;
+    debug_assert!(row.start + cols * BITS / 8 <= row.packed.len() && xs.len() == T * cols && dst.len() == T);
+    let xp = xs.as_ptr();
+    let mut acc = [_mm512_setzero_ps(); T];
+    for (g, scale) in row.scales.iter().enumerate() {
+        let scale = _mm512_set1_ps(*scale);
+        for c0 in (g * row.group_size..(g + 1) * row.group_size).step_by(32) {
+            let codes = decode32::<BITS>(row.packed, row.start + c0 * BITS / 8);
+            for (k, code) in codes.iter().enumerate() {
+                let w = _mm512_mul_ps(*code, scale);
+                for (t, a) in acc.iter_mut().enumerate() {
+                    // Reads x[t * cols + c0 + 16k, .. + 16) with t < T and c0 + 32 <= cols.
+                    *a = _mm512_fmadd_ps(w, _mm512_loadu_ps(xp.add(t * cols + c0 + 16 * k)), *a);
+                }
+            }
+        }
+    }
+    for (d, a) in dst.iter_mut().zip(acc) {
+        *d = _mm512_reduce_add_ps(a);
+    }
+}
