@@ -258,6 +258,7 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, FormatError> {
 fn parse_header(file: &Arc<MappedFile>) -> Result<Vec<TensorLocation>, FormatError> {
     let bytes = file.bytes();
     let bad = |reason: String| FormatError::Safetensors { path: file.path().to_path_buf(), reason };
+    precheck_header(bytes).map_err(bad)?;
     let (header_len, metadata) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| {
         let hint = match e {
             safetensors::SafeTensorError::MetadataIncompleteBuffer => {
@@ -286,4 +287,38 @@ fn parse_header(file: &Arc<MappedFile>) -> Result<Vec<TensorLocation>, FormatErr
         });
     }
     Ok(out)
+}
+
+/// Checks each tensor's declared byte range against the file before the `safetensors` crate's
+/// own validation, so the error can name the tensor (the crate's does not always).
+fn precheck_header(bytes: &[u8]) -> Result<(), String> {
+    let Some(len_bytes) = bytes.get(..8) else {
+        return Err(format!("file is {} bytes, too short for a safetensors header", bytes.len()));
+    };
+    let mut n = [0u8; 8];
+    n.copy_from_slice(len_bytes);
+    let header_len = u64::from_le_bytes(n);
+    let Some(header) = usize::try_from(header_len).ok().and_then(|h| bytes.get(8..8usize.checked_add(h)?)) else {
+        return Err(format!("header length {header_len} runs past the end of the {}-byte file (truncated?)", bytes.len()));
+    };
+    let Ok(json) = serde_json::from_slice::<serde_json::Value>(header) else {
+        return Ok(()); // the crate reports malformed JSON with details
+    };
+    let data_len = (bytes.len() - 8 - header.len()) as u64;
+    if let Some(obj) = json.as_object() {
+        for (name, info) in obj {
+            if name == "__metadata__" {
+                continue;
+            }
+            let end = info.get("data_offsets").and_then(|o| o.get(1)).and_then(|e| e.as_u64());
+            if let Some(end) = end {
+                if end > data_len {
+                    return Err(format!(
+                        "tensor `{name}` byte range ends at {end}, past the end of the data section ({data_len} bytes): the file is truncated or its header is corrupt"
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }

@@ -4,12 +4,12 @@
 //! produced, so the aim is byte-identical output. transformers (`utils/chat_template_utils.py`) compiles templates
 //! in a sandboxed Jinja2 environment with `trim_blocks` and `lstrip_blocks` on, `keep_trailing_newline` off (Jinja's
 //! default: one final newline of the template is dropped) and the `loopcontrols` extension, and adds the globals
-//! `raise_exception` and `strftime_now` and its own `tojson`. Before rendering it drops `None`-valued keys of each
-//! message, copies the reasoning of a message (`reasoning_content`, `thinking` or `reasoning`) to both
+//! `raise_exception` and `strftime_now` and its own `tojson`. Before rendering, transformers 5 drops `None`-valued keys
+//! of each message, copies the reasoning of a message (`reasoning_content`, `thinking` or `reasoning`) to both
 //! `thinking` and `reasoning_content`, and passes `messages`, `tools` and `documents` (`None` when absent, so
 //! `tools is defined` holds), `add_generation_prompt`, the tokenizer's special tokens (`bos_token`, ...) and the
 //! caller's extra keyword arguments, which override the special tokens. This module does the same with minijinja;
-//! [`super::python_compat`] supplies the Python behaviour templates expect.
+//! the sibling module `python_compat` supplies the Python behaviour templates expect.
 //!
 //! Map keys keep their order (serde_json's `preserve_order`), so `tools | tojson` prints a tool schema the way the
 //! client wrote it, as Python's dicts do.

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 
 use serde_json::{Map, Value};
 
-use super::python_compat::strftime_utc;
+use super::strftime::strftime_utc;
 use super::test_support::{fixtures_dir, mixtral, qwen3};
 use super::{ChatTemplate, IncrementalDecoder, TextError, Tokenizer, TokenizerConfig};
 

@@ -35,6 +35,7 @@ mod chat_template;
 mod config;
 mod detokenizer;
 mod python_compat;
+mod strftime;
 mod tokenizer;
 
 #[cfg(test)]

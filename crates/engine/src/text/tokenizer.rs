@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use super::config::{SpecialTokens, TokenizerConfig};
 use super::{Result, TextError};
 
-/// A Hugging Face tokenizer loaded from `tokenizer.json`. Cheap to share: all methods take `&self`, and it is
-/// `Send + Sync`.
+/// A Hugging Face tokenizer loaded from `tokenizer.json`. All methods take `&self` and it is `Send + Sync`: share
+/// one behind an `Arc` rather than cloning (a clone copies the whole vocabulary).
 #[derive(Debug, Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,

@@ -1,0 +1,1 @@
+//! Agreement with transformers and mlx-lm on committed fixtures (filled below).

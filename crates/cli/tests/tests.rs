@@ -1,0 +1,5 @@
+//! Integration tests of the `moestream` binary. One test binary (faster to link on small machines).
+mod bad_input;
+mod cli;
+mod common;
+mod reference;
