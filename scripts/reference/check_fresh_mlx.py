@@ -73,7 +73,8 @@ def is_router(name):
 
 
 def init_weight(name, shape, rng, tied):
-    """Same scales as make_hf_fixtures.py: norms 1+0.2N, router 0.2N, lm_head (or tied embedding) 0.2N, rest 0.1N."""
+    """Same scales as make_hf_fixtures.py (hidden 128): norms 1+0.2N, router 0.2N, lm_head (or tied embedding)
+    0.2N, rest 0.1N."""
     if name.endswith("norm.weight"):
         w = 1.0 + 0.2 * rng.standard_normal(shape)
     elif is_router(name):

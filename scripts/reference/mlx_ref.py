@@ -157,7 +157,7 @@ def greedy(model, prompt, n=16):
     return out, (min(margins) if margins else math.inf), min(gaps)
 
 
-def make_reference(model, top_k, vocab, seed, n_tokens=80, n_prompt=10, n_gen=16, thr=1e-3, greedy_thr=1e-3, min_distinct=8,
+def make_reference(model, top_k, vocab, seed, n_tokens=80, n_prompt=10, n_gen=16, thr=1e-3, greedy_thr=1e-3, min_distinct=7,
                    greedy_tries=200,
                    source=None, dtype="float32", extra=None):
     """Build the reference dict for one loaded mlx-lm model."""

@@ -41,7 +41,10 @@ impl SamplingArgs {
             top_k: self.top_k.or(g.top_k).unwrap_or(0),
             top_p: self.top_p.or(g.top_p).unwrap_or(1.0),
             min_p: self.min_p.or(g.min_p).unwrap_or(0.0),
-            repetition_penalty: self.repetition_penalty.or(g.repetition_penalty).unwrap_or(1.0),
+            repetition_penalty: self
+                .repetition_penalty
+                .or(g.repetition_penalty)
+                .unwrap_or(1.0),
             seed: self.seed,
         }
     }
@@ -88,7 +91,10 @@ pub struct RunArgs {
 fn parse_ids(s: &str) -> Result<Vec<u32>> {
     s.split(|c: char| c.is_whitespace() || c == ',')
         .filter(|t| !t.is_empty())
-        .map(|t| t.parse::<u32>().with_context(|| format!("`{t}` is not a token id")))
+        .map(|t| {
+            t.parse::<u32>()
+                .with_context(|| format!("`{t}` is not a token id"))
+        })
         .collect()
 }
 
@@ -99,12 +105,16 @@ fn demo_model_dir() -> Result<PathBuf> {
         .context("neither XDG_CACHE_HOME nor HOME is set; pass --model")?;
     let dir = base.join("moestream").join("demo-qwen3_moe-tiny");
     if !dir.join("config.json").is_file() {
-        eprintln!("note: generating the random-weight demo model into {} (once)", dir.display());
+        eprintln!(
+            "note: generating the random-weight demo model into {} (once)",
+            dir.display()
+        );
         let tmp = dir.with_extension("partial");
         let _ = std::fs::remove_dir_all(&tmp);
         synth::synth("qwen3_moe", "tiny", SynthFormat::HfBf16, 0, &tmp, false)?;
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::rename(&tmp, &dir).with_context(|| format!("moving the demo model into {}", dir.display()))?;
+        std::fs::rename(&tmp, &dir)
+            .with_context(|| format!("moving the demo model into {}", dir.display()))?;
     }
     eprintln!("note: no --model given: running a tiny model with RANDOM weights ({}); its output is noise. Pass --model DIR for a real model.", dir.display());
     Ok(dir)
@@ -140,7 +150,13 @@ pub fn run(a: RunArgs) -> Result<()> {
     }
     let ctx = l.model.config.max_position_embeddings;
     let one_shot = |prompt: Vec<u32>| -> Result<()> {
-        let req = GenerationRequest { prompt: prompt.clone(), max_tokens: a.max_tokens, sampling: sampling.clone(), eos_token_ids: eos.clone(), stop_strings: a.stop.clone() };
+        let req = GenerationRequest {
+            prompt: prompt.clone(),
+            max_tokens: a.max_tokens,
+            sampling: sampling.clone(),
+            eos_token_ids: eos.clone(),
+            stop_strings: a.stop.clone(),
+        };
         let mut cache = l.model.new_cache(prompt.len() + a.max_tokens);
         let mut text = String::new();
         let mut out = std::io::stdout().lock();
@@ -185,7 +201,10 @@ pub fn run(a: RunArgs) -> Result<()> {
         let add_special = l.template.is_none() || a.raw;
         let ids = tok.encode(&text, add_special)?;
         if ids.len() + 1 > ctx {
-            bail!("the prompt has {} tokens; the model's context is {ctx} tokens", ids.len());
+            bail!(
+                "the prompt has {} tokens; the model's context is {ctx} tokens",
+                ids.len()
+            );
         }
         return one_shot(ids);
     }
@@ -194,9 +213,20 @@ pub fn run(a: RunArgs) -> Result<()> {
 
 /// Interactive chat: the whole conversation is re-rendered each turn; the KV cache is kept for
 /// the longest common token prefix, so only the new turn is computed.
-fn chat(l: &Loaded, a: &RunArgs, sampling: SamplingParams, eos: Vec<u32>, extra: serde_json::Map<String, Value>) -> Result<()> {
+fn chat(
+    l: &Loaded,
+    a: &RunArgs,
+    sampling: SamplingParams,
+    eos: Vec<u32>,
+    extra: serde_json::Map<String, Value>,
+) -> Result<()> {
     let tok = l.tokenizer()?;
-    let template = l.template.as_ref().with_context(|| format!("{}: no chat template; use --prompt with --raw", l.dir.display()))?;
+    let template = l.template.as_ref().with_context(|| {
+        format!(
+            "{}: no chat template; use --prompt with --raw",
+            l.dir.display()
+        )
+    })?;
     let mut messages: Vec<Value> = vec![];
     if let Some(s) = &a.system {
         messages.push(json!({"role": "system", "content": s}));
@@ -204,7 +234,10 @@ fn chat(l: &Loaded, a: &RunArgs, sampling: SamplingParams, eos: Vec<u32>, extra:
     let ctx = l.model.config.max_position_embeddings;
     let mut cache = l.model.new_cache(1024);
     let mut cached: Vec<u32> = vec![];
-    eprintln!("chat with {} (empty line or Ctrl-D to quit)", l.dir.display());
+    eprintln!(
+        "chat with {} (empty line or Ctrl-D to quit)",
+        l.dir.display()
+    );
     let stdin = std::io::stdin();
     loop {
         eprint!("> ");
@@ -216,11 +249,25 @@ fn chat(l: &Loaded, a: &RunArgs, sampling: SamplingParams, eos: Vec<u32>, extra:
         let text = template.render(&Value::Array(messages.clone()), true, &extra)?;
         let ids = tok.encode(&text, false)?;
         if ids.len() + 1 > ctx {
-            bail!("the conversation has {} tokens; the model's context is {ctx} tokens", ids.len());
+            bail!(
+                "the conversation has {} tokens; the model's context is {ctx} tokens",
+                ids.len()
+            );
         }
-        let common = cached.iter().zip(&ids).take_while(|(x, y)| x == y).count().min(ids.len() - 1);
+        let common = cached
+            .iter()
+            .zip(&ids)
+            .take_while(|(x, y)| x == y)
+            .count()
+            .min(ids.len() - 1);
         cache.truncate(common);
-        let req = GenerationRequest { prompt: ids[common..].to_vec(), max_tokens: a.max_tokens, sampling: sampling.clone(), eos_token_ids: eos.clone(), stop_strings: a.stop.clone() };
+        let req = GenerationRequest {
+            prompt: ids[common..].to_vec(),
+            max_tokens: a.max_tokens,
+            sampling: sampling.clone(),
+            eos_token_ids: eos.clone(),
+            stop_strings: a.stop.clone(),
+        };
         let mut reply = String::new();
         let mut out = std::io::stdout().lock();
         let stats = generate(&l.model, Some(tok), &mut cache, &req, |piece| {
@@ -286,7 +333,10 @@ pub fn score(a: ScoreArgs) -> Result<()> {
     l.model.check_tokens(&tokens).map_err(anyhow::Error::msg)?;
     let ctx = l.model.config.max_position_embeddings;
     if tokens.len() > ctx {
-        bail!("{} tokens exceed the model's context of {ctx}", tokens.len());
+        bail!(
+            "{} tokens exceed the model's context of {ctx}",
+            tokens.len()
+        );
     }
     let lp = logprobs(&l, &tokens);
     println!("{}", json!({"tokens": tokens, "logprobs": lp}));
@@ -314,27 +364,46 @@ pub struct PerplexityArgs {
 /// only the second half of each chunk, so every scored token has at least ctx/2 tokens of context.
 pub fn perplexity(a: PerplexityArgs) -> Result<()> {
     let l = Loaded::open(&a.model)?;
-    let text = std::fs::read_to_string(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
+    let text = std::fs::read_to_string(&a.file)
+        .with_context(|| format!("reading {}", a.file.display()))?;
     let tok = l.tokenizer()?;
     let tokens = tok.encode(&text, false)?;
     if a.ctx < 4 {
         bail!("--ctx must be at least 4");
     }
     if a.ctx > l.model.config.max_position_embeddings {
-        bail!("--ctx {} exceeds the model's context of {}", a.ctx, l.model.config.max_position_embeddings);
+        bail!(
+            "--ctx {} exceeds the model's context of {}",
+            a.ctx,
+            l.model.config.max_position_embeddings
+        );
     }
     let mut n_chunks = tokens.len() / a.ctx;
     if let Some(c) = a.chunks {
         n_chunks = n_chunks.min(c);
     }
     if n_chunks == 0 {
-        bail!("{}: {} tokens; at least {} are needed for one chunk of --ctx {}", a.file.display(), tokens.len(), a.ctx, a.ctx);
+        bail!(
+            "{}: {} tokens; at least {} are needed for one chunk of --ctx {}",
+            a.file.display(),
+            tokens.len(),
+            a.ctx,
+            a.ctx
+        );
     }
-    let bos = if tok.add_bos_token().unwrap_or(false) { tok.bos_token_id() } else { None };
+    let bos = if tok.add_bos_token().unwrap_or(false) {
+        tok.bos_token_id()
+    } else {
+        None
+    };
     let first = a.ctx / 2;
     let (mut nll, mut nll2, mut count) = (0f64, 0f64, 0usize);
     let t0 = std::time::Instant::now();
-    eprintln!("perplexity: {} tokens, {n_chunks} chunks of {}", tokens.len(), a.ctx);
+    eprintln!(
+        "perplexity: {} tokens, {n_chunks} chunks of {}",
+        tokens.len(),
+        a.ctx
+    );
     for c in 0..n_chunks {
         let mut chunk = tokens[c * a.ctx..(c + 1) * a.ctx].to_vec();
         if let Some(b) = bos {
@@ -354,7 +423,10 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
     let ppl = mean.exp();
     let err = ppl * (var / (count as f64 - 1.0).max(1.0)).sqrt();
     println!("\nFinal estimate: PPL = {ppl:.4} +/- {err:.5}");
-    eprintln!("[{count} tokens scored in {:.1} s]", t0.elapsed().as_secs_f64());
+    eprintln!(
+        "[{count} tokens scored in {:.1} s]",
+        t0.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -398,7 +470,12 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
         for lin in [&at.q_proj, &at.k_proj, &at.v_proj, &at.o_proj] {
             add_linear(lin, false);
         }
-        norm_params += 2 * c.hidden_size as u64 + if at.q_norm.is_some() { 2 * c.head_dim as u64 } else { 0 };
+        norm_params += 2 * c.hidden_size as u64
+            + if at.q_norm.is_some() {
+                2 * c.head_dim as u64
+            } else {
+                0
+            };
         match &layer.mlp {
             FeedForward::Dense(mlp) => {
                 for lin in [&mlp.gate_proj, &mlp.up_proj, &mlp.down_proj] {
@@ -418,10 +495,21 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
             }
         }
     }
-    let files: u64 = moestream_formats::SafetensorsIndex::open(&a.model)?.files().iter().map(|f| f.bytes().len() as u64).sum();
-    let moe_layers = (0..c.num_hidden_layers).filter(|&i| c.is_moe_layer(i)).count();
+    let files: u64 = moestream_formats::SafetensorsIndex::open(&l.dir)?
+        .files()
+        .iter()
+        .map(|f| f.bytes().len() as u64)
+        .sum();
+    let moe_layers = (0..c.num_hidden_layers)
+        .filter(|&i| c.is_moe_layer(i))
+        .count();
     let quant = match &c.quantization {
-        Some(q) => format!("MLX affine {}-bit, group size {} ({} per-module overrides)", q.default.bits, q.default.group_size, q.overrides.len()),
+        Some(q) => format!(
+            "MLX affine {}-bit, group size {} ({} per-module overrides)",
+            q.default.bits,
+            q.default.group_size,
+            q.overrides.len()
+        ),
         None => "none (float)".into(),
     };
     let v = json!({
@@ -439,20 +527,43 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
         return Ok(());
     }
     println!("model           {}", l.dir.display());
-    println!("architecture    {} ({} layers, {} MoE)", c.arch.model_type(), c.num_hidden_layers, moe_layers);
-    println!("geometry        hidden {}, heads {}/{} x {}, vocab {}", c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.vocab_size);
+    println!(
+        "architecture    {} ({} layers, {} MoE)",
+        c.arch.model_type(),
+        c.num_hidden_layers,
+        moe_layers
+    );
+    println!(
+        "geometry        hidden {}, heads {}/{} x {}, vocab {}",
+        c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.vocab_size
+    );
     if c.num_experts > 0 {
-        println!("experts         {} per layer, {} active, width {}", c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size);
+        println!(
+            "experts         {} per layer, {} active, width {}",
+            c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size
+        );
     }
-    println!("parameters      {:.3} B ({:.3} B in experts)", (expert_params + dense_params + norm_params) as f64 / 1e9, expert_params as f64 / 1e9);
+    println!(
+        "parameters      {:.3} B ({:.3} B in experts)",
+        (expert_params + dense_params + norm_params) as f64 / 1e9,
+        expert_params as f64 / 1e9
+    );
     println!("quantization    {quant}");
     for (f, b) in &formats {
         println!("  {f:<12}  {}", human_bytes(*b));
     }
-    println!("expert bytes    {} ({} active per token)", human_bytes(expert_bytes), human_bytes(active_expert_bytes));
+    println!(
+        "expert bytes    {} ({} active per token)",
+        human_bytes(expert_bytes),
+        human_bytes(active_expert_bytes)
+    );
     println!("non-expert      {}", human_bytes(dense_bytes));
     println!("files           {}", human_bytes(files));
-    println!("tokenizer       {}, chat template {}", if l.tokenizer.is_some() { "yes" } else { "no" }, if l.template.is_some() { "yes" } else { "no" });
+    println!(
+        "tokenizer       {}, chat template {}",
+        if l.tokenizer.is_some() { "yes" } else { "no" },
+        if l.template.is_some() { "yes" } else { "no" }
+    );
     Ok(())
 }
 
@@ -476,11 +587,19 @@ pub struct SynthArgs {
 
 pub fn synth(a: SynthArgs) -> Result<()> {
     if a.out.join("config.json").exists() {
-        bail!("{}: already holds a model; choose an empty folder", a.out.display());
+        bail!(
+            "{}: already holds a model; choose an empty folder",
+            a.out.display()
+        );
     }
     let t0 = std::time::Instant::now();
     let bytes = synth::synth(&a.arch, &a.preset, a.format, a.seed, &a.out, true)?;
-    eprintln!("wrote {} of weights to {} in {:.1} s (random weights: output is noise)", human_bytes(bytes), display(&a.out), t0.elapsed().as_secs_f64());
+    eprintln!(
+        "wrote {} of weights to {} in {:.1} s (random weights: output is noise)",
+        human_bytes(bytes),
+        display(&a.out),
+        t0.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

@@ -4,7 +4,6 @@ use moestream_engine::config::GenerationConfig;
 use moestream_engine::models::Model;
 use moestream_engine::text::{ChatTemplate, Tokenizer};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 /// Everything `run`/`score`/`perplexity` need from a model folder.
 pub struct Loaded {
@@ -13,26 +12,39 @@ pub struct Loaded {
     pub tokenizer: Option<Tokenizer>,
     pub template: Option<ChatTemplate>,
     pub generation: GenerationConfig,
-    pub load_seconds: f64,
 }
 
 impl Loaded {
-    pub fn open(dir: &Path) -> Result<Loaded> {
+    /// Opens a local folder or a Hugging Face repository id (see [`crate::hub`]).
+    pub fn open(spec: &Path) -> Result<Loaded> {
+        let dir = &crate::hub::resolve_model(spec)?;
         if !dir.is_dir() {
-            anyhow::bail!("{}: model folder not found", dir.display());
+            anyhow::bail!("{}: not a model folder", dir.display());
         }
-        let t0 = Instant::now();
         let model = Model::load(dir)?;
-        let tokenizer = if dir.join("tokenizer.json").is_file() { Some(Tokenizer::from_dir(dir)?) } else { None };
+        let tokenizer = if dir.join("tokenizer.json").is_file() {
+            Some(Tokenizer::from_dir(dir)?)
+        } else {
+            None
+        };
         let template = ChatTemplate::from_dir(dir)?;
         let generation = GenerationConfig::from_dir(dir)?;
-        Ok(Loaded { dir: dir.to_path_buf(), model, tokenizer, template, generation, load_seconds: t0.elapsed().as_secs_f64() })
+        Ok(Loaded {
+            dir: dir.to_path_buf(),
+            model,
+            tokenizer,
+            template,
+            generation,
+        })
     }
 
     pub fn tokenizer(&self) -> Result<&Tokenizer> {
-        self.tokenizer
-            .as_ref()
-            .with_context(|| format!("{}: no tokenizer.json; pass token ids instead of text", self.dir.display()))
+        self.tokenizer.as_ref().with_context(|| {
+            format!(
+                "{}: no tokenizer.json; pass token ids instead of text",
+                self.dir.display()
+            )
+        })
     }
 
     /// Stop ids: generation_config's, plus the tokenizer's EOS.

@@ -4,6 +4,7 @@
 //! (llama-perplexity's method), `inspect` (what a checkpoint holds), `synth` (random-weight models
 //! of real geometries).
 mod commands;
+mod hub;
 mod loaded;
 mod synth;
 
@@ -11,7 +12,11 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "moestream", version, about = "Inference engine for Mixture-of-Experts models larger than memory")]
+#[command(
+    name = "moestream",
+    version,
+    about = "Inference engine for Mixture-of-Experts models larger than memory"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -33,7 +38,10 @@ enum Command {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MOESTREAM_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MOESTREAM_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();

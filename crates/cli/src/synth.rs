@@ -96,8 +96,6 @@ enum Fill {
     Uniform { a: f32, center: f32 },
     /// Random bytes (packed quantization codes).
     RandomBytes,
-    /// Constant float.
-    Const(f32),
 }
 
 impl TensorSpec {
@@ -105,7 +103,12 @@ impl TensorSpec {
         self.shape.iter().product()
     }
     fn size_bytes(&self) -> usize {
-        self.numel() * if self.dtype == "F32" || self.dtype == "U32" { 4 } else { 2 }
+        self.numel()
+            * if self.dtype == "F32" || self.dtype == "U32" {
+                4
+            } else {
+                2
+            }
     }
 }
 
@@ -115,30 +118,80 @@ struct Plan {
 
 impl Plan {
     /// A float or quantized linear layer `[rows, cols]`, optionally stacked over `experts`.
-    fn linear(&mut self, name: &str, experts: Option<usize>, rows: usize, cols: usize, std: f32, format: SynthFormat, bits_override: Option<u32>) {
+    fn linear(
+        &mut self,
+        name: &str,
+        (experts, rows, cols): (Option<usize>, usize, usize),
+        std: f32,
+        format: SynthFormat,
+        bits_override: Option<u32>,
+    ) {
         let a = std * 3f32.sqrt();
         let lead: Vec<usize> = experts.into_iter().collect();
         let shape = |v: &[usize]| -> Vec<usize> { lead.iter().chain(v).copied().collect() };
         match format {
             SynthFormat::HfF32 | SynthFormat::HfBf16 => {
-                let dtype = if format == SynthFormat::HfF32 { "F32" } else { "BF16" };
-                self.tensors.push(TensorSpec { name: format!("{name}.weight"), dtype, shape: shape(&[rows, cols]), fill: Fill::Uniform { a, center: 0.0 } });
+                let dtype = if format == SynthFormat::HfF32 {
+                    "F32"
+                } else {
+                    "BF16"
+                };
+                self.tensors.push(TensorSpec {
+                    name: format!("{name}.weight"),
+                    dtype,
+                    shape: shape(&[rows, cols]),
+                    fill: Fill::Uniform { a, center: 0.0 },
+                });
             }
             SynthFormat::Mlx4 | SynthFormat::Mlx8 => {
-                let bits = bits_override.unwrap_or(if format == SynthFormat::Mlx4 { 4 } else { 8 }) as usize;
+                let bits = bits_override.unwrap_or(if format == SynthFormat::Mlx4 { 4 } else { 8 })
+                    as usize;
                 let gs = 64;
                 let levels = ((1u32 << bits) - 1) as f32;
                 // codes uniform in 0..=levels map to [-a, a]: scale = 2a/levels, bias = -a.
-                self.tensors.push(TensorSpec { name: format!("{name}.weight"), dtype: "U32", shape: shape(&[rows, cols * bits / 32]), fill: Fill::RandomBytes });
-                self.tensors.push(TensorSpec { name: format!("{name}.scales"), dtype: "BF16", shape: shape(&[rows, cols / gs]), fill: Fill::Uniform { a: 0.1 * 2.0 * a / levels, center: 2.0 * a / levels } });
-                self.tensors.push(TensorSpec { name: format!("{name}.biases"), dtype: "BF16", shape: shape(&[rows, cols / gs]), fill: Fill::Uniform { a: 0.1 * a, center: -a } });
+                self.tensors.push(TensorSpec {
+                    name: format!("{name}.weight"),
+                    dtype: "U32",
+                    shape: shape(&[rows, cols * bits / 32]),
+                    fill: Fill::RandomBytes,
+                });
+                self.tensors.push(TensorSpec {
+                    name: format!("{name}.scales"),
+                    dtype: "BF16",
+                    shape: shape(&[rows, cols / gs]),
+                    fill: Fill::Uniform {
+                        a: 0.1 * 2.0 * a / levels,
+                        center: 2.0 * a / levels,
+                    },
+                });
+                self.tensors.push(TensorSpec {
+                    name: format!("{name}.biases"),
+                    dtype: "BF16",
+                    shape: shape(&[rows, cols / gs]),
+                    fill: Fill::Uniform {
+                        a: 0.1 * a,
+                        center: -a,
+                    },
+                });
             }
         }
     }
 
     fn norm(&mut self, name: &str, len: usize, format: SynthFormat) {
-        let dtype = if format == SynthFormat::HfF32 { "F32" } else { "BF16" };
-        self.tensors.push(TensorSpec { name: name.into(), dtype, shape: vec![len], fill: Fill::Uniform { a: 0.2, center: 1.0 } });
+        let dtype = if format == SynthFormat::HfF32 {
+            "F32"
+        } else {
+            "BF16"
+        };
+        self.tensors.push(TensorSpec {
+            name: name.into(),
+            dtype,
+            shape: vec![len],
+            fill: Fill::Uniform {
+                a: 0.2,
+                center: 1.0,
+            },
+        });
     }
 }
 
@@ -159,7 +212,10 @@ fn plan(cfg: &Value, format: SynthFormat) -> Plan {
     let layers = usize_of(cfg, "num_hidden_layers");
     let f = usize_of(cfg, "intermediate_size");
     let (e, i) = match arch {
-        "qwen3_moe" => (usize_of(cfg, "num_experts"), usize_of(cfg, "moe_intermediate_size")),
+        "qwen3_moe" => (
+            usize_of(cfg, "num_experts"),
+            usize_of(cfg, "moe_intermediate_size"),
+        ),
         "mixtral" => (usize_of(cfg, "num_local_experts"), f),
         _ => (0, 0),
     };
@@ -167,55 +223,115 @@ fn plan(cfg: &Value, format: SynthFormat) -> Plan {
     let mut p = Plan { tensors: vec![] };
     // Standard deviations chosen so activations stay O(1) through the stack: 1/sqrt(fan_in).
     let s = |fan_in: usize| 1.0 / (fan_in as f32).sqrt();
-    p.linear("model.embed_tokens", None, v, h, 1.0, format, None);
+    p.linear("model.embed_tokens", (None, v, h), 1.0, format, None);
     for l in 0..layers {
         let pre = format!("model.layers.{l}");
         p.norm(&format!("{pre}.input_layernorm.weight"), h, format);
         p.norm(&format!("{pre}.post_attention_layernorm.weight"), h, format);
         let at = format!("{pre}.self_attn");
-        p.linear(&format!("{at}.q_proj"), None, nh * d, h, s(h), format, None);
-        p.linear(&format!("{at}.k_proj"), None, nkv * d, h, s(h), format, None);
-        p.linear(&format!("{at}.v_proj"), None, nkv * d, h, s(h), format, None);
-        p.linear(&format!("{at}.o_proj"), None, h, nh * d, s(nh * d), format, None);
+        p.linear(
+            &format!("{at}.q_proj"),
+            (None, nh * d, h),
+            s(h),
+            format,
+            None,
+        );
+        p.linear(
+            &format!("{at}.k_proj"),
+            (None, nkv * d, h),
+            s(h),
+            format,
+            None,
+        );
+        p.linear(
+            &format!("{at}.v_proj"),
+            (None, nkv * d, h),
+            s(h),
+            format,
+            None,
+        );
+        p.linear(
+            &format!("{at}.o_proj"),
+            (None, h, nh * d),
+            s(nh * d),
+            format,
+            None,
+        );
         if arch != "mixtral" {
             p.norm(&format!("{at}.q_norm.weight"), d, format);
             p.norm(&format!("{at}.k_norm.weight"), d, format);
         }
         if e == 0 {
             for (n, r, c) in [("gate_proj", f, h), ("up_proj", f, h), ("down_proj", h, f)] {
-                p.linear(&format!("{pre}.mlp.{n}"), None, r, c, s(c), format, None);
+                p.linear(&format!("{pre}.mlp.{n}"), (None, r, c), s(c), format, None);
             }
             continue;
         }
-        let moe = if arch == "mixtral" { format!("{pre}.block_sparse_moe") } else { format!("{pre}.mlp") };
+        let moe = if arch == "mixtral" {
+            format!("{pre}.block_sparse_moe")
+        } else {
+            format!("{pre}.mlp")
+        };
         // mlx-lm keeps the Qwen3-MoE router at 8 bits (its quant_predicate); Mixtral's at base bits.
         let router_bits = if arch == "qwen3_moe" { Some(8) } else { None };
-        p.linear(&format!("{moe}.gate"), None, e, h, 4.0 * s(h), format, router_bits);
-        let names = if arch == "mixtral" && !mlx { ["w1", "w3", "w2"] } else { ["gate_proj", "up_proj", "down_proj"] };
+        p.linear(
+            &format!("{moe}.gate"),
+            (None, e, h),
+            4.0 * s(h),
+            format,
+            router_bits,
+        );
+        let names = if arch == "mixtral" && !mlx {
+            ["w1", "w3", "w2"]
+        } else {
+            ["gate_proj", "up_proj", "down_proj"]
+        };
         let shapes = [(i, h), (i, h), (h, i)];
         if mlx {
             for (n, (r, c)) in names.iter().zip(shapes) {
-                p.linear(&format!("{moe}.switch_mlp.{n}"), Some(e), r, c, s(c), format, None);
+                p.linear(
+                    &format!("{moe}.switch_mlp.{n}"),
+                    (Some(e), r, c),
+                    s(c),
+                    format,
+                    None,
+                );
             }
         } else {
             for x in 0..e {
                 for (n, (r, c)) in names.iter().zip(shapes) {
-                    p.linear(&format!("{moe}.experts.{x}.{n}"), None, r, c, s(c), format, None);
+                    p.linear(
+                        &format!("{moe}.experts.{x}.{n}"),
+                        (None, r, c),
+                        s(c),
+                        format,
+                        None,
+                    );
                 }
             }
         }
     }
     p.norm("model.norm.weight", h, format);
     if !cfg["tie_word_embeddings"].as_bool().unwrap_or(false) {
-        p.linear("lm_head", None, v, h, s(h), format, None);
+        p.linear("lm_head", (None, v, h), s(h), format, None);
     }
     p
 }
 
 /// Writes the model; returns the total bytes of weights.
-pub fn synth(arch: &str, preset: &str, format: SynthFormat, seed: u64, out: &Path, progress: bool) -> Result<u64> {
+pub fn synth(
+    arch: &str,
+    preset: &str,
+    format: SynthFormat,
+    seed: u64,
+    out: &Path,
+    progress: bool,
+) -> Result<u64> {
     if !ARCHES.contains(&arch) {
-        bail!("unknown architecture `{arch}`; supported: {}", ARCHES.join(", "));
+        bail!(
+            "unknown architecture `{arch}`; supported: {}",
+            ARCHES.join(", ")
+        );
     }
     let mut cfg = preset_config(arch, preset)?;
     let plan = plan(&cfg, format);
@@ -233,7 +349,10 @@ pub fn synth(arch: &str, preset: &str, format: SynthFormat, seed: u64, out: &Pat
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     write_json(&out.join("config.json"), &cfg)?;
     let eos = cfg["eos_token_id"].clone();
-    write_json(&out.join("generation_config.json"), &json!({"bos_token_id": cfg["bos_token_id"], "eos_token_id": eos, "do_sample": true, "temperature": 0.7, "top_p": 0.8, "top_k": 20}))?;
+    write_json(
+        &out.join("generation_config.json"),
+        &json!({"bos_token_id": cfg["bos_token_id"], "eos_token_id": eos, "do_sample": true, "temperature": 0.7, "top_p": 0.8, "top_k": 20}),
+    )?;
     write_tokenizer(out, arch)?;
     std::fs::write(
         out.join("README.md"),
@@ -243,12 +362,16 @@ pub fn synth(arch: &str, preset: &str, format: SynthFormat, seed: u64, out: &Pat
 }
 
 fn write_json(path: &Path, v: &Value) -> Result<()> {
-    std::fs::write(path, serde_json::to_string_pretty(v)?).with_context(|| format!("writing {}", path.display()))
+    std::fs::write(path, serde_json::to_string_pretty(v)?)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// GPT-2's byte-to-unicode map: printable stand-ins for every byte, as byte-level BPE uses.
 fn byte_to_unicode() -> Vec<char> {
-    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
     let mut cs = bs.clone();
     let mut n = 0;
     for b in 0..256u32 {
@@ -276,7 +399,15 @@ fn write_tokenizer(out: &Path, arch: &str) -> Result<()> {
     let specials: &[&str] = if arch == "mixtral" {
         &["<s>", "</s>", "<unk>", "[INST]", "[/INST]"]
     } else {
-        &["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<tool_call>", "</tool_call>"]
+        &[
+            "<|endoftext|>",
+            "<|im_start|>",
+            "<|im_end|>",
+            "<think>",
+            "</think>",
+            "<tool_call>",
+            "</tool_call>",
+        ]
     };
     // Qwen layout: <|endoftext|>=256 (bos), <|im_start|>=257, <|im_end|>=258 (eos).
     // Mixtral layout: <s>=256 (bos), </s>=257 (eos).
@@ -285,11 +416,21 @@ fn write_tokenizer(out: &Path, arch: &str) -> Result<()> {
         .enumerate()
         .map(|(k, s)| json!({"id": 256 + k, "content": s, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
         .collect();
+    // Llama-family tokenizers prepend BOS through a post-processor when add_special_tokens is on.
+    let post_processor = if arch == "mixtral" {
+        json!({"type": "TemplateProcessing",
+               "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+               "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                        {"SpecialToken": {"id": "<s>", "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+               "special_tokens": {"<s>": {"id": "<s>", "ids": [256], "tokens": ["<s>"]}}})
+    } else {
+        Value::Null
+    };
     let tok = json!({
         "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
         "normalizer": null,
         "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
-        "post_processor": null,
+        "post_processor": post_processor,
         "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
         "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null, "end_of_word_suffix": null,
                   "fuse_unk": false, "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": []}
@@ -298,9 +439,17 @@ fn write_tokenizer(out: &Path, arch: &str) -> Result<()> {
     let (template, bos, eos) = if arch == "mixtral" {
         (include_str!("../assets/mixtral.jinja"), "<s>", "</s>")
     } else {
-        (include_str!("../assets/qwen3.jinja"), "<|endoftext|>", "<|im_end|>")
+        (
+            include_str!("../assets/qwen3.jinja"),
+            "<|endoftext|>",
+            "<|im_end|>",
+        )
     };
-    let bos_v = if arch == "mixtral" { json!(bos) } else { Value::Null };
+    let bos_v = if arch == "mixtral" {
+        json!(bos)
+    } else {
+        Value::Null
+    };
     write_json(
         &out.join("tokenizer_config.json"),
         &json!({"add_bos_token": arch == "mixtral", "bos_token": bos_v, "eos_token": eos, "pad_token": eos,
@@ -326,15 +475,25 @@ fn write_safetensors(out: &Path, tensors: &[TensorSpec], seed: u64, progress: bo
         }
     }
     let total: u64 = tensors.iter().map(|t| t.size_bytes() as u64).sum();
-    let bar = if progress { indicatif::ProgressBar::new(total) } else { indicatif::ProgressBar::hidden() };
+    let bar = if progress {
+        indicatif::ProgressBar::new(total)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let n = shards.len();
     let mut weight_map = serde_json::Map::new();
     for (si, shard) in shards.iter().enumerate() {
-        let fname = if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{:05}.safetensors", si + 1, n) };
+        let fname = if n == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", si + 1, n)
+        };
         let mut header = serde_json::Map::new();
         header.insert("__metadata__".into(), json!({"format": "pt"}));
         let mut off = 0usize;
@@ -348,7 +507,8 @@ fn write_safetensors(out: &Path, tensors: &[TensorSpec], seed: u64, progress: bo
             hbytes.push(b' ');
         }
         let path = out.join(&fname);
-        let file = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        let file =
+            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
         let mut w = std::io::BufWriter::with_capacity(8 << 20, file);
         w.write_all(&(hbytes.len() as u64).to_le_bytes())?;
         w.write_all(&hbytes)?;
@@ -359,19 +519,29 @@ fn write_safetensors(out: &Path, tensors: &[TensorSpec], seed: u64, progress: bo
         w.flush()?;
     }
     if n > 1 {
-        write_json(&out.join("model.safetensors.index.json"), &json!({"metadata": {"total_size": total}, "weight_map": weight_map}))?;
+        write_json(
+            &out.join("model.safetensors.index.json"),
+            &json!({"metadata": {"total_size": total}, "weight_map": weight_map}),
+        )?;
     }
     bar.finish_and_clear();
     Ok(total)
 }
 
 fn fxhash(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 const CHUNK_ELEMS: usize = 1 << 20;
 
-fn write_tensor(w: &mut impl Write, t: &TensorSpec, seed: u64, bar: &indicatif::ProgressBar) -> Result<()> {
+fn write_tensor(
+    w: &mut impl Write,
+    t: &TensorSpec,
+    seed: u64,
+    bar: &indicatif::ProgressBar,
+) -> Result<()> {
     let elem = t.size_bytes() / t.numel().max(1);
     let n = t.numel();
     let chunks = n.div_ceil(CHUNK_ELEMS);
@@ -402,14 +572,19 @@ fn write_tensor(w: &mut impl Write, t: &TensorSpec, seed: u64, bar: &indicatif::
                     (fill, dtype) => {
                         for _ in 0..len {
                             let v = match fill {
-                                Fill::Const(c) => c,
-                                Fill::Uniform { a, center } => center + a * ((next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0),
+                                Fill::Uniform { a, center } => {
+                                    center
+                                        + a * ((next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0
+                                            - 1.0)
+                                }
                                 Fill::RandomBytes => 0.0,
                             };
                             if dtype == "F32" {
                                 buf.extend_from_slice(&v.to_le_bytes());
                             } else {
-                                buf.extend_from_slice(&half::bf16::from_f32(v).to_bits().to_le_bytes());
+                                buf.extend_from_slice(
+                                    &half::bf16::from_f32(v).to_bits().to_le_bytes(),
+                                );
                             }
                         }
                     }

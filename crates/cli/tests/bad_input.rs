@@ -8,7 +8,13 @@ fn tiny(dir: &Path) -> std::path::PathBuf {
 }
 
 fn score_err(model: &Path) -> std::process::Output {
-    moestream(&["score", "--model", model.to_str().unwrap(), "--tokens", "1 2 3"])
+    moestream(&[
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        "--tokens",
+        "1 2 3",
+    ])
 }
 
 #[test]
@@ -58,7 +64,10 @@ fn header_offsets_past_the_end_of_the_file() {
     out.extend(h);
     out.extend(&bytes[8 + n..]);
     std::fs::write(&f, out).unwrap();
-    assert_clean_error(&score_err(&m), &["model.safetensors", &name, "past the end"]);
+    assert_clean_error(
+        &score_err(&m),
+        &["model.safetensors", &name, "past the end"],
+    );
 }
 
 #[test]
@@ -66,18 +75,32 @@ fn tensor_shape_disagrees_with_config() {
     let t = tempfile::tempdir().unwrap();
     let m = tiny(t.path());
     let cfg_path = m.join("config.json");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     cfg["moe_intermediate_size"] = serde_json::json!(64);
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
-    assert_clean_error(&score_err(&m), &["model.safetensors", "model.layers.0.mlp.experts.0.gate_proj.weight", "[128, 128]", "[64, 128]"]);
+    assert_clean_error(
+        &score_err(&m),
+        &[
+            "model.safetensors",
+            "model.layers.0.mlp.experts.0.gate_proj.weight",
+            "[128, 128]",
+            "[64, 128]",
+        ],
+    );
 }
 
 #[test]
 fn missing_tensor() {
     let t = tempfile::tempdir().unwrap();
     let m = tiny(t.path());
-    rewrite_safetensors(&m.join("model.safetensors"), |name, d, s, b| (name != "model.layers.2.self_attn.k_norm.weight").then_some((d, s, b)));
-    assert_clean_error(&score_err(&m), &["model.layers.2.self_attn.k_norm.weight", "not found"]);
+    rewrite_safetensors(&m.join("model.safetensors"), |name, d, s, b| {
+        (name != "model.layers.2.self_attn.k_norm.weight").then_some((d, s, b))
+    });
+    assert_clean_error(
+        &score_err(&m),
+        &["model.layers.2.self_attn.k_norm.weight", "not found"],
+    );
 }
 
 #[test]
@@ -86,13 +109,19 @@ fn unsupported_dtype() {
     let m = tiny(t.path());
     rewrite_safetensors(&m.join("model.safetensors"), |name, d, s, b| {
         if name == "model.norm.weight" {
-            let wide: Vec<u8> = b.chunks(4).flat_map(|c| (f32::from_le_bytes(c.try_into().unwrap()) as f64).to_le_bytes()).collect();
+            let wide: Vec<u8> = b
+                .chunks(4)
+                .flat_map(|c| (f32::from_le_bytes(c.try_into().unwrap()) as f64).to_le_bytes())
+                .collect();
             Some((safetensors::Dtype::F64, s, wide))
         } else {
             Some((d, s, b))
         }
     });
-    assert_clean_error(&score_err(&m), &["model.safetensors", "model.norm.weight", "F64"]);
+    assert_clean_error(
+        &score_err(&m),
+        &["model.safetensors", "model.norm.weight", "F64"],
+    );
 }
 
 #[test]
@@ -100,7 +129,8 @@ fn unsupported_bit_width_in_config() {
     let t = tempfile::tempdir().unwrap();
     let m = synth(t.path(), "qwen3_moe", "mlx4");
     let cfg_path = m.join("config.json");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     cfg["quantization"]["bits"] = serde_json::json!(7);
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     assert_clean_error(&score_err(&m), &["config.json", "quantization.bits", "7"]);
@@ -121,7 +151,10 @@ fn unsupported_bit_width_in_tensor() {
             Some((d, s, b))
         }
     });
-    assert_clean_error(&score_err(&m), &["model.layers.0.self_attn.q_proj.weight", "7 bits"]);
+    assert_clean_error(
+        &score_err(&m),
+        &["model.layers.0.self_attn.q_proj.weight", "7 bits"],
+    );
 }
 
 #[test]
@@ -130,7 +163,11 @@ fn malformed_config_json() {
     let m = tiny(t.path());
     std::fs::write(m.join("config.json"), "{\"model_type\": \"qwen3_moe\", ").unwrap();
     assert_clean_error(&score_err(&m), &["config.json", "malformed JSON"]);
-    std::fs::write(m.join("config.json"), "{\"model_type\": \"qwen3_moe\", \"hidden_size\": \"big\"}").unwrap();
+    std::fs::write(
+        m.join("config.json"),
+        "{\"model_type\": \"qwen3_moe\", \"hidden_size\": \"big\"}",
+    )
+    .unwrap();
     assert_clean_error(&score_err(&m), &["config.json", "hidden_size"]);
 }
 
@@ -139,19 +176,38 @@ fn unknown_architecture_names_the_supported_ones() {
     let t = tempfile::tempdir().unwrap();
     let m = tiny(t.path());
     let cfg_path = m.join("config.json");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     cfg["model_type"] = serde_json::json!("llama4_moe");
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
-    assert_clean_error(&score_err(&m), &["config.json", "llama4_moe", "qwen3_moe", "qwen3", "mixtral"]);
+    assert_clean_error(
+        &score_err(&m),
+        &["config.json", "llama4_moe", "qwen3_moe", "qwen3", "mixtral"],
+    );
 }
 
 #[test]
 fn missing_model_folder_and_token_out_of_range() {
-    assert_clean_error(&moestream(&["score", "--model", "/nonexistent/model", "--tokens", "1"]), &["/nonexistent/model"]);
+    assert_clean_error(
+        &moestream(&["score", "--model", "/nonexistent/model", "--tokens", "1"]),
+        &["/nonexistent/model"],
+    );
     let t = tempfile::tempdir().unwrap();
     let m = tiny(t.path());
-    assert_clean_error(&moestream(&["score", "--model", m.to_str().unwrap(), "--tokens", "1 99999"]), &["99999", "vocabulary"]);
-    assert_clean_error(&moestream(&["score", "--model", m.to_str().unwrap(), "--tokens", "1 x"]), &["`x`"]);
+    assert_clean_error(
+        &moestream(&[
+            "score",
+            "--model",
+            m.to_str().unwrap(),
+            "--tokens",
+            "1 99999",
+        ]),
+        &["99999", "vocabulary"],
+    );
+    assert_clean_error(
+        &moestream(&["score", "--model", m.to_str().unwrap(), "--tokens", "1 x"]),
+        &["`x`"],
+    );
 }
 
 #[test]
@@ -159,9 +215,18 @@ fn prompt_longer_than_the_context() {
     let t = tempfile::tempdir().unwrap();
     let m = tiny(t.path());
     let cfg_path = m.join("config.json");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     cfg["max_position_embeddings"] = serde_json::json!(8);
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
-    let o = moestream(&["run", "--model", m.to_str().unwrap(), "--prompt-tokens", "1 2 3 4 5 6 7 8 9 10", "--max-tokens", "2"]);
+    let o = moestream(&[
+        "run",
+        "--model",
+        m.to_str().unwrap(),
+        "--prompt-tokens",
+        "1 2 3 4 5 6 7 8 9 10",
+        "--max-tokens",
+        "2",
+    ]);
     assert_clean_error(&o, &["context"]);
 }

@@ -6,7 +6,13 @@ use crate::common::*;
 fn score_prints_exactly_one_json_object() {
     let t = tempfile::tempdir().unwrap();
     let m = synth(t.path(), "qwen3_moe", "hf-f32");
-    let o = moestream(&["score", "--model", m.to_str().unwrap(), "--tokens", "5 6 7 8"]);
+    let o = moestream(&[
+        "score",
+        "--model",
+        m.to_str().unwrap(),
+        "--tokens",
+        "5 6 7 8",
+    ]);
     assert!(o.status.success());
     let out = stdout(&o);
     assert_eq!(out.lines().count(), 1, "{out}");
@@ -38,14 +44,37 @@ fn scoring_in_one_pass_equals_token_by_token_decoding() {
 fn run_greedy_json_and_statistics_line() {
     let t = tempfile::tempdir().unwrap();
     let m = synth(t.path(), "qwen3_moe", "hf-f32");
-    let args = ["run", "--model", m.to_str().unwrap(), "--prompt-tokens", "1 2 3 4", "--max-tokens", "6", "--temperature", "0", "--ignore-eos", "--json"];
+    let args = [
+        "run",
+        "--model",
+        m.to_str().unwrap(),
+        "--prompt-tokens",
+        "1 2 3 4",
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--json",
+    ];
     let o = moestream(&args);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
-    let gen: Vec<u64> = v["generated_tokens"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+    let gen: Vec<u64> = v["generated_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
     assert_eq!(gen.len(), 6);
     let err = stderr(&o);
-    for s in ["prompt 4 tok", "prefill", "generated 6 tok", "decode", "peak resident"] {
+    for s in [
+        "prompt 4 tok",
+        "prefill",
+        "generated 6 tok",
+        "decode",
+        "peak resident",
+    ] {
         assert!(err.contains(s), "stats line lacks {s}: {err}");
     }
     // Greedy decoding reproduces itself, and each greedy token is the argmax under `score`.
@@ -74,9 +103,27 @@ fn run_greedy_json_and_statistics_line() {
 fn text_prompt_through_chat_template_and_stop_string() {
     let t = tempfile::tempdir().unwrap();
     let m = synth(t.path(), "qwen3_moe", "mlx4");
-    let o = moestream(&["run", "--model", m.to_str().unwrap(), "--prompt", "héllo 🌍", "--max-tokens", "8", "--seed", "3", "--temperature", "1.0"]);
+    let o = moestream(&[
+        "run",
+        "--model",
+        m.to_str().unwrap(),
+        "--prompt",
+        "héllo 🌍",
+        "--max-tokens",
+        "8",
+        "--seed",
+        "3",
+        "--temperature",
+        "1.0",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let o = moestream(&["score", "--model", m.to_str().unwrap(), "--text", "héllo 🌍"]);
+    let o = moestream(&[
+        "score",
+        "--model",
+        m.to_str().unwrap(),
+        "--text",
+        "héllo 🌍",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
@@ -90,9 +137,16 @@ fn inspect_reports_expert_and_non_expert_bytes() {
         let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
         assert_eq!(v["architecture"], "qwen3_moe");
         assert_eq!(v["experts"], 8);
-        let (e, d, f) = (v["expert_bytes"].as_u64().unwrap(), v["non_expert_bytes"].as_u64().unwrap(), v["file_bytes"].as_u64().unwrap());
+        let (e, d, f) = (
+            v["expert_bytes"].as_u64().unwrap(),
+            v["non_expert_bytes"].as_u64().unwrap(),
+            v["file_bytes"].as_u64().unwrap(),
+        );
         // Norm weights are in neither count; headers are small.
-        assert!(e + d <= f && f - (e + d) < 64 * 1024, "{fmt}: {e} + {d} vs {f}");
+        assert!(
+            e + d <= f && f - (e + d) < 64 * 1024,
+            "{fmt}: {e} + {d} vs {f}"
+        );
         // 8 experts x 3 projections x 128 x 128.
         assert_eq!(v["expert_parameters"], 4 * 8 * 3 * 128 * 128);
     }
@@ -116,4 +170,47 @@ fn demo_model_is_generated_once_and_labelled_as_noise() {
     assert!(o.status.success());
     assert!(!stderr(&o).contains("generating"));
     assert!(stderr(&o).contains("noise"));
+}
+
+#[test]
+fn hub_repository_ids_resolve_through_the_cache_and_fail_cleanly_offline() {
+    let t = tempfile::tempdir().unwrap();
+    let m = synth(t.path(), "qwen3", "hf-f32");
+    // Lay the model out as hf-hub's cache does: models--owner--name/{refs/main, snapshots/REV/*}.
+    let home = t.path().join("hf");
+    let repo = home.join("hub").join("models--acme--tiny-qwen3");
+    let snap = repo.join("snapshots").join("0123abcd");
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs").join("main"), "0123abcd").unwrap();
+    for f in std::fs::read_dir(&m).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, snap.join(f.file_name().unwrap())).unwrap();
+    }
+    let run = |id: &str| {
+        std::process::Command::new(bin())
+            .args(["score", "--model", id, "--tokens", "1 2 3"])
+            .env("HF_HOME", &home)
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap()
+    };
+    let o = run("acme/tiny-qwen3");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (_, local) = score(&m, "1 2 3");
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(v["logprobs"][1].as_f64().unwrap(), local[1]);
+    let o = run("acme/not-downloaded");
+    assert_clean_error(
+        &o,
+        &["acme/not-downloaded", "config.json", "HF_HUB_OFFLINE"],
+    );
+    // Online but unreachable: a clean error naming the repository.
+    let o = std::process::Command::new(bin())
+        .args(["score", "--model", "acme/unreachable", "--tokens", "1"])
+        .env("HF_HOME", &home)
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .output()
+        .unwrap();
+    assert_clean_error(&o, &["acme/unreachable"]);
 }

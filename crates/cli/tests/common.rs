@@ -8,7 +8,11 @@ pub fn bin() -> PathBuf {
 }
 
 pub fn moestream(args: &[&str]) -> Output {
-    Command::new(bin()).args(args).env("MOESTREAM_LOG", "error").output().expect("spawn moestream")
+    Command::new(bin())
+        .args(args)
+        .env("MOESTREAM_LOG", "error")
+        .output()
+        .expect("spawn moestream")
 }
 
 pub fn stdout(o: &Output) -> String {
@@ -33,33 +37,79 @@ pub fn assert_clean_error(o: &Output, needles: &[&str]) {
 /// Writes a synthetic model and returns its folder.
 pub fn synth(dir: &Path, arch: &str, format: &str) -> PathBuf {
     let out = dir.join(format!("{arch}-{format}"));
-    let o = moestream(&["synth", "--arch", arch, "--preset", "tiny", "--format", format, "--seed", "1", out.to_str().unwrap()]);
+    let o = moestream(&[
+        "synth",
+        "--arch",
+        arch,
+        "--preset",
+        "tiny",
+        "--format",
+        format,
+        "--seed",
+        "1",
+        out.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "synth failed: {}", stderr(&o));
     out
 }
 
 pub fn score(model: &Path, tokens: &str) -> (Vec<u32>, Vec<f64>) {
-    let o = moestream(&["score", "--model", model.to_str().unwrap(), "--tokens", tokens]);
+    let o = moestream(&[
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        "--tokens",
+        tokens,
+    ]);
     assert!(o.status.success(), "score failed: {}", stderr(&o));
-    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).expect("score prints one JSON object");
-    let toks = v["tokens"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
-    let lps = v["logprobs"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    let v: serde_json::Value =
+        serde_json::from_str(stdout(&o).trim()).expect("score prints one JSON object");
+    let toks = v["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    let lps = v["logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
     (toks, lps)
 }
 
 /// Rewrites a safetensors file, passing each tensor through `edit` (return None to drop it).
-pub fn rewrite_safetensors(path: &Path, edit: impl Fn(&str, safetensors::Dtype, Vec<usize>, Vec<u8>) -> Option<(safetensors::Dtype, Vec<usize>, Vec<u8>)>) {
+pub fn rewrite_safetensors(
+    path: &Path,
+    edit: impl Fn(
+        &str,
+        safetensors::Dtype,
+        Vec<usize>,
+        Vec<u8>,
+    ) -> Option<(safetensors::Dtype, Vec<usize>, Vec<u8>)>,
+) {
     let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let mut out = vec![];
     for (name, view) in st.tensors() {
-        if let Some(t) = edit(&name, view.dtype(), view.shape().to_vec(), view.data().to_vec()) {
+        if let Some(t) = edit(
+            &name,
+            view.dtype(),
+            view.shape().to_vec(),
+            view.data().to_vec(),
+        ) {
             out.push((name, t));
         }
     }
     let views: Vec<(String, safetensors::tensor::TensorView)> = out
         .iter()
-        .map(|(n, (d, s, b))| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .map(|(n, (d, s, b))| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize_to_file(views, None, path).unwrap();
 }

@@ -26,9 +26,16 @@ impl KvCache {
     /// An empty cache for `n_layers` layers with `kv_width = n_kv_heads * head_dim`.
     pub fn new(n_layers: usize, kv_width: usize, reserve_tokens: usize) -> KvCache {
         let layers = (0..n_layers)
-            .map(|_| LayerKv { k: Vec::with_capacity(reserve_tokens * kv_width), v: Vec::with_capacity(reserve_tokens * kv_width) })
+            .map(|_| LayerKv {
+                k: Vec::with_capacity(reserve_tokens * kv_width),
+                v: Vec::with_capacity(reserve_tokens * kv_width),
+            })
             .collect();
-        KvCache { layers, kv_width, len: 0 }
+        KvCache {
+            layers,
+            kv_width,
+            len: 0,
+        }
     }
 
     /// Tokens held.
@@ -59,6 +66,9 @@ impl KvCache {
 
     /// Bytes held.
     pub fn size_bytes(&self) -> usize {
-        self.layers.iter().map(|l| (l.k.len() + l.v.len()) * 4).sum()
+        self.layers
+            .iter()
+            .map(|l| (l.k.len() + l.v.len()) * 4)
+            .sum()
     }
 }

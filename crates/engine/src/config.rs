@@ -97,16 +97,23 @@ impl ModelConfig {
     /// Reads `dir/config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self, ConfigError> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| ConfigError { path: path.clone(), reason: format!("cannot read: {e}") })?;
-        let json: Value = serde_json::from_str(&text)
-            .map_err(|e| ConfigError { path: path.clone(), reason: format!("malformed JSON: {e}") })?;
+        let text = std::fs::read_to_string(&path).map_err(|e| ConfigError {
+            path: path.clone(),
+            reason: format!("cannot read: {e}"),
+        })?;
+        let json: Value = serde_json::from_str(&text).map_err(|e| ConfigError {
+            path: path.clone(),
+            reason: format!("malformed JSON: {e}"),
+        })?;
         Self::from_json(&json, &path)
     }
 
     /// Parses a config object; `path` is used in error messages.
     pub fn from_json(json: &Value, path: &Path) -> Result<Self, ConfigError> {
-        let err = |reason: String| ConfigError { path: path.to_path_buf(), reason };
+        let err = |reason: String| ConfigError {
+            path: path.to_path_buf(),
+            reason,
+        };
         if !json.is_object() {
             return Err(err("top level is not a JSON object".into()));
         }
@@ -140,10 +147,15 @@ impl ModelConfig {
                 }),
         };
         for key in ["rope_scaling", "rope_parameters"] {
-            if let Some(rt) = json.get(key).and_then(|r| r.get("rope_type").or_else(|| r.get("type"))) {
+            if let Some(rt) = json
+                .get(key)
+                .and_then(|r| r.get("rope_type").or_else(|| r.get("type")))
+            {
                 let rt = rt.as_str().unwrap_or("?");
                 if rt != "default" {
-                    return Err(err(format!("`{key}.rope_type` is `{rt}`; only default RoPE is supported")));
+                    return Err(err(format!(
+                        "`{key}.rope_type` is `{rt}`; only default RoPE is supported"
+                    )));
                 }
             }
         }
@@ -157,21 +169,35 @@ impl ModelConfig {
                     Some(e) => e,
                     None => f.usize("num_local_experts")?,
                 };
-                (e, f.usize("num_experts_per_tok")?, f.usize("moe_intermediate_size")?, f.bool_or("norm_topk_prob", false)?)
+                (
+                    e,
+                    f.usize("num_experts_per_tok")?,
+                    f.usize("moe_intermediate_size")?,
+                    f.bool_or("norm_topk_prob", false)?,
+                )
             }
             Arch::Mixtral => {
                 let e = match f.opt_usize("num_local_experts")? {
                     Some(e) => e,
                     None => f.usize("num_experts")?,
                 };
-                (e, f.usize_or("num_experts_per_tok", 2)?, f.usize("intermediate_size")?, true)
+                (
+                    e,
+                    f.usize_or("num_experts_per_tok", 2)?,
+                    f.usize("intermediate_size")?,
+                    true,
+                )
             }
         };
         let mlp_only_layers = match json.get("mlp_only_layers") {
             None | Some(Value::Null) => vec![],
             Some(Value::Array(a)) => a
                 .iter()
-                .map(|v| v.as_u64().map(|x| x as usize).ok_or_else(|| err("`mlp_only_layers` must hold integers".into())))
+                .map(|v| {
+                    v.as_u64()
+                        .map(|x| x as usize)
+                        .ok_or_else(|| err("`mlp_only_layers` must hold integers".into()))
+                })
                 .collect::<Result<_, _>>()?,
             Some(_) => return Err(err("`mlp_only_layers` must be an array".into())),
         };
@@ -194,7 +220,8 @@ impl ModelConfig {
             norm_topk_prob,
             decoder_sparse_step: f.usize_or("decoder_sparse_step", 1)?,
             mlp_only_layers,
-            quantization: QuantizationConfig::from_config(json, path).map_err(|e| err(e.to_string()))?,
+            quantization: QuantizationConfig::from_config(json, path)
+                .map_err(|e| err(e.to_string()))?,
         };
         cfg.validate().map_err(err)?;
         Ok(cfg)
@@ -215,17 +242,26 @@ impl ModelConfig {
                 return Err(format!("`{name}` must be positive"));
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(format!(
                 "`num_attention_heads` ({}) is not a multiple of `num_key_value_heads` ({})",
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
-            return Err(format!("`head_dim` ({}) must be even for RoPE", self.head_dim));
+        if !self.head_dim.is_multiple_of(2) {
+            return Err(format!(
+                "`head_dim` ({}) must be even for RoPE",
+                self.head_dim
+            ));
         }
         if self.arch != Arch::Qwen3 {
-            if self.num_experts == 0 || self.num_experts_per_tok == 0 || self.num_experts_per_tok > self.num_experts {
+            if self.num_experts == 0
+                || self.num_experts_per_tok == 0
+                || self.num_experts_per_tok > self.num_experts
+            {
                 return Err(format!(
                     "`num_experts_per_tok` ({}) must be between 1 and the number of experts ({})",
                     self.num_experts_per_tok, self.num_experts
@@ -245,7 +281,9 @@ impl ModelConfig {
 
     /// Whether layer `l` is a sparse MoE layer (transformers' rule).
     pub fn is_moe_layer(&self, l: usize) -> bool {
-        self.num_experts > 0 && !self.mlp_only_layers.contains(&l) && (l + 1) % self.decoder_sparse_step == 0
+        self.num_experts > 0
+            && !self.mlp_only_layers.contains(&l)
+            && (l + 1).is_multiple_of(self.decoder_sparse_step)
     }
 }
 
@@ -256,19 +294,22 @@ struct Fields<'a> {
 
 impl Fields<'_> {
     fn err(&self, reason: String) -> ConfigError {
-        ConfigError { path: self.path.to_path_buf(), reason }
+        ConfigError {
+            path: self.path.to_path_buf(),
+            reason,
+        }
     }
     fn opt_usize(&self, key: &str) -> Result<Option<usize>, ConfigError> {
         match self.json.get(key) {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(|x| Some(x as usize))
-                .ok_or_else(|| self.err(format!("`{key}` must be a non-negative integer, found {v}"))),
+            Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| {
+                self.err(format!("`{key}` must be a non-negative integer, found {v}"))
+            }),
         }
     }
     fn usize(&self, key: &str) -> Result<usize, ConfigError> {
-        self.opt_usize(key)?.ok_or_else(|| self.err(format!("missing integer field `{key}`")))
+        self.opt_usize(key)?
+            .ok_or_else(|| self.err(format!("missing integer field `{key}`")))
     }
     fn usize_or(&self, key: &str, d: usize) -> Result<usize, ConfigError> {
         Ok(self.opt_usize(key)?.unwrap_or(d))
@@ -276,13 +317,17 @@ impl Fields<'_> {
     fn f64_or(&self, key: &str, d: f64) -> Result<f64, ConfigError> {
         match self.json.get(key) {
             None | Some(Value::Null) => Ok(d),
-            Some(v) => v.as_f64().ok_or_else(|| self.err(format!("`{key}` must be a number, found {v}"))),
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| self.err(format!("`{key}` must be a number, found {v}"))),
         }
     }
     fn bool_or(&self, key: &str, d: bool) -> Result<bool, ConfigError> {
         match self.json.get(key) {
             None | Some(Value::Null) => Ok(d),
-            Some(v) => v.as_bool().ok_or_else(|| self.err(format!("`{key}` must be true or false, found {v}"))),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| self.err(format!("`{key}` must be true or false, found {v}"))),
         }
     }
 }
@@ -313,17 +358,21 @@ impl GenerationConfig {
         let mut g = GenerationConfig::default();
         let path = dir.join("generation_config.json");
         let gen: Option<Value> = if path.is_file() {
-            let text = std::fs::read_to_string(&path)
-                .map_err(|e| ConfigError { path: path.clone(), reason: format!("cannot read: {e}") })?;
-            Some(
-                serde_json::from_str(&text)
-                    .map_err(|e| ConfigError { path: path.clone(), reason: format!("malformed JSON: {e}") })?,
-            )
+            let text = std::fs::read_to_string(&path).map_err(|e| ConfigError {
+                path: path.clone(),
+                reason: format!("cannot read: {e}"),
+            })?;
+            Some(serde_json::from_str(&text).map_err(|e| ConfigError {
+                path: path.clone(),
+                reason: format!("malformed JSON: {e}"),
+            })?)
         } else {
             None
         };
         let cfg_path = dir.join("config.json");
-        let cfg: Option<Value> = std::fs::read_to_string(&cfg_path).ok().and_then(|t| serde_json::from_str(&t).ok());
+        let cfg: Option<Value> = std::fs::read_to_string(&cfg_path)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok());
         for src in [gen.as_ref(), cfg.as_ref()].into_iter().flatten() {
             if g.eos_token_ids.is_empty() {
                 g.eos_token_ids = ids(src.get("eos_token_id"));
@@ -350,7 +399,10 @@ impl GenerationConfig {
 fn ids(v: Option<&Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64().map(|x| x as u32))
+            .collect(),
         _ => vec![],
     }
 }

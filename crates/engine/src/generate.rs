@@ -28,7 +28,14 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, repetition_penalty: 1.0, seed: 0 }
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            seed: 0,
+        }
     }
 }
 
@@ -55,14 +62,22 @@ impl Sampler {
             seen.dedup();
             for &t in &seen {
                 if let Some(l) = logits.get_mut(t as usize) {
-                    *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                    *l = if *l > 0.0 {
+                        *l / p.repetition_penalty
+                    } else {
+                        *l * p.repetition_penalty
+                    };
                 }
             }
         }
         if p.temperature <= 0.0 {
             return argmax(logits);
         }
-        let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l / p.temperature)).collect();
+        let mut cand: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, l / p.temperature))
+            .collect();
         cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if p.top_k > 0 && p.top_k < cand.len() {
             cand.truncate(p.top_k);
@@ -134,14 +149,22 @@ pub struct StopStrings {
 impl StopStrings {
     /// Watches for these strings (empty strings are ignored).
     pub fn new(stops: Vec<String>) -> StopStrings {
-        StopStrings { stops: stops.into_iter().filter(|s| !s.is_empty()).collect(), pending: String::new() }
+        StopStrings {
+            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            pending: String::new(),
+        }
     }
 
     /// Feeds new text; returns `(text safe to emit, stopped)`. On a stop, the text before the stop
     /// string is returned and the rest is dropped.
     pub fn push(&mut self, text: &str) -> (String, bool) {
         self.pending.push_str(text);
-        if let Some(pos) = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min() {
+        if let Some(pos) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min()
+        {
             let out = self.pending[..pos].to_string();
             self.pending.clear();
             return (out, true);
@@ -225,7 +248,10 @@ pub fn generate(
     model.check_tokens(&req.prompt)?;
     let ctx = model.config.max_position_embeddings;
     if cache.len() + req.prompt.len() > ctx {
-        return Err(format!("prompt of {} tokens exceeds the context of {ctx} tokens", cache.len() + req.prompt.len()));
+        return Err(format!(
+            "prompt of {} tokens exceeds the context of {ctx} tokens",
+            cache.len() + req.prompt.len()
+        ));
     }
     let mut sampler = Sampler::new(req.sampling.clone());
     let mut stops = StopStrings::new(req.stop_strings.clone());
@@ -275,7 +301,11 @@ pub fn generate(
         prompt_tokens: req.prompt.len(),
         prefill_seconds,
         generated_tokens: generated,
-        decode_seconds: if generated > 1 { t1.elapsed().as_secs_f64() } else { 0.0 },
+        decode_seconds: if generated > 1 {
+            t1.elapsed().as_secs_f64()
+        } else {
+            0.0
+        },
         finish_reason: finish,
         tokens,
     })
@@ -293,22 +323,35 @@ mod tests {
 
     #[test]
     fn repetition_penalty_changes_choice() {
-        let p = SamplingParams { repetition_penalty: 2.0, ..Default::default() };
+        let p = SamplingParams {
+            repetition_penalty: 2.0,
+            ..Default::default()
+        };
         let mut s = Sampler::new(p);
         assert_eq!(s.sample(&mut [2.9, 3.0], &[1]), 0);
     }
 
     #[test]
     fn top_k_one_is_greedy_and_seed_reproduces() {
-        let p = SamplingParams { temperature: 1.0, top_k: 1, ..Default::default() };
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: 1,
+            ..Default::default()
+        };
         let mut s = Sampler::new(p);
         for _ in 0..20 {
             assert_eq!(s.sample(&mut [0.0, 1.0, 0.5], &[]), 1);
         }
-        let p = SamplingParams { temperature: 1.0, seed: 7, ..Default::default() };
+        let p = SamplingParams {
+            temperature: 1.0,
+            seed: 7,
+            ..Default::default()
+        };
         let draw = |p: &SamplingParams| {
             let mut s = Sampler::new(p.clone());
-            (0..50).map(|_| s.sample(&mut [0.0, 0.1, 0.2, 0.3], &[])).collect::<Vec<_>>()
+            (0..50)
+                .map(|_| s.sample(&mut [0.0, 0.1, 0.2, 0.3], &[]))
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(&p), draw(&p));
         assert!(draw(&p).iter().any(|&t| t != draw(&p)[0]));
@@ -316,17 +359,34 @@ mod tests {
 
     #[test]
     fn sampling_follows_distribution() {
-        let p = SamplingParams { temperature: 1.0, seed: 3, ..Default::default() };
+        let p = SamplingParams {
+            temperature: 1.0,
+            seed: 3,
+            ..Default::default()
+        };
         let mut s = Sampler::new(p);
         let logits = [0.0f32, (3.0f32).ln()];
-        let ones = (0..4000).filter(|_| s.sample(&mut logits.clone(), &[]) == 1).count();
+        let ones = (0..4000)
+            .filter(|_| s.sample(&mut logits.clone(), &[]) == 1)
+            .count();
         assert!((ones as f64 / 4000.0 - 0.75).abs() < 0.03, "{ones}");
     }
 
     #[test]
     fn top_p_and_min_p_cut_the_tail() {
         let logits = [10.0f32, 9.0, 0.0, 0.0];
-        for p in [SamplingParams { temperature: 1.0, top_p: 0.5, ..Default::default() }, SamplingParams { temperature: 1.0, min_p: 0.5, ..Default::default() }] {
+        for p in [
+            SamplingParams {
+                temperature: 1.0,
+                top_p: 0.5,
+                ..Default::default()
+            },
+            SamplingParams {
+                temperature: 1.0,
+                min_p: 0.5,
+                ..Default::default()
+            },
+        ] {
             let mut s = Sampler::new(p);
             for _ in 0..100 {
                 assert_eq!(s.sample(&mut logits.clone(), &[]), 0);

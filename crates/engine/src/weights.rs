@@ -22,7 +22,11 @@ pub struct Bytes {
 
 impl Bytes {
     fn of(t: &TensorLocation) -> Bytes {
-        Bytes { file: t.file.clone(), offset: t.offset, len: t.len }
+        Bytes {
+            file: t.file.clone(),
+            offset: t.offset,
+            len: t.len,
+        }
     }
     /// The bytes.
     pub fn as_slice(&self) -> &[u8] {
@@ -31,7 +35,11 @@ impl Bytes {
     /// Sub-range `[start, start + len)` relative to this one.
     fn slice(&self, start: usize, len: usize) -> Bytes {
         debug_assert!(start + len <= self.len);
-        Bytes { file: self.file.clone(), offset: self.offset + start, len }
+        Bytes {
+            file: self.file.clone(),
+            offset: self.offset + start,
+            len,
+        }
     }
     /// Length in bytes.
     pub fn len(&self) -> usize {
@@ -89,8 +97,18 @@ impl Linear {
     /// A kernel view of the matrix.
     pub fn matrix(&self) -> Matrix<'_> {
         let weights = match &self.storage {
-            Storage::Float { kind, data } => Weights::Float { kind: *kind, data: data.as_slice() },
-            Storage::Affine { bits, group_size, packed, scales, biases, scale_kind } => Weights::Affine {
+            Storage::Float { kind, data } => Weights::Float {
+                kind: *kind,
+                data: data.as_slice(),
+            },
+            Storage::Affine {
+                bits,
+                group_size,
+                packed,
+                scales,
+                biases,
+                scale_kind,
+            } => Weights::Affine {
                 bits: *bits,
                 group_size: *group_size,
                 packed: packed.as_slice(),
@@ -99,7 +117,11 @@ impl Linear {
                 scale_kind: *scale_kind,
             },
         };
-        Matrix { rows: self.rows, cols: self.cols, weights }
+        Matrix {
+            rows: self.rows,
+            cols: self.cols,
+            weights,
+        }
     }
 
     /// `y[t] = W x[t]` for `n_tokens` rows of `x`.
@@ -111,7 +133,12 @@ impl Linear {
     pub fn size_bytes(&self) -> usize {
         match &self.storage {
             Storage::Float { data, .. } => data.len(),
-            Storage::Affine { packed, scales, biases, .. } => packed.len() + scales.len() + biases.len(),
+            Storage::Affine {
+                packed,
+                scales,
+                biases,
+                ..
+            } => packed.len() + scales.len() + biases.len(),
         }
     }
 
@@ -119,7 +146,9 @@ impl Linear {
     pub fn format_name(&self) -> String {
         match &self.storage {
             Storage::Float { kind, .. } => format!("{kind:?}").to_lowercase(),
-            Storage::Affine { bits, group_size, .. } => format!("q{bits}g{group_size}"),
+            Storage::Affine {
+                bits, group_size, ..
+            } => format!("q{bits}g{group_size}"),
         }
     }
 
@@ -128,9 +157,19 @@ impl Linear {
         let storage = match &self.storage {
             Storage::Float { kind, data } => {
                 let rb = self.cols * kind.size_bytes();
-                Storage::Float { kind: *kind, data: data.slice(start * rb, n * rb) }
+                Storage::Float {
+                    kind: *kind,
+                    data: data.slice(start * rb, n * rb),
+                }
             }
-            Storage::Affine { bits, group_size, packed, scales, biases, scale_kind } => {
+            Storage::Affine {
+                bits,
+                group_size,
+                packed,
+                scales,
+                biases,
+                scale_kind,
+            } => {
                 let pb = self.cols * *bits as usize / 8;
                 let sb = self.cols / group_size * scale_kind.size_bytes();
                 Storage::Affine {
@@ -143,7 +182,11 @@ impl Linear {
                 }
             }
         };
-        Linear { rows: n, cols: self.cols, storage }
+        Linear {
+            rows: n,
+            cols: self.cols,
+            storage,
+        }
     }
 }
 
@@ -152,12 +195,17 @@ fn float_kind(t: &TensorLocation) -> Result<FloatKind, FormatError> {
         DType::F32 => Ok(FloatKind::F32),
         DType::F16 => Ok(FloatKind::F16),
         DType::BF16 => Ok(FloatKind::BF16),
-        d => Err(t.error(format!("unsupported dtype {d}; supported: F32, F16, BF16 (and U32 for MLX packed weights)"))),
+        d => Err(t.error(format!(
+            "unsupported dtype {d}; supported: F32, F16, BF16 (and U32 for MLX packed weights)"
+        ))),
     }
 }
 
 fn shape_error(t: &TensorLocation, expected: &[usize]) -> FormatError {
-    t.error(format!("shape {:?} disagrees with config.json, which implies {:?}", t.shape, expected))
+    t.error(format!(
+        "shape {:?} disagrees with config.json, which implies {:?}",
+        t.shape, expected
+    ))
 }
 
 /// Reads tensors out of a [`SafetensorsIndex`] as typed, shape-checked views.
@@ -180,7 +228,14 @@ impl<'a> WeightLoader<'a> {
             return Err(shape_error(t, &[len]));
         }
         let mut out = vec![0f32; len];
-        let m = Matrix { rows: 1, cols: len, weights: Weights::Float { kind, data: t.bytes() } };
+        let m = Matrix {
+            rows: 1,
+            cols: len,
+            weights: Weights::Float {
+                kind,
+                data: t.bytes(),
+            },
+        };
         moestream_kernels::dequantize_row(&m, 0, &mut out);
         Ok(out)
     }
@@ -193,19 +248,47 @@ impl<'a> WeightLoader<'a> {
 
     /// `experts` matrices of `[rows, cols]` stacked in one tensor `[experts, rows, cols]` (MLX
     /// `switch_mlp`, or transformers-5 fused tensors named without `.weight`).
-    pub fn stacked_linear(&self, weight_name: &str, prefix: &str, experts: usize, rows: usize, cols: usize) -> Result<Vec<Linear>, FormatError> {
+    pub fn stacked_linear(
+        &self,
+        weight_name: &str,
+        prefix: &str,
+        experts: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Vec<Linear>, FormatError> {
         self.stacked(weight_name, prefix, experts, rows, cols, true)
     }
 
     /// transformers-5 fused `gate_up_proj [E, 2I, H]`: returns (gate, up) per expert.
-    pub fn fused_gate_up(&self, name: &str, experts: usize, inter: usize, hidden: usize) -> Result<Vec<(Linear, Linear)>, FormatError> {
+    pub fn fused_gate_up(
+        &self,
+        name: &str,
+        experts: usize,
+        inter: usize,
+        hidden: usize,
+    ) -> Result<Vec<(Linear, Linear)>, FormatError> {
         let stacked = self.stacked(name, name, experts, 2 * inter, hidden, true)?;
-        Ok(stacked.into_iter().map(|m| (m.rows_slice(0, inter), m.rows_slice(inter, inter))).collect())
+        Ok(stacked
+            .into_iter()
+            .map(|m| (m.rows_slice(0, inter), m.rows_slice(inter, inter)))
+            .collect())
     }
 
-    fn stacked(&self, weight_name: &str, prefix: &str, experts: usize, rows: usize, cols: usize, has_expert_axis: bool) -> Result<Vec<Linear>, FormatError> {
+    fn stacked(
+        &self,
+        weight_name: &str,
+        prefix: &str,
+        experts: usize,
+        rows: usize,
+        cols: usize,
+        has_expert_axis: bool,
+    ) -> Result<Vec<Linear>, FormatError> {
         let w = self.index.require(weight_name)?;
-        let lead: Vec<usize> = if has_expert_axis { vec![experts] } else { vec![] };
+        let lead: Vec<usize> = if has_expert_axis {
+            vec![experts]
+        } else {
+            vec![]
+        };
         let scales_name = format!("{prefix}.scales");
         if let Some(s) = self.index.get(&scales_name) {
             // MLX quantized: bits and group size follow from the shapes, checked for consistency.
@@ -215,12 +298,19 @@ impl<'a> WeightLoader<'a> {
             }
             let scale_kind = float_kind(s)?;
             if b.dtype != s.dtype {
-                return Err(b.error(format!("biases dtype {} differs from scales dtype {}", b.dtype, s.dtype)));
+                return Err(b.error(format!(
+                    "biases dtype {} differs from scales dtype {}",
+                    b.dtype, s.dtype
+                )));
             }
             let (Some(&packed_cols), Some(&groups)) = (w.shape.last(), s.shape.last()) else {
                 return Err(w.error("quantized weight has no dimensions"));
             };
-            if packed_cols == 0 || groups == 0 || (packed_cols * 32) % cols != 0 || cols % groups != 0 {
+            if packed_cols == 0
+                || groups == 0
+                || (packed_cols * 32) % cols != 0
+                || !cols.is_multiple_of(groups)
+            {
                 return Err(w.error(format!(
                     "packed shape {:?} and scales shape {:?} do not fit {cols} input features",
                     w.shape, s.shape
@@ -229,10 +319,14 @@ impl<'a> WeightLoader<'a> {
             let bits = (packed_cols * 32 / cols) as u32;
             let group_size = cols / groups;
             if !matches!(bits, 2 | 3 | 4 | 5 | 6 | 8) {
-                return Err(w.error(format!("unsupported quantization: {bits} bits (supported: 2, 3, 4, 5, 6, 8)")));
+                return Err(w.error(format!(
+                    "unsupported quantization: {bits} bits (supported: 2, 3, 4, 5, 6, 8)"
+                )));
             }
             if !matches!(group_size, 32 | 64 | 128) {
-                return Err(w.error(format!("unsupported quantization group size {group_size} (supported: 32, 64, 128)")));
+                return Err(w.error(format!(
+                    "unsupported quantization group size {group_size} (supported: 32, 64, 128)"
+                )));
             }
             let mut ws = lead.clone();
             ws.extend([rows, packed_cols]);
@@ -274,7 +368,14 @@ impl<'a> WeightLoader<'a> {
             let data = Bytes::of(w);
             let per = rows * cols * kind.size_bytes();
             Ok((0..experts)
-                .map(|e| Linear { rows, cols, storage: Storage::Float { kind, data: data.slice(e * per, per) } })
+                .map(|e| Linear {
+                    rows,
+                    cols,
+                    storage: Storage::Float {
+                        kind,
+                        data: data.slice(e * per, per),
+                    },
+                })
                 .collect())
         }
     }

@@ -34,7 +34,10 @@ pub struct QuantizationConfig {
 impl QuantizationConfig {
     /// Parses `config["quantization"]` (or `quantization_config` with the same shape); `None` when
     /// the model is not MLX-quantized. Only `mode: "affine"` (or no mode) is supported.
-    pub fn from_config(config: &serde_json::Value, path: &Path) -> Result<Option<Self>, FormatError> {
+    pub fn from_config(
+        config: &serde_json::Value,
+        path: &Path,
+    ) -> Result<Option<Self>, FormatError> {
         let q = match config.get("quantization") {
             Some(q) => q,
             None => match config.get("quantization_config") {
@@ -42,8 +45,13 @@ impl QuantizationConfig {
                 _ => return Ok(None),
             },
         };
-        let err = |reason: String| FormatError::Json { path: path.to_path_buf(), reason };
-        let obj = q.as_object().ok_or_else(|| err("`quantization` is not an object".into()))?;
+        let err = |reason: String| FormatError::Json {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let obj = q
+            .as_object()
+            .ok_or_else(|| err("`quantization` is not an object".into()))?;
         if let Some(mode) = obj.get("mode") {
             if mode.as_str() != Some("affine") {
                 return Err(err(format!(
@@ -52,18 +60,28 @@ impl QuantizationConfig {
             }
         }
         let parse = |v: &serde_json::Value, at: &str| -> Result<QuantParams, FormatError> {
-            let bits = v.get("bits").and_then(|b| b.as_u64()).ok_or_else(|| err(format!("`{at}.bits` missing or not an integer")))?;
+            let bits = v
+                .get("bits")
+                .and_then(|b| b.as_u64())
+                .ok_or_else(|| err(format!("`{at}.bits` missing or not an integer")))?;
             let gs = v
                 .get("group_size")
                 .and_then(|b| b.as_u64())
                 .ok_or_else(|| err(format!("`{at}.group_size` missing or not an integer")))?;
             if !matches!(bits, 2 | 3 | 4 | 5 | 6 | 8) {
-                return Err(err(format!("`{at}.bits` is {bits}; supported: 2, 3, 4, 5, 6, 8")));
+                return Err(err(format!(
+                    "`{at}.bits` is {bits}; supported: 2, 3, 4, 5, 6, 8"
+                )));
             }
             if !matches!(gs, 32 | 64 | 128) {
-                return Err(err(format!("`{at}.group_size` is {gs}; supported: 32, 64, 128")));
+                return Err(err(format!(
+                    "`{at}.group_size` is {gs}; supported: 32, 64, 128"
+                )));
             }
-            Ok(QuantParams { bits: bits as u32, group_size: gs as usize })
+            Ok(QuantParams {
+                bits: bits as u32,
+                group_size: gs as usize,
+            })
         };
         let default = parse(q, "quantization")?;
         let mut overrides = HashMap::new();

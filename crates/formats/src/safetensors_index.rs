@@ -84,13 +84,19 @@ pub struct MappedFile {
 impl MappedFile {
     /// Maps `path` read-only.
     pub fn open(path: &Path) -> Result<Self, FormatError> {
-        let io = |source| FormatError::Io { path: path.to_path_buf(), source };
+        let io = |source| FormatError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
         let file = File::open(path).map_err(io)?;
         // SAFETY: the map is read-only and private to this process. If another process truncates
         // the file while it is mapped, access faults (SIGBUS); see the module docs for why that is
         // accepted. Offsets are validated against the length before any access.
         let map = unsafe { Mmap::map(&file) }.map_err(io)?;
-        Ok(MappedFile { path: path.to_path_buf(), map })
+        Ok(MappedFile {
+            path: path.to_path_buf(),
+            map,
+        })
     }
 
     /// The file's path.
@@ -172,7 +178,11 @@ impl SafetensorsIndex {
             }
             files.push(file);
         }
-        Ok(SafetensorsIndex { dir: dir.to_path_buf(), tensors, files })
+        Ok(SafetensorsIndex {
+            dir: dir.to_path_buf(),
+            tensors,
+            files,
+        })
     }
 
     /// The checkpoint folder.
@@ -187,10 +197,12 @@ impl SafetensorsIndex {
 
     /// The tensor, or an error naming it.
     pub fn require(&self, name: &str) -> Result<&TensorLocation, FormatError> {
-        self.tensors.get(name).ok_or_else(|| FormatError::MissingTensor {
-            dir: self.dir.clone(),
-            tensor: name.to_string(),
-        })
+        self.tensors
+            .get(name)
+            .ok_or_else(|| FormatError::MissingTensor {
+                dir: self.dir.clone(),
+                tensor: name.to_string(),
+            })
     }
 
     /// Whether a tensor of that name exists.
@@ -214,16 +226,22 @@ impl SafetensorsIndex {
 fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, FormatError> {
     let index_path = dir.join("model.safetensors.index.json");
     if index_path.is_file() {
-        let text = std::fs::read_to_string(&index_path)
-            .map_err(|source| FormatError::Io { path: index_path.clone(), source })?;
-        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| FormatError::Json {
+        let text = std::fs::read_to_string(&index_path).map_err(|source| FormatError::Io {
             path: index_path.clone(),
-            reason: format!("malformed JSON: {e}"),
+            source,
         })?;
-        let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| FormatError::Json {
-            path: index_path.clone(),
-            reason: "missing object field `weight_map`".into(),
-        })?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| FormatError::Json {
+                path: index_path.clone(),
+                reason: format!("malformed JSON: {e}"),
+            })?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| FormatError::Json {
+                path: index_path.clone(),
+                reason: "missing object field `weight_map`".into(),
+            })?;
         let mut names = BTreeMap::new();
         for (tensor, file) in map {
             let file = file.as_str().ok_or_else(|| FormatError::Json {
@@ -233,14 +251,19 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, FormatError> {
             if file.contains('/') || file.contains("..") {
                 return Err(FormatError::Json {
                     path: index_path.clone(),
-                    reason: format!("`weight_map.{tensor}` names a file outside the folder: {file}"),
+                    reason: format!(
+                        "`weight_map.{tensor}` names a file outside the folder: {file}"
+                    ),
                 });
             }
             names.insert(file.to_string(), ());
         }
         return Ok(names.into_keys().map(|f| dir.join(f)).collect());
     }
-    let rd = std::fs::read_dir(dir).map_err(|source| FormatError::Io { path: dir.to_path_buf(), source })?;
+    let rd = std::fs::read_dir(dir).map_err(|source| FormatError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
     let mut paths: Vec<PathBuf> = rd
         .filter_map(|e| e.ok())
         .map(|e| e.path())
@@ -248,7 +271,9 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, FormatError> {
         .collect();
     paths.sort();
     if paths.is_empty() {
-        return Err(FormatError::NoWeights { dir: dir.to_path_buf() });
+        return Err(FormatError::NoWeights {
+            dir: dir.to_path_buf(),
+        });
     }
     Ok(paths)
 }
@@ -257,7 +282,10 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, FormatError> {
 /// dtype x shape (the `safetensors` crate's validation), so later slicing cannot go out of range.
 fn parse_header(file: &Arc<MappedFile>) -> Result<Vec<TensorLocation>, FormatError> {
     let bytes = file.bytes();
-    let bad = |reason: String| FormatError::Safetensors { path: file.path().to_path_buf(), reason };
+    let bad = |reason: String| FormatError::Safetensors {
+        path: file.path().to_path_buf(),
+        reason,
+    };
     precheck_header(bytes).map_err(bad)?;
     let (header_len, metadata) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| {
         let hint = match e {
@@ -272,10 +300,16 @@ fn parse_header(file: &Arc<MappedFile>) -> Result<Vec<TensorLocation>, FormatErr
     let mut out = Vec::new();
     for (name, info) in metadata.tensors() {
         let (start, end) = info.data_offsets;
-        let offset = data_start.checked_add(start).ok_or_else(|| bad(format!("tensor `{name}` offset overflows")))?;
-        let stop = data_start.checked_add(end).ok_or_else(|| bad(format!("tensor `{name}` offset overflows")))?;
+        let offset = data_start
+            .checked_add(start)
+            .ok_or_else(|| bad(format!("tensor `{name}` offset overflows")))?;
+        let stop = data_start
+            .checked_add(end)
+            .ok_or_else(|| bad(format!("tensor `{name}` offset overflows")))?;
         if end < start || stop > bytes.len() {
-            return Err(bad(format!("tensor `{name}` byte range {start}..{end} runs past the end of the file")));
+            return Err(bad(format!(
+                "tensor `{name}` byte range {start}..{end} runs past the end of the file"
+            )));
         }
         out.push(TensorLocation {
             name,
@@ -293,13 +327,22 @@ fn parse_header(file: &Arc<MappedFile>) -> Result<Vec<TensorLocation>, FormatErr
 /// own validation, so the error can name the tensor (the crate's does not always).
 fn precheck_header(bytes: &[u8]) -> Result<(), String> {
     let Some(len_bytes) = bytes.get(..8) else {
-        return Err(format!("file is {} bytes, too short for a safetensors header", bytes.len()));
+        return Err(format!(
+            "file is {} bytes, too short for a safetensors header",
+            bytes.len()
+        ));
     };
     let mut n = [0u8; 8];
     n.copy_from_slice(len_bytes);
     let header_len = u64::from_le_bytes(n);
-    let Some(header) = usize::try_from(header_len).ok().and_then(|h| bytes.get(8..8usize.checked_add(h)?)) else {
-        return Err(format!("header length {header_len} runs past the end of the {}-byte file (truncated?)", bytes.len()));
+    let Some(header) = usize::try_from(header_len)
+        .ok()
+        .and_then(|h| bytes.get(8..8usize.checked_add(h)?))
+    else {
+        return Err(format!(
+            "header length {header_len} runs past the end of the {}-byte file (truncated?)",
+            bytes.len()
+        ));
     };
     let Ok(json) = serde_json::from_slice::<serde_json::Value>(header) else {
         return Ok(()); // the crate reports malformed JSON with details
@@ -310,7 +353,10 @@ fn precheck_header(bytes: &[u8]) -> Result<(), String> {
             if name == "__metadata__" {
                 continue;
             }
-            let end = info.get("data_offsets").and_then(|o| o.get(1)).and_then(|e| e.as_u64());
+            let end = info
+                .get("data_offsets")
+                .and_then(|o| o.get(1))
+                .and_then(|e| e.as_u64());
             if let Some(end) = end {
                 if end > data_len {
                     return Err(format!(

@@ -31,9 +31,15 @@ const MEASURE: Duration = Duration::from_millis(400);
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let all_threads = rayon::current_num_threads();
-    let one_thread = rayon::ThreadPoolBuilder::new().num_threads(1).build().expect("rayon pool with one thread");
+    let one_thread = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .expect("rayon pool with one thread");
 
-    println!("CPU SIMD level: {:?}; rayon threads: {all_threads}", cpu_level());
+    println!(
+        "CPU SIMD level: {:?}; rayon threads: {all_threads}",
+        cpu_level()
+    );
     let (bw_all, bw_one) = memory_bandwidth(&one_thread);
     println!("memory bandwidth (sum of a 1 GiB buffer): {bw_all:.1} GB/s all threads, {bw_one:.1} GB/s one thread");
     println!();
@@ -53,15 +59,41 @@ fn main() {
 
     println!(
         "| {:<9} | {:<13} | {:>6} | {:<6} | {:>7} | {:>10} | {:>9} | {:>7} | {:>7} | {:>6} |",
-        "format", "shape", "tokens", "path", "threads", "ms/call", "ms/token", "GB/s", "GFLOP/s", "% bw"
+        "format",
+        "shape",
+        "tokens",
+        "path",
+        "threads",
+        "ms/call",
+        "ms/token",
+        "GB/s",
+        "GFLOP/s",
+        "% bw"
     );
-    println!("|{}|", ["-----------", "---------------", "--------", "--------", "---------", "------------", "-----------", "---------", "---------", "--------"].join("|"));
+    println!(
+        "|{}|",
+        [
+            "-----------",
+            "---------------",
+            "--------",
+            "--------",
+            "---------",
+            "------------",
+            "-----------",
+            "---------",
+            "---------",
+            "--------"
+        ]
+        .join("|")
+    );
     for format in formats {
         for &(rows, cols) in &shapes {
             let pool = Pool::new(format, rows, cols);
             for n_tokens in [1usize, 128] {
                 let mut rng = 0x1234_5678_9abc_def1u64;
-                let x: Vec<f32> = (0..n_tokens * cols).map(|_| (next(&mut rng) >> 40) as f32 / (1u64 << 24) as f32 - 0.5).collect();
+                let x: Vec<f32> = (0..n_tokens * cols)
+                    .map(|_| (next(&mut rng) >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+                    .collect();
                 let mut y = vec![0f32; n_tokens * rows];
                 for &level in &levels {
                     for (threads, bw) in [(1, bw_one), (all_threads, bw_all)] {
@@ -107,8 +139,16 @@ fn next(s: &mut u64) -> u64 {
 /// Best GB/s of summing a 1 GiB buffer of u64: with every thread, then with one.
 fn memory_bandwidth(one_thread: &rayon::ThreadPool) -> (f64, f64) {
     let words = (1usize << 30) / 8;
-    let buffer: Vec<u64> = (0..words as u64).into_par_iter().map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15)).collect();
-    let sum_all = || buffer.par_chunks(1 << 16).map(sum_words).reduce(|| 0, u64::wrapping_add);
+    let buffer: Vec<u64> = (0..words as u64)
+        .into_par_iter()
+        .map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        .collect();
+    let sum_all = || {
+        buffer
+            .par_chunks(1 << 16)
+            .map(sum_words)
+            .reduce(|| 0, u64::wrapping_add)
+    };
     let best = |f: &dyn Fn() -> u64, runs: usize| {
         (0..runs)
             .map(|_| {
@@ -212,9 +252,16 @@ impl Pool {
                 biases: part(&self.biases),
                 scale_kind: FloatKind::BF16,
             },
-            Format::Bf16 => Weights::Float { kind: FloatKind::BF16, data: part(&self.data) },
+            Format::Bf16 => Weights::Float {
+                kind: FloatKind::BF16,
+                data: part(&self.data),
+            },
         };
-        Matrix { rows: self.rows, cols: self.cols, weights }
+        Matrix {
+            rows: self.rows,
+            cols: self.cols,
+            weights,
+        }
     }
 
     /// Mean seconds per call, cycling through the copies.

@@ -109,11 +109,23 @@ impl<'a> Matrix<'a> {
                     )));
                 }
             }
-            Weights::Affine { bits, group_size, packed, scales, biases, scale_kind } => {
+            Weights::Affine {
+                bits,
+                group_size,
+                packed,
+                scales,
+                biases,
+                scale_kind,
+            } => {
                 if !matches!(bits, 2 | 3 | 4 | 5 | 6 | 8) {
-                    return Err(LayoutError(format!("unsupported quantization bits {bits} (supported: 2, 3, 4, 5, 6, 8)")));
+                    return Err(LayoutError(format!(
+                        "unsupported quantization bits {bits} (supported: 2, 3, 4, 5, 6, 8)"
+                    )));
                 }
-                if group_size == 0 || group_size % 32 != 0 || self.cols % group_size != 0 {
+                if group_size == 0
+                    || !group_size.is_multiple_of(32)
+                    || !self.cols.is_multiple_of(group_size)
+                {
                     return Err(LayoutError(format!(
                         "group size {group_size} does not divide {} columns in multiples of 32",
                         self.cols
@@ -136,7 +148,12 @@ impl<'a> Matrix<'a> {
     pub fn size_bytes(&self) -> usize {
         match self.weights {
             Weights::Float { data, .. } => data.len(),
-            Weights::Affine { packed, scales, biases, .. } => packed.len() + scales.len() + biases.len(),
+            Weights::Affine {
+                packed,
+                scales,
+                biases,
+                ..
+            } => packed.len() + scales.len() + biases.len(),
         }
     }
 }

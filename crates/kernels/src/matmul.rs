@@ -84,7 +84,9 @@ pub fn matmul_with(level: SimdLevel, m: &Matrix, x: &[f32], n_tokens: usize, y: 
     }
     let backend = Backend::select(level, m);
     let act = Activations::new(m, x, n_tokens, backend.column_order(m));
-    run_tasks(m, n_tokens, y, &|rows, tokens, out| backend.run(m, &act, rows, tokens, out));
+    run_tasks(m, n_tokens, y, &|rows, tokens, out| {
+        backend.run(m, &act, rows, tokens, out)
+    });
 }
 
 /// Writes row `row` of `m` as f32 into `out`; used for embedding lookups.
@@ -95,8 +97,16 @@ pub fn dequantize_row(m: &Matrix, row: usize, out: &mut [f32]) {
     if let Err(e) = m.validate() {
         panic!("dequantize_row: {e}");
     }
-    assert!(row < m.rows, "dequantize_row: row {row} of a {}-row matrix", m.rows);
-    assert_eq!(out.len(), m.cols, "dequantize_row: output length vs columns");
+    assert!(
+        row < m.rows,
+        "dequantize_row: row {row} of a {}-row matrix",
+        m.rows
+    );
+    assert_eq!(
+        out.len(),
+        m.cols,
+        "dequantize_row: output length vs columns"
+    );
     scalar::dequantize_row(m, row, out);
 }
 
@@ -155,7 +165,14 @@ impl Backend {
         }
     }
 
-    fn run(self, m: &Matrix, act: &Activations, rows: Range<usize>, tokens: Range<usize>, out: &mut [f32]) {
+    fn run(
+        self,
+        m: &Matrix,
+        act: &Activations,
+        rows: Range<usize>,
+        tokens: Range<usize>,
+        out: &mut [f32],
+    ) {
         debug_assert_eq!(out.len(), rows.len() * tokens.len());
         match self {
             Backend::Scalar => scalar::matmul_block(m, act, rows, tokens, out),
@@ -217,7 +234,12 @@ impl<'a> Activations<'a> {
                 Cow::Owned(split)
             }
         };
-        Activations { x, cols, group_sums, groups }
+        Activations {
+            x,
+            cols,
+            group_sums,
+            groups,
+        }
     }
 
     /// The prepared values of tokens `tokens`, token after token.
@@ -253,7 +275,8 @@ fn run_tasks(m: &Matrix, n_tokens: usize, y: &mut [f32], block: &BlockFn) {
         if !parallel {
             return block(0..rows, 0..1, y);
         }
-        let task_bytes = (bytes / (threads * 4)).clamp(DECODE_MIN_TASK_BYTES, DECODE_MAX_TASK_BYTES);
+        let task_bytes =
+            (bytes / (threads * 4)).clamp(DECODE_MIN_TASK_BYTES, DECODE_MAX_TASK_BYTES);
         let task_rows = (task_bytes / row_bytes).clamp(1, rows);
         y.par_chunks_mut(task_rows).enumerate().for_each(|(i, ys)| {
             let r0 = i * task_rows;

@@ -37,7 +37,9 @@ pub struct Rope {
 impl Rope {
     /// `inv_freq[i] = theta^(-2i/rot)`.
     pub fn new(rot: usize, theta: f64) -> Rope {
-        let inv_freq = (0..rot / 2).map(|i| (1.0 / theta.powf(2.0 * i as f64 / rot as f64)) as f32).collect();
+        let inv_freq = (0..rot / 2)
+            .map(|i| (1.0 / theta.powf(2.0 * i as f64 / rot as f64)) as f32)
+            .collect();
         Rope { rot, inv_freq }
     }
 
@@ -90,7 +92,12 @@ pub fn softmax(x: &mut [f32]) {
 /// Natural-log softmax of `logits` evaluated at `index`, computed stably in f64.
 pub fn log_softmax_at(logits: &[f32], index: usize) -> f64 {
     let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse: f64 = logits.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln() + m;
+    let lse: f64 = logits
+        .iter()
+        .map(|&v| (v as f64 - m).exp())
+        .sum::<f64>()
+        .ln()
+        + m;
     logits[index] as f64 - lse
 }
 
@@ -105,7 +112,9 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
 pub fn top_k(x: &[f32], k: usize) -> Vec<(usize, f32)> {
     let mut idx: Vec<usize> = (0..x.len()).collect();
     let k = k.min(x.len());
-    idx.select_nth_unstable_by(k.saturating_sub(1), |&a, &b| x[b].total_cmp(&x[a]).then(a.cmp(&b)));
+    idx.select_nth_unstable_by(k.saturating_sub(1), |&a, &b| {
+        x[b].total_cmp(&x[a]).then(a.cmp(&b))
+    });
     let mut top: Vec<usize> = idx[..k].to_vec();
     top.sort_by(|&a, &b| x[b].total_cmp(&x[a]).then(a.cmp(&b)));
     top.into_iter().map(|i| (i, x[i])).collect()
@@ -127,8 +136,20 @@ pub struct AttentionShape {
 /// `q` is `[n_tokens, n_heads * head_dim]`; `k_cache`/`v_cache` are `[positions, n_kv_heads *
 /// head_dim]` and already hold the new tokens' keys and values; query `t` sits at position
 /// `start + t` and attends to positions `0..=start + t`. Scale `head_dim^-0.5`, softmax in f32.
-pub fn attention(shape: AttentionShape, q: &[f32], k_cache: &[f32], v_cache: &[f32], start: usize, n_tokens: usize, out: &mut [f32]) {
-    let AttentionShape { n_heads, n_kv_heads, head_dim: d } = shape;
+pub fn attention(
+    shape: AttentionShape,
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    start: usize,
+    n_tokens: usize,
+    out: &mut [f32],
+) {
+    let AttentionShape {
+        n_heads,
+        n_kv_heads,
+        head_dim: d,
+    } = shape;
     let group = n_heads / n_kv_heads;
     let kv_stride = n_kv_heads * d;
     let scale = 1.0 / (d as f32).sqrt();
@@ -186,9 +207,20 @@ mod tests {
         rope.apply(&mut x, 5, 3);
         let f0 = 3.0f32;
         let f1 = 3.0f32 * (1.0 / 10000f64.powf(0.5)) as f32;
-        let want = [1.0 * f0.cos() - 3.0 * f0.sin(), 2.0 * f1.cos() - 4.0 * f1.sin(), 3.0 * f0.cos() + 1.0 * f0.sin(), 4.0 * f1.cos() + 2.0 * f1.sin(), 9.0];
+        let want = [
+            1.0 * f0.cos() - 3.0 * f0.sin(),
+            2.0 * f1.cos() - 4.0 * f1.sin(),
+            3.0 * f0.cos() + 1.0 * f0.sin(),
+            4.0 * f1.cos() + 2.0 * f1.sin(),
+            9.0,
+        ];
         for i in 0..5 {
-            assert!((x[i] - want[i]).abs() < 1e-5, "{i}: {} vs {}", x[i], want[i]);
+            assert!(
+                (x[i] - want[i]).abs() < 1e-5,
+                "{i}: {} vs {}",
+                x[i],
+                want[i]
+            );
         }
     }
 
@@ -200,7 +232,11 @@ mod tests {
 
     #[test]
     fn attention_single_position_returns_value() {
-        let shape = AttentionShape { n_heads: 2, n_kv_heads: 1, head_dim: 2 };
+        let shape = AttentionShape {
+            n_heads: 2,
+            n_kv_heads: 1,
+            head_dim: 2,
+        };
         let q = [1.0, 0.0, 0.0, 1.0];
         let k = [0.3, 0.7];
         let v = [5.0, -2.0];
@@ -211,7 +247,11 @@ mod tests {
 
     #[test]
     fn attention_is_causal_and_weighted() {
-        let shape = AttentionShape { n_heads: 1, n_kv_heads: 1, head_dim: 1 };
+        let shape = AttentionShape {
+            n_heads: 1,
+            n_kv_heads: 1,
+            head_dim: 1,
+        };
         let q = [1.0, 2.0];
         let k = [1.0, 0.5];
         let v = [10.0, 20.0];

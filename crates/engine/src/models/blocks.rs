@@ -48,8 +48,20 @@ pub struct Attention {
 impl Attention {
     /// `out = o_proj(softmax(q kᵀ / sqrt(D)) v)` for `n` tokens at positions `start..start + n`,
     /// appending their keys and values to `kv`.
-    pub fn forward(&self, x: &[f32], n: usize, start: usize, rope: &Rope, kv: &mut LayerKv, out: &mut [f32]) {
-        let AttentionShape { n_heads, n_kv_heads, head_dim: d } = self.shape;
+    pub fn forward(
+        &self,
+        x: &[f32],
+        n: usize,
+        start: usize,
+        rope: &Rope,
+        kv: &mut LayerKv,
+        out: &mut [f32],
+    ) {
+        let AttentionShape {
+            n_heads,
+            n_kv_heads,
+            head_dim: d,
+        } = self.shape;
         let mut q = vec![0f32; n * n_heads * d];
         let mut k = vec![0f32; n * n_kv_heads * d];
         let mut v = vec![0f32; n * n_kv_heads * d];
@@ -64,7 +76,11 @@ impl Attention {
         }
         for t in 0..n {
             rope.apply(&mut q[t * n_heads * d..(t + 1) * n_heads * d], d, start + t);
-            rope.apply(&mut k[t * n_kv_heads * d..(t + 1) * n_kv_heads * d], d, start + t);
+            rope.apply(
+                &mut k[t * n_kv_heads * d..(t + 1) * n_kv_heads * d],
+                d,
+                start + t,
+            );
         }
         kv.k.extend_from_slice(&k);
         kv.v.extend_from_slice(&v);
@@ -156,7 +172,9 @@ impl SparseMoe {
                 users[e].push((t, w));
             }
         }
-        let active: Vec<usize> = (0..self.experts.len()).filter(|&e| !users[e].is_empty()).collect();
+        let active: Vec<usize> = (0..self.experts.len())
+            .filter(|&e| !users[e].is_empty())
+            .collect();
         let results: Vec<Vec<f32>> = active
             .par_iter()
             .map(|&e| {
@@ -173,7 +191,10 @@ impl SparseMoe {
         out[..n * h].fill(0.0);
         for (&e, y) in active.iter().zip(&results) {
             for (j, &(t, w)) in users[e].iter().enumerate() {
-                for (o, &v) in out[t * h..(t + 1) * h].iter_mut().zip(&y[j * h..(j + 1) * h]) {
+                for (o, &v) in out[t * h..(t + 1) * h]
+                    .iter_mut()
+                    .zip(&y[j * h..(j + 1) * h])
+                {
                     *o += w * v;
                 }
             }

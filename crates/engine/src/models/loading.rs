@@ -30,16 +30,32 @@ pub(super) fn load(dir: &Path) -> Result<Model, LoadError> {
     Ok(model)
 }
 
-pub(super) fn norm(l: &WeightLoader, name: &str, len: usize, eps: f32) -> Result<RmsNorm, FormatError> {
-    Ok(RmsNorm { weight: l.vector(name, len)?, eps })
+pub(super) fn norm(
+    l: &WeightLoader,
+    name: &str,
+    len: usize,
+    eps: f32,
+) -> Result<RmsNorm, FormatError> {
+    Ok(RmsNorm {
+        weight: l.vector(name, len)?,
+        eps,
+    })
 }
 
 /// `{p}.q_proj` ... `{p}.o_proj` (+ `q_norm`/`k_norm` when `qk_norm`).
-pub(super) fn attention(l: &WeightLoader, p: &str, c: &ModelConfig, qk_norm: bool) -> Result<Attention, FormatError> {
+pub(super) fn attention(
+    l: &WeightLoader,
+    p: &str,
+    c: &ModelConfig,
+    qk_norm: bool,
+) -> Result<Attention, FormatError> {
     let (h, d) = (c.hidden_size, c.head_dim);
     let (nq, nkv) = (c.num_attention_heads * d, c.num_key_value_heads * d);
     let (q_norm, k_norm) = if qk_norm {
-        (Some(norm(l, &format!("{p}.q_norm.weight"), d, c.rms_norm_eps)?), Some(norm(l, &format!("{p}.k_norm.weight"), d, c.rms_norm_eps)?))
+        (
+            Some(norm(l, &format!("{p}.q_norm.weight"), d, c.rms_norm_eps)?),
+            Some(norm(l, &format!("{p}.k_norm.weight"), d, c.rms_norm_eps)?),
+        )
     } else {
         (None, None)
     };
@@ -50,12 +66,22 @@ pub(super) fn attention(l: &WeightLoader, p: &str, c: &ModelConfig, qk_norm: boo
         o_proj: l.linear(&format!("{p}.o_proj"), h, nq)?,
         q_norm,
         k_norm,
-        shape: AttentionShape { n_heads: c.num_attention_heads, n_kv_heads: c.num_key_value_heads, head_dim: d },
+        shape: AttentionShape {
+            n_heads: c.num_attention_heads,
+            n_kv_heads: c.num_key_value_heads,
+            head_dim: d,
+        },
     })
 }
 
 /// A dense MLP `{p}.{gate,up,down}`.
-pub(super) fn mlp(l: &WeightLoader, p: &str, names: [&str; 3], hidden: usize, inter: usize) -> Result<Mlp, FormatError> {
+pub(super) fn mlp(
+    l: &WeightLoader,
+    p: &str,
+    names: [&str; 3],
+    hidden: usize,
+    inter: usize,
+) -> Result<Mlp, FormatError> {
     Ok(Mlp {
         gate_proj: l.linear(&format!("{p}.{}", names[0]), inter, hidden)?,
         up_proj: l.linear(&format!("{p}.{}", names[1]), inter, hidden)?,
@@ -66,10 +92,23 @@ pub(super) fn mlp(l: &WeightLoader, p: &str, names: [&str; 3], hidden: usize, in
 /// The experts of MoE block `{p}` in whichever layout the checkpoint uses:
 /// MLX stacked `switch_mlp.{gate,up,down}_proj`, transformers-5 fused `experts.gate_up_proj` +
 /// `experts.down_proj`, or one tensor per expert `experts.{e}.{names}`.
-pub(super) fn experts(l: &WeightLoader, p: &str, names: [&str; 3], c: &ModelConfig) -> Result<Vec<Mlp>, FormatError> {
+pub(super) fn experts(
+    l: &WeightLoader,
+    p: &str,
+    names: [&str; 3],
+    c: &ModelConfig,
+) -> Result<Vec<Mlp>, FormatError> {
     let (e, h, i) = (c.num_experts, c.hidden_size, c.moe_intermediate_size);
     if l.has(&format!("{p}.switch_mlp.gate_proj.weight")) {
-        let s = |n: &str, rows, cols| l.stacked_linear(&format!("{p}.switch_mlp.{n}.weight"), &format!("{p}.switch_mlp.{n}"), e, rows, cols);
+        let s = |n: &str, rows, cols| {
+            l.stacked_linear(
+                &format!("{p}.switch_mlp.{n}.weight"),
+                &format!("{p}.switch_mlp.{n}"),
+                e,
+                rows,
+                cols,
+            )
+        };
         let gate = s("gate_proj", i, h)?;
         let up = s("up_proj", i, h)?;
         let down = s("down_proj", h, i)?;
@@ -79,21 +118,39 @@ pub(super) fn experts(l: &WeightLoader, p: &str, names: [&str; 3], c: &ModelConf
         let gu = l.fused_gate_up(&format!("{p}.experts.gate_up_proj"), e, i, h)?;
         let down_name = format!("{p}.experts.down_proj");
         let down = l.stacked_linear(&down_name, &down_name, e, h, i)?;
-        return Ok(gu.into_iter().zip(down).map(|((g, u), d)| Mlp { gate_proj: g, up_proj: u, down_proj: d }).collect());
+        return Ok(gu
+            .into_iter()
+            .zip(down)
+            .map(|((g, u), d)| Mlp {
+                gate_proj: g,
+                up_proj: u,
+                down_proj: d,
+            })
+            .collect());
     }
-    (0..e).map(|x| mlp(l, &format!("{p}.experts.{x}"), names, h, i)).collect()
+    (0..e)
+        .map(|x| mlp(l, &format!("{p}.experts.{x}"), names, h, i))
+        .collect()
 }
 
 fn zip3(a: Vec<Linear>, b: Vec<Linear>, c: Vec<Linear>) -> Vec<Mlp> {
     a.into_iter()
         .zip(b)
         .zip(c)
-        .map(|((g, u), d)| Mlp { gate_proj: g, up_proj: u, down_proj: d })
+        .map(|((g, u), d)| Mlp {
+            gate_proj: g,
+            up_proj: u,
+            down_proj: d,
+        })
         .collect()
 }
 
 /// `lm_head`, or the embedding when tied (or when a tied checkpoint omits `lm_head`).
-pub(super) fn lm_head(l: &WeightLoader, c: &ModelConfig, embed: &Linear) -> Result<Linear, FormatError> {
+pub(super) fn lm_head(
+    l: &WeightLoader,
+    c: &ModelConfig,
+    embed: &Linear,
+) -> Result<Linear, FormatError> {
     if c.tie_word_embeddings && !l.has("lm_head.weight") {
         Ok(embed.clone())
     } else {

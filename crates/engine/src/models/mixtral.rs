@@ -19,17 +19,34 @@ pub fn load(c: ModelConfig, l: &WeightLoader) -> Result<Model, FormatError> {
     let mut layers = Vec::with_capacity(c.num_hidden_layers);
     for i in 0..c.num_hidden_layers {
         let p = format!("model.layers.{i}");
-        let fused = l.has(&format!("{p}.mlp.experts.gate_up_proj")) || l.has(&format!("{p}.mlp.gate.weight"));
-        let moe = if fused { format!("{p}.mlp") } else { format!("{p}.block_sparse_moe") };
-        let names = if fused { ["gate_proj", "up_proj", "down_proj"] } else { EXPERT_NAMES };
+        let fused = l.has(&format!("{p}.mlp.experts.gate_up_proj"))
+            || l.has(&format!("{p}.mlp.gate.weight"));
+        let moe = if fused {
+            format!("{p}.mlp")
+        } else {
+            format!("{p}.block_sparse_moe")
+        };
+        let names = if fused {
+            ["gate_proj", "up_proj", "down_proj"]
+        } else {
+            EXPERT_NAMES
+        };
         layers.push(DecoderLayer {
             input_layernorm: norm(l, &format!("{p}.input_layernorm.weight"), h, eps)?,
             self_attn: attention(l, &format!("{p}.self_attn"), &c, false)?,
-            post_attention_layernorm: norm(l, &format!("{p}.post_attention_layernorm.weight"), h, eps)?,
+            post_attention_layernorm: norm(
+                l,
+                &format!("{p}.post_attention_layernorm.weight"),
+                h,
+                eps,
+            )?,
             mlp: FeedForward::Sparse(SparseMoe {
                 router: l.linear(&format!("{moe}.gate"), c.num_experts, h)?,
                 experts: experts(l, &moe, names, &c)?,
-                rule: RouterRule { top_k: c.num_experts_per_tok, renormalize: true },
+                rule: RouterRule {
+                    top_k: c.num_experts_per_tok,
+                    renormalize: true,
+                },
             }),
         });
     }

@@ -33,11 +33,19 @@ pub struct DecoderLayer {
 
 impl DecoderLayer {
     /// Updates the residual stream `x` (`[n, H]`) in place.
-    fn forward(&self, x: &mut [f32], n: usize, start: usize, rope: &Rope, kv: &mut crate::cache::LayerKv) {
+    fn forward(
+        &self,
+        x: &mut [f32],
+        n: usize,
+        start: usize,
+        rope: &Rope,
+        kv: &mut crate::cache::LayerKv,
+    ) {
         let mut normed = vec![0f32; x.len()];
         let mut delta = vec![0f32; x.len()];
         self.input_layernorm.forward(x, &mut normed);
-        self.self_attn.forward(&normed, n, start, rope, kv, &mut delta);
+        self.self_attn
+            .forward(&normed, n, start, rope, kv, &mut delta);
         add_into(x, &delta);
         self.post_attention_layernorm.forward(x, &mut normed);
         self.mlp.forward(&normed, n, &mut delta);
@@ -77,9 +85,22 @@ pub struct Model {
 
 impl Model {
     /// Assembles a model from its parts.
-    pub fn new(config: ModelConfig, embed_tokens: Linear, layers: Vec<DecoderLayer>, norm: RmsNorm, lm_head: Linear) -> Model {
+    pub fn new(
+        config: ModelConfig,
+        embed_tokens: Linear,
+        layers: Vec<DecoderLayer>,
+        norm: RmsNorm,
+        lm_head: Linear,
+    ) -> Model {
         let rope = Rope::new(config.head_dim, config.rope_theta);
-        Model { config, embed_tokens, layers, norm, lm_head, rope }
+        Model {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+        }
     }
 
     /// Loads the model in `dir` (config.json + safetensors).
@@ -90,7 +111,11 @@ impl Model {
     /// An empty KV cache sized for this model.
     pub fn new_cache(&self, reserve_tokens: usize) -> KvCache {
         let c = &self.config;
-        KvCache::new(c.num_hidden_layers, c.num_key_value_heads * c.head_dim, reserve_tokens)
+        KvCache::new(
+            c.num_hidden_layers,
+            c.num_key_value_heads * c.head_dim,
+            reserve_tokens,
+        )
     }
 
     /// Runs `tokens` after what `cache` holds; returns logits `[rows, V]` for the positions asked.
@@ -102,7 +127,11 @@ impl Model {
         let start = cache.len();
         let mut x = vec![0f32; n * h];
         for (t, &id) in tokens.iter().enumerate() {
-            moestream_kernels::dequantize_row(&self.embed_tokens.matrix(), id as usize, &mut x[t * h..(t + 1) * h]);
+            moestream_kernels::dequantize_row(
+                &self.embed_tokens.matrix(),
+                id as usize,
+                &mut x[t * h..(t + 1) * h],
+            );
         }
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
             layer.forward(&mut x, n, start, &self.rope, kv);
@@ -122,8 +151,14 @@ impl Model {
 
     /// Errors if any token id is outside the vocabulary.
     pub fn check_tokens(&self, tokens: &[u32]) -> Result<(), String> {
-        match tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
-            Some(t) => Err(format!("token id {t} is outside the vocabulary (size {})", self.config.vocab_size)),
+        match tokens
+            .iter()
+            .find(|&&t| t as usize >= self.config.vocab_size)
+        {
+            Some(t) => Err(format!(
+                "token id {t} is outside the vocabulary (size {})",
+                self.config.vocab_size
+            )),
             None => Ok(()),
         }
     }

@@ -23,15 +23,29 @@ pub fn load(c: ModelConfig, l: &WeightLoader) -> Result<Model, FormatError> {
             FeedForward::Sparse(SparseMoe {
                 router: l.linear(&format!("{p}.mlp.gate"), c.num_experts, h)?,
                 experts: experts(l, &format!("{p}.mlp"), MLP_NAMES, &c)?,
-                rule: RouterRule { top_k: c.num_experts_per_tok, renormalize: c.norm_topk_prob },
+                rule: RouterRule {
+                    top_k: c.num_experts_per_tok,
+                    renormalize: c.norm_topk_prob,
+                },
             })
         } else {
-            FeedForward::Dense(mlp(l, &format!("{p}.mlp"), MLP_NAMES, h, c.intermediate_size)?)
+            FeedForward::Dense(mlp(
+                l,
+                &format!("{p}.mlp"),
+                MLP_NAMES,
+                h,
+                c.intermediate_size,
+            )?)
         };
         layers.push(DecoderLayer {
             input_layernorm: norm(l, &format!("{p}.input_layernorm.weight"), h, eps)?,
             self_attn: attention(l, &format!("{p}.self_attn"), &c, true)?,
-            post_attention_layernorm: norm(l, &format!("{p}.post_attention_layernorm.weight"), h, eps)?,
+            post_attention_layernorm: norm(
+                l,
+                &format!("{p}.post_attention_layernorm.weight"),
+                h,
+                eps,
+            )?,
             mlp: ffn,
         });
     }

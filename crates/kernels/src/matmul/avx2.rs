@@ -56,11 +56,26 @@ pub(super) fn tile_len(left: usize) -> usize {
 /// natural otherwise); `rows` must lie in `0..m.rows`, `tokens` in the tokens of `act`, and
 /// `out.len() == rows.len() * tokens.len()`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn matmul_block(m: &Matrix, act: &Activations, rows: Range<usize>, tokens: Range<usize>, out: &mut [f32]) {
+pub(super) unsafe fn matmul_block(
+    m: &Matrix,
+    act: &Activations,
+    rows: Range<usize>,
+    tokens: Range<usize>,
+    out: &mut [f32],
+) {
     match m.weights {
-        Weights::Float { kind: FloatKind::F32, data } => float_block::<F32>(data, m.cols, act, rows, tokens, out),
-        Weights::Float { kind: FloatKind::F16, data } => float_block::<F16>(data, m.cols, act, rows, tokens, out),
-        Weights::Float { kind: FloatKind::BF16, data } => float_block::<BF16>(data, m.cols, act, rows, tokens, out),
+        Weights::Float {
+            kind: FloatKind::F32,
+            data,
+        } => float_block::<F32>(data, m.cols, act, rows, tokens, out),
+        Weights::Float {
+            kind: FloatKind::F16,
+            data,
+        } => float_block::<F16>(data, m.cols, act, rows, tokens, out),
+        Weights::Float {
+            kind: FloatKind::BF16,
+            data,
+        } => float_block::<BF16>(data, m.cols, act, rows, tokens, out),
         Weights::Affine { bits: 2, .. } => affine_block::<2>(m, act, rows, tokens, out),
         Weights::Affine { bits: 3, .. } => affine_block::<3>(m, act, rows, tokens, out),
         Weights::Affine { bits: 4, .. } => affine_block::<4>(m, act, rows, tokens, out),
@@ -85,7 +100,10 @@ pub(super) unsafe fn load8<const K: u8>(p: *const u8) -> __m256 {
         F32 => _mm256_loadu_ps(p.cast()),
         F16 => _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
         // bf16 is the high half of an f32.
-        _ => _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast())), 16)),
+        _ => _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast())),
+            16,
+        )),
     }
 }
 
@@ -154,10 +172,17 @@ unsafe fn float_dot<const K: u8>(w: &[u8], x: &[f32]) -> f32 {
         i += 32;
     }
     while i + 8 <= n {
-        acc[0] = _mm256_fmadd_ps(load8::<K>(wp.add(i * size)), _mm256_loadu_ps(xp.add(i)), acc[0]);
+        acc[0] = _mm256_fmadd_ps(
+            load8::<K>(wp.add(i * size)),
+            _mm256_loadu_ps(xp.add(i)),
+            acc[0],
+        );
         i += 8;
     }
-    let mut sum = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+    let mut sum = hsum(_mm256_add_ps(
+        _mm256_add_ps(acc[0], acc[1]),
+        _mm256_add_ps(acc[2], acc[3]),
+    ));
     for j in i..n {
         sum += read_float(kind_of(K), &w[j * size..]) * x[j];
     }
@@ -286,9 +311,11 @@ unsafe fn decode32<const BITS: usize>(packed: &[u8], at: usize) -> [__m256; 4] {
             let mut codes = [_mm256_setzero_ps(); 4];
             for half in 0..2 {
                 // Reads [p + 2·BITS·half, .. + 16) ⊂ [p, p + 28): inside the slice or `spare`.
-                let bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128(p.add(2 * BITS * half).cast()));
+                let bytes =
+                    _mm256_broadcastsi128_si256(_mm_loadu_si128(p.add(2 * BITS * half).cast()));
                 for (run, table) in shuffle.iter().enumerate() {
-                    let gathered = _mm256_shuffle_epi8(bytes, _mm256_loadu_si256(table.as_ptr().cast()));
+                    let gathered =
+                        _mm256_shuffle_epi8(bytes, _mm256_loadu_si256(table.as_ptr().cast()));
                     let code = _mm256_and_si256(_mm256_srlv_epi32(gathered, shift), mask);
                     codes[2 * half + run] = _mm256_cvtepi32_ps(code);
                 }
@@ -323,7 +350,10 @@ unsafe fn widen<const K: u8>(src: &[u8], dst: &mut [f32]) {
     let mut i = 0;
     // Reads [i, i + 8) numbers of `src`, writes [i, i + 8) of `dst`: inside both while i + 8 <= n.
     while i + 8 <= n {
-        _mm256_storeu_ps(dst.as_mut_ptr().add(i), load8::<K>(src.as_ptr().add(i * size)));
+        _mm256_storeu_ps(
+            dst.as_mut_ptr().add(i),
+            load8::<K>(src.as_ptr().add(i * size)),
+        );
         i += 8;
     }
     for j in i..n {
@@ -344,7 +374,11 @@ pub(super) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut i = 0;
     // Reads [i, i + 8) of both slices while i + 8 <= n.
     while i + 8 <= n {
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(i)), _mm256_loadu_ps(b.as_ptr().add(i)), acc);
+        acc = _mm256_fmadd_ps(
+            _mm256_loadu_ps(a.as_ptr().add(i)),
+            _mm256_loadu_ps(b.as_ptr().add(i)),
+            acc,
+        );
         i += 8;
     }
     let mut sum = hsum(acc);
@@ -375,7 +409,15 @@ unsafe fn affine_block<const BITS: usize>(
     tokens: Range<usize>,
     out: &mut [f32],
 ) {
-    let Weights::Affine { group_size, packed, scales, biases, scale_kind, .. } = m.weights else {
+    let Weights::Affine {
+        group_size,
+        packed,
+        scales,
+        biases,
+        scale_kind,
+        ..
+    } = m.weights
+    else {
         unreachable!("affine_block called with float weights")
     };
     let cols = m.cols;
@@ -433,10 +475,17 @@ unsafe fn affine_block<const BITS: usize>(
 /// is 0), `row.scales.len() == cols / group_size`, and `x.len() == cols` in the order
 /// [`decode32`] produces.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn affine_dot<const BITS: usize, const GROUP_BLOCKS: usize>(row: &AffineRow, x: &[f32]) -> f32 {
+unsafe fn affine_dot<const BITS: usize, const GROUP_BLOCKS: usize>(
+    row: &AffineRow,
+    x: &[f32],
+) -> f32 {
     debug_assert!(row.start + row.cols * BITS / 8 <= row.packed.len() && x.len() == row.cols);
     debug_assert!(GROUP_BLOCKS == 0 || row.group_size == 32 * GROUP_BLOCKS);
-    let blocks = if GROUP_BLOCKS == 0 { row.group_size / 32 } else { GROUP_BLOCKS };
+    let blocks = if GROUP_BLOCKS == 0 {
+        row.group_size / 32
+    } else {
+        GROUP_BLOCKS
+    };
     let mut at = row.start;
     let mut xp = x.as_ptr();
     let mut acc = _mm256_setzero_ps();
@@ -451,7 +500,10 @@ unsafe fn affine_dot<const BITS: usize, const GROUP_BLOCKS: usize>(row: &AffineR
             at += 4 * BITS;
             xp = xp.add(32);
         }
-        let part = _mm256_add_ps(_mm256_add_ps(part[0], part[1]), _mm256_add_ps(part[2], part[3]));
+        let part = _mm256_add_ps(
+            _mm256_add_ps(part[0], part[1]),
+            _mm256_add_ps(part[2], part[3]),
+        );
         acc = _mm256_fmadd_ps(_mm256_set1_ps(*scale), part, acc);
     }
     hsum(acc)
@@ -463,9 +515,15 @@ unsafe fn affine_dot<const BITS: usize, const GROUP_BLOCKS: usize>(row: &AffineR
 /// # Safety
 /// As [`affine_dot`], with `xs.len() == T * cols` and `dst.len() == T`.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn affine_tile<const BITS: usize, const T: usize>(row: &AffineRow, xs: &[f32], dst: &mut [f32]) {
+unsafe fn affine_tile<const BITS: usize, const T: usize>(
+    row: &AffineRow,
+    xs: &[f32],
+    dst: &mut [f32],
+) {
     let cols = row.cols;
-    debug_assert!(row.start + cols * BITS / 8 <= row.packed.len() && xs.len() == T * cols && dst.len() == T);
+    debug_assert!(
+        row.start + cols * BITS / 8 <= row.packed.len() && xs.len() == T * cols && dst.len() == T
+    );
     let xp = xs.as_ptr();
     let mut acc = [_mm256_setzero_ps(); T];
     for (g, scale) in row.scales.iter().enumerate() {

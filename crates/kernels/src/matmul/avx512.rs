@@ -19,7 +19,10 @@ use crate::{FloatKind, Matrix, Weights};
 
 /// Whether this backend has kernels for `m`.
 pub(super) fn supports(m: &Matrix) -> bool {
-    matches!(m.weights, Weights::Float { .. } | Weights::Affine { bits: 4 | 8, .. })
+    matches!(
+        m.weights,
+        Weights::Float { .. } | Weights::Affine { bits: 4 | 8, .. }
+    )
 }
 
 /// Computes `out[(o - rows.start) * tokens.len() + (t - tokens.start)]` for the given rows and
@@ -29,11 +32,26 @@ pub(super) fn supports(m: &Matrix) -> bool {
 /// The CPU must support AVX-512F/BW, AVX2, FMA and F16C, and [`supports`]`(m)` must hold; the rest
 /// as [`super::avx2::matmul_block`].
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-pub(super) unsafe fn matmul_block(m: &Matrix, act: &Activations, rows: Range<usize>, tokens: Range<usize>, out: &mut [f32]) {
+pub(super) unsafe fn matmul_block(
+    m: &Matrix,
+    act: &Activations,
+    rows: Range<usize>,
+    tokens: Range<usize>,
+    out: &mut [f32],
+) {
     match m.weights {
-        Weights::Float { kind: FloatKind::F32, data } => float_block::<F32>(data, m.cols, act, rows, tokens, out),
-        Weights::Float { kind: FloatKind::F16, data } => float_block::<F16>(data, m.cols, act, rows, tokens, out),
-        Weights::Float { kind: FloatKind::BF16, data } => float_block::<BF16>(data, m.cols, act, rows, tokens, out),
+        Weights::Float {
+            kind: FloatKind::F32,
+            data,
+        } => float_block::<F32>(data, m.cols, act, rows, tokens, out),
+        Weights::Float {
+            kind: FloatKind::F16,
+            data,
+        } => float_block::<F16>(data, m.cols, act, rows, tokens, out),
+        Weights::Float {
+            kind: FloatKind::BF16,
+            data,
+        } => float_block::<BF16>(data, m.cols, act, rows, tokens, out),
         Weights::Affine { bits: 4, .. } => affine_block::<4>(m, act, rows, tokens, out),
         Weights::Affine { bits: 8, .. } => affine_block::<8>(m, act, rows, tokens, out),
         Weights::Affine { bits, .. } => unreachable!("avx512 backend called for {bits}-bit codes"),
@@ -50,7 +68,10 @@ unsafe fn load16<const K: u8>(p: *const u8) -> __m512 {
     match K {
         F32 => _mm512_loadu_ps(p.cast()),
         F16 => _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())),
-        _ => _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast())), 16)),
+        _ => _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast())),
+            16,
+        )),
     }
 }
 
@@ -103,8 +124,16 @@ unsafe fn float_tile<const K: u8, const T: usize>(w: &[u8], xs: &[f32], dst: &mu
     if T == 1 {
         // Reads [i, i + 32) of the row and of the single token while i + 32 <= cols.
         while i + 32 <= cols {
-            acc[0] = _mm512_fmadd_ps(load16::<K>(wp.add(i * size)), _mm512_loadu_ps(xp.add(i)), acc[0]);
-            extra = _mm512_fmadd_ps(load16::<K>(wp.add((i + 16) * size)), _mm512_loadu_ps(xp.add(i + 16)), extra);
+            acc[0] = _mm512_fmadd_ps(
+                load16::<K>(wp.add(i * size)),
+                _mm512_loadu_ps(xp.add(i)),
+                acc[0],
+            );
+            extra = _mm512_fmadd_ps(
+                load16::<K>(wp.add((i + 16) * size)),
+                _mm512_loadu_ps(xp.add(i + 16)),
+                extra,
+            );
             i += 32;
         }
     }
@@ -165,7 +194,15 @@ unsafe fn affine_block<const BITS: usize>(
     tokens: Range<usize>,
     out: &mut [f32],
 ) {
-    let Weights::Affine { group_size, packed, scales, biases, scale_kind, .. } = m.weights else {
+    let Weights::Affine {
+        group_size,
+        packed,
+        scales,
+        biases,
+        scale_kind,
+        ..
+    } = m.weights
+    else {
         unreachable!("affine_block called with float weights")
     };
     let cols = m.cols;
@@ -184,7 +221,13 @@ unsafe fn affine_block<const BITS: usize>(
             let params = o * groups * size..(o + 1) * groups * size;
             widen_floats(scale_kind, &scales[params.clone()], &mut row_scales);
             widen_floats(scale_kind, &biases[params], &mut row_biases);
-            let row = AffineRow { packed, start: o * row_bytes, cols, group_size, scales: &row_scales };
+            let row = AffineRow {
+                packed,
+                start: o * row_bytes,
+                cols,
+                group_size,
+                scales: &row_scales,
+            };
             let dst = &mut out[r * nt + t..r * nt + t + tile];
             match tile {
                 8 => affine_tile::<BITS, 8>(&row, xs, dst),
@@ -228,9 +271,15 @@ unsafe fn affine_dot<const BITS: usize>(row: &AffineRow, x: &[f32]) -> f32 {
 /// # Safety
 /// As [`affine_dot`], with `xs.len() == T * cols` and `dst.len() == T`.
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-unsafe fn affine_tile<const BITS: usize, const T: usize>(row: &AffineRow, xs: &[f32], dst: &mut [f32]) {
+unsafe fn affine_tile<const BITS: usize, const T: usize>(
+    row: &AffineRow,
+    xs: &[f32],
+    dst: &mut [f32],
+) {
     let cols = row.cols;
-    debug_assert!(row.start + cols * BITS / 8 <= row.packed.len() && xs.len() == T * cols && dst.len() == T);
+    debug_assert!(
+        row.start + cols * BITS / 8 <= row.packed.len() && xs.len() == T * cols && dst.len() == T
+    );
     let xp = xs.as_ptr();
     let mut acc = [_mm512_setzero_ps(); T];
     for (g, scale) in row.scales.iter().enumerate() {

@@ -16,7 +16,13 @@ const BLOCK: usize = 32;
 
 /// Computes `out[(o - rows.start) * tokens.len() + (t - tokens.start)]` for the given rows and
 /// tokens (see the parent module for the contract).
-pub(super) fn matmul_block(m: &Matrix, act: &Activations, rows: Range<usize>, tokens: Range<usize>, out: &mut [f32]) {
+pub(super) fn matmul_block(
+    m: &Matrix,
+    act: &Activations,
+    rows: Range<usize>,
+    tokens: Range<usize>,
+    out: &mut [f32],
+) {
     match m.weights {
         Weights::Float { kind, data } => float_block(kind, data, m.cols, act, rows, tokens, out),
         Weights::Affine { .. } => affine_block(m, act, rows, tokens, out),
@@ -51,8 +57,22 @@ fn float_block(
     }
 }
 
-fn affine_block(m: &Matrix, act: &Activations, rows: Range<usize>, tokens: Range<usize>, out: &mut [f32]) {
-    let Weights::Affine { bits, group_size, packed, scales, biases, scale_kind } = m.weights else {
+fn affine_block(
+    m: &Matrix,
+    act: &Activations,
+    rows: Range<usize>,
+    tokens: Range<usize>,
+    out: &mut [f32],
+) {
+    let Weights::Affine {
+        bits,
+        group_size,
+        packed,
+        scales,
+        biases,
+        scale_kind,
+    } = m.weights
+    else {
         unreachable!("affine_block called with float weights")
     };
     let (cols, bits) = (m.cols, bits as usize);
@@ -77,7 +97,11 @@ fn affine_block(m: &Matrix, act: &Activations, rows: Range<usize>, tokens: Range
                     *acc += dot(&q, &xt[c0..c0 + BLOCK]);
                 }
             }
-            for ((acc, ga), st) in row_out.iter_mut().zip(&group_acc).zip(sums.chunks_exact(groups)) {
+            for ((acc, ga), st) in row_out
+                .iter_mut()
+                .zip(&group_acc)
+                .zip(sums.chunks_exact(groups))
+            {
                 *acc += scale * ga + bias * st[g];
             }
         }
@@ -95,7 +119,14 @@ pub(super) fn dequantize_row(m: &Matrix, row: usize, out: &mut [f32]) {
                 *v = read_float(kind, b);
             }
         }
-        Weights::Affine { bits, group_size, packed, scales, biases, scale_kind } => {
+        Weights::Affine {
+            bits,
+            group_size,
+            packed,
+            scales,
+            biases,
+            scale_kind,
+        } => {
             let bits = bits as usize;
             let groups = cols / group_size;
             let row_bytes = cols * bits / 8;
@@ -106,7 +137,11 @@ pub(super) fn dequantize_row(m: &Matrix, row: usize, out: &mut [f32]) {
                 let g = row * groups + c0 / group_size;
                 let scale = read_float(scale_kind, &scales[g * size..]);
                 let bias = read_float(scale_kind, &biases[g * size..]);
-                unpack_block(&packed_row[c0 * bits / 8..(c0 + BLOCK) * bits / 8], bits, &mut q);
+                unpack_block(
+                    &packed_row[c0 * bits / 8..(c0 + BLOCK) * bits / 8],
+                    bits,
+                    &mut q,
+                );
                 for (v, &code) in block_out.iter_mut().zip(&q) {
                     *v = scale * code + bias;
                 }

@@ -79,8 +79,18 @@ impl Misaligned {
 
 /// The owned bytes behind a test [`Matrix`].
 enum TestWeights {
-    Float { kind: FloatKind, data: Misaligned },
-    Affine { bits: u32, group_size: usize, packed: Misaligned, scales: Misaligned, biases: Misaligned, kind: FloatKind },
+    Float {
+        kind: FloatKind,
+        data: Misaligned,
+    },
+    Affine {
+        bits: u32,
+        group_size: usize,
+        packed: Misaligned,
+        scales: Misaligned,
+        biases: Misaligned,
+        kind: FloatKind,
+    },
 }
 
 struct TestMatrix {
@@ -92,16 +102,30 @@ struct TestMatrix {
 impl TestMatrix {
     fn float(rng: &mut Rng, kind: FloatKind, rows: usize, cols: usize) -> Self {
         let data = Misaligned::new(&encode(kind, &rng.floats(rows * cols)));
-        TestMatrix { rows, cols, weights: TestWeights::Float { kind, data } }
+        TestMatrix {
+            rows,
+            cols,
+            weights: TestWeights::Float { kind, data },
+        }
     }
 
     /// Random codes; scales of either sign and biases near `-scale · (2^bits - 1) / 2`, like the
     /// MLX quantizer's output for centred weights.
-    fn affine(rng: &mut Rng, bits: u32, group_size: usize, kind: FloatKind, rows: usize, cols: usize) -> Self {
+    fn affine(
+        rng: &mut Rng,
+        bits: u32,
+        group_size: usize,
+        kind: FloatKind,
+        rows: usize,
+        cols: usize,
+    ) -> Self {
         let groups = rows * cols / group_size;
         let scales: Vec<f32> = (0..groups).map(|_| 0.05 * rng.signed()).collect();
         let half_range = ((1u32 << bits) - 1) as f32 / 2.0;
-        let biases: Vec<f32> = scales.iter().map(|s| -s * half_range * (1.0 + 0.2 * rng.signed())).collect();
+        let biases: Vec<f32> = scales
+            .iter()
+            .map(|s| -s * half_range * (1.0 + 0.2 * rng.signed()))
+            .collect();
         TestMatrix {
             rows,
             cols,
@@ -118,8 +142,18 @@ impl TestMatrix {
 
     fn matrix(&self) -> Matrix<'_> {
         let weights = match &self.weights {
-            TestWeights::Float { kind, data } => Weights::Float { kind: *kind, data: data.get() },
-            TestWeights::Affine { bits, group_size, packed, scales, biases, kind } => Weights::Affine {
+            TestWeights::Float { kind, data } => Weights::Float {
+                kind: *kind,
+                data: data.get(),
+            },
+            TestWeights::Affine {
+                bits,
+                group_size,
+                packed,
+                scales,
+                biases,
+                kind,
+            } => Weights::Affine {
                 bits: *bits,
                 group_size: *group_size,
                 packed: packed.get(),
@@ -128,7 +162,11 @@ impl TestMatrix {
                 scale_kind: *kind,
             },
         };
-        Matrix { rows: self.rows, cols: self.cols, weights }
+        Matrix {
+            rows: self.rows,
+            cols: self.cols,
+            weights,
+        }
     }
 }
 
@@ -158,8 +196,18 @@ fn naive_float(kind: FloatKind, b: &[u8]) -> f32 {
 fn naive_dequantize(m: &Matrix) -> Vec<f32> {
     let (rows, cols) = (m.rows, m.cols);
     match m.weights {
-        Weights::Float { kind, data } => data.chunks_exact(kind.size_bytes()).map(|b| naive_float(kind, b)).collect(),
-        Weights::Affine { bits, group_size, packed, scales, biases, scale_kind } => {
+        Weights::Float { kind, data } => data
+            .chunks_exact(kind.size_bytes())
+            .map(|b| naive_float(kind, b))
+            .collect(),
+        Weights::Affine {
+            bits,
+            group_size,
+            packed,
+            scales,
+            biases,
+            scale_kind,
+        } => {
             let size = scale_kind.size_bytes();
             let mut w = Vec::with_capacity(rows * cols);
             for o in 0..rows {
@@ -178,14 +226,27 @@ fn naive_dequantize(m: &Matrix) -> Vec<f32> {
 
 /// Checks `got` against `want` with the tolerance of the module docs; `w` is the dequantized
 /// matrix, used for the magnitude `Σ_i |W[o,i]·x[t,i]|`.
-fn assert_close(got: &[f32], want: &[f32], w: &[f32], x: &[f32], rows: usize, cols: usize, what: &str) {
+fn assert_close(
+    got: &[f32],
+    want: &[f32],
+    w: &[f32],
+    x: &[f32],
+    rows: usize,
+    cols: usize,
+    what: &str,
+) {
     assert_eq!(got.len(), want.len());
     for (idx, (g, e)) in got.iter().zip(want).enumerate() {
         let (t, o) = (idx / rows, idx % rows);
-        let magnitude: f64 = (0..cols).map(|i| (w[o * cols + i] as f64 * x[t * cols + i] as f64).abs()).sum();
+        let magnitude: f64 = (0..cols)
+            .map(|i| (w[o * cols + i] as f64 * x[t * cols + i] as f64).abs())
+            .sum();
         let bound = 1e-5 * magnitude + 1e-6;
         let err = (*g as f64 - *e as f64).abs();
-        assert!(err <= bound, "{what}: y[t={t}, o={o}] = {g}, expected {e} (error {err:e} > bound {bound:e})");
+        assert!(
+            err <= bound,
+            "{what}: y[t={t}, o={o}] = {g}, expected {e} (error {err:e} > bound {bound:e})"
+        );
     }
 }
 
@@ -198,7 +259,11 @@ fn affine_cases() -> impl Iterator<Item = (u32, usize, FloatKind, usize, usize, 
                     AFFINE_COLS
                         .into_iter()
                         .filter(move |cols| cols % gs == 0)
-                        .flat_map(move |cols| TOKENS.into_iter().map(move |n| (bits, gs, kind, rows, cols, n)))
+                        .flat_map(move |cols| {
+                            TOKENS
+                                .into_iter()
+                                .map(move |n| (bits, gs, kind, rows, cols, n))
+                        })
                 })
             })
         })
@@ -208,7 +273,9 @@ fn affine_cases() -> impl Iterator<Item = (u32, usize, FloatKind, usize, usize, 
 fn float_cases() -> impl Iterator<Item = (FloatKind, usize, usize, usize)> {
     KINDS.into_iter().flat_map(|kind| {
         ROWS.into_iter().flat_map(move |rows| {
-            FLOAT_COLS.into_iter().flat_map(move |cols| TOKENS.into_iter().map(move |n| (kind, rows, cols, n)))
+            FLOAT_COLS
+                .into_iter()
+                .flat_map(move |cols| TOKENS.into_iter().map(move |n| (kind, rows, cols, n)))
         })
     })
 }
@@ -219,11 +286,23 @@ fn compare_with_scalar(level: SimdLevel, seed: u64) -> usize {
     let mut cases = 0;
     for (bits, gs, kind, rows, cols, n) in affine_cases() {
         let tm = TestMatrix::affine(&mut rng, bits, gs, kind, rows, cols);
-        cases += compare_one(level, &tm.matrix(), n, &mut rng, &format!("{level:?} {bits}-bit gs{gs} {kind:?} {rows}x{cols} n={n}"));
+        cases += compare_one(
+            level,
+            &tm.matrix(),
+            n,
+            &mut rng,
+            &format!("{level:?} {bits}-bit gs{gs} {kind:?} {rows}x{cols} n={n}"),
+        );
     }
     for (kind, rows, cols, n) in float_cases() {
         let tm = TestMatrix::float(&mut rng, kind, rows, cols);
-        cases += compare_one(level, &tm.matrix(), n, &mut rng, &format!("{level:?} {kind:?} {rows}x{cols} n={n}"));
+        cases += compare_one(
+            level,
+            &tm.matrix(),
+            n,
+            &mut rng,
+            &format!("{level:?} {kind:?} {rows}x{cols} n={n}"),
+        );
     }
     cases
 }
@@ -253,7 +332,9 @@ fn scalar_matches_naive_reference() {
         let want: Vec<f32> = (0..n * m.rows)
             .map(|idx| {
                 let (t, o) = (idx / m.rows, idx % m.rows);
-                (0..m.cols).map(|i| w[o * m.cols + i] as f64 * x[t * m.cols + i] as f64).sum::<f64>() as f32
+                (0..m.cols)
+                    .map(|i| w[o * m.cols + i] as f64 * x[t * m.cols + i] as f64)
+                    .sum::<f64>() as f32
             })
             .collect();
         assert_close(&got, &want, &w, &x, m.rows, m.cols, &what);
@@ -261,11 +342,19 @@ fn scalar_matches_naive_reference() {
     let mut data_rng = Rng::new(2);
     for (bits, gs, kind, rows, cols, n) in affine_cases().filter(|c| c.3 <= 17 && c.5 <= 5) {
         let tm = TestMatrix::affine(&mut data_rng, bits, gs, kind, rows, cols);
-        check(&tm.matrix(), n, format!("scalar {bits}-bit gs{gs} {kind:?} {rows}x{cols} n={n}"));
+        check(
+            &tm.matrix(),
+            n,
+            format!("scalar {bits}-bit gs{gs} {kind:?} {rows}x{cols} n={n}"),
+        );
     }
     for (kind, rows, cols, n) in float_cases().filter(|c| c.1 <= 17 && c.3 <= 5) {
         let tm = TestMatrix::float(&mut data_rng, kind, rows, cols);
-        check(&tm.matrix(), n, format!("scalar {kind:?} {rows}x{cols} n={n}"));
+        check(
+            &tm.matrix(),
+            n,
+            format!("scalar {kind:?} {rows}x{cols} n={n}"),
+        );
     }
 }
 
@@ -281,7 +370,11 @@ fn dequantize_row_matches_naive_reference() {
                 let mut row = vec![0f32; m.cols];
                 for o in 0..m.rows {
                     dequantize_row(&m, o, &mut row);
-                    assert_eq!(row, w[o * m.cols..(o + 1) * m.cols], "{bits}-bit gs{gs} {kind:?} row {o}");
+                    assert_eq!(
+                        row,
+                        w[o * m.cols..(o + 1) * m.cols],
+                        "{bits}-bit gs{gs} {kind:?} row {o}"
+                    );
                 }
             }
         }
@@ -299,14 +392,42 @@ fn dequantize_row_matches_naive_reference() {
 /// Known u32 words and the 32 codes they hold, worked out by hand from the bitstream definition
 /// (element i at stream bits [i·b, (i+1)·b), bit n in bit n % 32 of word n / 32).
 const HAND_CASES: [(u32, &[u32]); 6] = [
-    (2, &[0xE4E4_E4E4, 0xE4E4_E4E4]),                         // codes i % 4
-    (3, &[0x88FA_C688, 0xC688_FAC6, 0xFAC6_88FA]),            // codes i % 8: 0xFAC688 per 8 codes
+    (2, &[0xE4E4_E4E4, 0xE4E4_E4E4]),              // codes i % 4
+    (3, &[0x88FA_C688, 0xC688_FAC6, 0xFAC6_88FA]), // codes i % 8: 0xFAC688 per 8 codes
     (4, &[0x7654_3210, 0xFEDC_BA98, 0x7654_3210, 0xFEDC_BA98]), // codes i % 16
-    (5, &[0x8A41_8820, 0xC5A9_2839, 0xCA30_7B9A, 0x38BD_AB49, 0xFFBB_CDEB]), // codes i
-    (6, &[0xC91C_50C1, 0x54D1_3CD2, 0x7DD6_D95D, 0xE99E_58E1, 0x5CF1_BEDA, 0xFFDE_F9DF]), // 2i + 1
+    (
+        5,
+        &[
+            0x8A41_8820,
+            0xC5A9_2839,
+            0xCA30_7B9A,
+            0x38BD_AB49,
+            0xFFBB_CDEB,
+        ],
+    ), // codes i
+    (
+        6,
+        &[
+            0xC91C_50C1,
+            0x54D1_3CD2,
+            0x7DD6_D95D,
+            0xE99E_58E1,
+            0x5CF1_BEDA,
+            0xFFDE_F9DF,
+        ],
+    ), // 2i + 1
     (
         8,
-        &[0x1811_0A03, 0x342D_261F, 0x5049_423B, 0x6C65_5E57, 0x8881_7A73, 0xA49D_968F, 0xC0B9_B2AB, 0xDCD5_CEC7],
+        &[
+            0x1811_0A03,
+            0x342D_261F,
+            0x5049_423B,
+            0x6C65_5E57,
+            0x8881_7A73,
+            0xA49D_968F,
+            0xC0B9_B2AB,
+            0xDCD5_CEC7,
+        ],
     ), // (7i + 3) % 256
 ];
 
@@ -325,7 +446,10 @@ fn hand_code(bits: u32, i: u32) -> u32 {
 fn hand_computed_codes_every_level() {
     for (bits, words) in HAND_CASES {
         let packed: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
-        let (scales, biases) = (encode(FloatKind::F32, &[0.5]), encode(FloatKind::F32, &[-3.0]));
+        let (scales, biases) = (
+            encode(FloatKind::F32, &[0.5]),
+            encode(FloatKind::F32, &[-3.0]),
+        );
         let m = Matrix {
             rows: 1,
             cols: 32,
@@ -338,8 +462,12 @@ fn hand_computed_codes_every_level() {
                 scale_kind: FloatKind::F32,
             },
         };
-        let expected: Vec<f32> = (0..32).map(|i| 0.5 * hand_code(bits, i) as f32 - 3.0).collect();
-        let naive: Vec<f32> = (0..32).map(|i| naive_code(&packed, bits, (i * bits) as usize) as f32 * 0.5 - 3.0).collect();
+        let expected: Vec<f32> = (0..32)
+            .map(|i| 0.5 * hand_code(bits, i) as f32 - 3.0)
+            .collect();
+        let naive: Vec<f32> = (0..32)
+            .map(|i| naive_code(&packed, bits, (i * bits) as usize) as f32 * 0.5 - 3.0)
+            .collect();
         assert_eq!(naive, expected, "naive reference, {bits}-bit");
         let mut row = vec![0f32; 32];
         dequantize_row(&m, 0, &mut row);
@@ -382,12 +510,20 @@ fn avx512_matches_scalar() {
     #[cfg(target_arch = "x86_64")]
     {
         let mut rng = Rng::new(11);
-        for tm in [TestMatrix::affine(&mut rng, 4, 64, FloatKind::BF16, 2, 64), TestMatrix::float(&mut rng, FloatKind::F16, 2, 64)] {
-            assert_eq!(Backend::select(SimdLevel::Avx512, &tm.matrix()), Backend::Avx512);
+        for tm in [
+            TestMatrix::affine(&mut rng, 4, 64, FloatKind::BF16, 2, 64),
+            TestMatrix::float(&mut rng, FloatKind::F16, 2, 64),
+        ] {
+            assert_eq!(
+                Backend::select(SimdLevel::Avx512, &tm.matrix()),
+                Backend::Avx512
+            );
         }
     }
     let cases = compare_with_scalar(SimdLevel::Avx512, 12);
-    report(&format!("avx512_matches_scalar: {cases} cases compared (2/3/5/6-bit through the AVX2 kernels)"));
+    report(&format!(
+        "avx512_matches_scalar: {cases} cases compared (2/3/5/6-bit through the AVX2 kernels)"
+    ));
 }
 
 #[test]
@@ -420,14 +556,27 @@ fn parallel_paths_match_scalar() {
     for tm in &big {
         let m = tm.matrix();
         for n in [1, 40] {
-            compare_one(level, &m, n, &mut rng, &format!("parallel {level:?} {}x{} n={n}", m.rows, m.cols));
+            compare_one(
+                level,
+                &m,
+                n,
+                &mut rng,
+                &format!("parallel {level:?} {}x{} n={n}", m.rows, m.cols),
+            );
         }
     }
 }
 
 #[test]
 fn empty_products() {
-    let m = Matrix { rows: 3, cols: 0, weights: Weights::Float { kind: FloatKind::F32, data: &[] } };
+    let m = Matrix {
+        rows: 3,
+        cols: 0,
+        weights: Weights::Float {
+            kind: FloatKind::F32,
+            data: &[],
+        },
+    };
     let mut y = [f32::NAN; 6];
     crate::matmul(&m, &[], 2, &mut y);
     assert_eq!(y, [0.0; 6]);
@@ -453,12 +602,25 @@ fn validate_rejects_bad_layouts() {
     assert!(affine(4, 64, 128, 8).validate().is_ok());
     assert!(affine(3, 32, 96, 16).validate().is_ok());
     assert!(affine(4, 64, 127, 8).validate().is_err(), "short packed");
-    assert!(affine(4, 64, 128, 6).validate().is_err(), "short scales and biases");
+    assert!(
+        affine(4, 64, 128, 6).validate().is_err(),
+        "short scales and biases"
+    );
     assert!(affine(7, 64, 224, 8).validate().is_err(), "7-bit codes");
     assert!(affine(4, 48, 128, 12).validate().is_err(), "group size 48");
     assert!(affine(4, 0, 128, 8).validate().is_err(), "group size 0");
-    assert!(affine(4, 256, 128, 2).validate().is_err(), "group size larger than the row");
-    let float = |kind, len| Matrix { rows: 3, cols: 5, weights: Weights::Float { kind, data: &bytes[..len] } };
+    assert!(
+        affine(4, 256, 128, 2).validate().is_err(),
+        "group size larger than the row"
+    );
+    let float = |kind, len| Matrix {
+        rows: 3,
+        cols: 5,
+        weights: Weights::Float {
+            kind,
+            data: &bytes[..len],
+        },
+    };
     assert!(float(FloatKind::BF16, 30).validate().is_ok());
     assert!(float(FloatKind::BF16, 31).validate().is_err());
     assert!(float(FloatKind::F32, 30).validate().is_err());
@@ -468,7 +630,14 @@ fn validate_rejects_bad_layouts() {
 #[should_panic(expected = "matmul: x holds")]
 fn matmul_rejects_short_activations() {
     let data = [0u8; 24];
-    let m = Matrix { rows: 2, cols: 3, weights: Weights::Float { kind: FloatKind::F32, data: &data } };
+    let m = Matrix {
+        rows: 2,
+        cols: 3,
+        weights: Weights::Float {
+            kind: FloatKind::F32,
+            data: &data,
+        },
+    };
     let mut y = [0f32; 2];
     crate::matmul(&m, &[1.0, 2.0], 1, &mut y);
 }
@@ -477,7 +646,14 @@ fn matmul_rejects_short_activations() {
 #[should_panic(expected = "needs")]
 fn matmul_rejects_invalid_matrix() {
     let data = [0u8; 20];
-    let m = Matrix { rows: 2, cols: 3, weights: Weights::Float { kind: FloatKind::F32, data: &data } };
+    let m = Matrix {
+        rows: 2,
+        cols: 3,
+        weights: Weights::Float {
+            kind: FloatKind::F32,
+            data: &data,
+        },
+    };
     let mut y = [0f32; 2];
     crate::matmul(&m, &[1.0, 2.0, 3.0], 1, &mut y);
 }
