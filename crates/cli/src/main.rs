@@ -3,6 +3,7 @@
 //! Commands: `run` (generate or chat), `score` (per-token log-probabilities as JSON), `perplexity`
 //! (llama-perplexity's method), `inspect` (what a checkpoint holds), `synth` (random-weight models
 //! of real geometries).
+mod bench;
 mod commands;
 mod hub;
 mod loaded;
@@ -30,6 +31,8 @@ enum Command {
     Score(commands::ScoreArgs),
     /// Perplexity of a text file, computed as llama.cpp's llama-perplexity does.
     Perplexity(commands::PerplexityArgs),
+    /// Time prefill and decode (llama-bench style), beside the measured memory bandwidth.
+    Bench(bench::BenchArgs),
     /// Describe a checkpoint: architecture, geometry, quantization, expert and non-expert bytes.
     Inspect(commands::InspectArgs),
     /// Write a random-weight model of a real geometry (its output is noise).
@@ -49,6 +52,7 @@ fn main() -> ExitCode {
         Command::Run(a) => commands::run(a),
         Command::Score(a) => commands::score(a),
         Command::Perplexity(a) => commands::perplexity(a),
+        Command::Bench(a) => bench::bench(a),
         Command::Inspect(a) => commands::inspect(a),
         Command::Synth(a) => commands::synth(a),
     };

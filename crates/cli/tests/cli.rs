@@ -214,3 +214,34 @@ fn hub_repository_ids_resolve_through_the_cache_and_fail_cleanly_offline() {
         .unwrap();
     assert_clean_error(&o, &["acme/unreachable"]);
 }
+
+#[test]
+fn perplexity_follows_llama_perplexity_from_score() {
+    // PPL = exp(mean NLL over the second half of each ctx-token chunk), each chunk scored from an
+    // empty cache; recomputed here from `score` on the same chunks.
+    let t = tempfile::tempdir().unwrap();
+    let m = synth(t.path(), "qwen3_moe", "hf-f32");
+    let text = "The quick brown fox jumps over the lazy dog. ".repeat(3);
+    let f = t.path().join("text.txt");
+    std::fs::write(&f, &text).unwrap();
+    let ctx = 32;
+    let o = moestream(&["perplexity", "--model", m.to_str().unwrap(), "--file", f.to_str().unwrap(), "--ctx", &ctx.to_string()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let ppl: f64 = out.split("PPL = ").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    // The synthetic tokenizer is byte-level: one token per byte, no BOS for qwen3.
+    let bytes = text.as_bytes();
+    let (mut nll, mut n) = (0.0, 0);
+    for c in 0..bytes.len() / ctx {
+        let ids: Vec<String> = bytes[c * ctx..(c + 1) * ctx].iter().map(|b| b.to_string()).collect();
+        let (_, lp) = score(&m, &ids.join(" "));
+        for x in &lp[ctx / 2 - 1..] {
+            nll -= x;
+            n += 1;
+        }
+    }
+    let want = (nll / n as f64).exp();
+    assert!((ppl - want).abs() / want < 1e-3, "{ppl} vs {want}");
+    let o = moestream(&["perplexity", "--model", m.to_str().unwrap(), "--file", f.to_str().unwrap(), "--ctx", "4096"]);
+    assert_clean_error(&o, &["at least 4096"]);
+}

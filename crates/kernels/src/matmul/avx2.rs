@@ -37,6 +37,15 @@ pub(super) const fn kind_of(k: u8) -> FloatKind {
     }
 }
 
+/// Columns per prefill block: a tile of 8 tokens of them (16 KiB of activations) stays in L1
+/// while it passes over every row of the task.
+pub(super) const PREFILL_BLOCK_COLS: usize = 512;
+
+/// Groups per prefill block: about [`PREFILL_BLOCK_COLS`] columns, at least one group.
+pub(super) fn prefill_block_groups(group_size: usize) -> usize {
+    (PREFILL_BLOCK_COLS / group_size).max(1)
+}
+
 /// Tokens per prefill tile: the largest of 8, 4, 2, 1 that fits in `left` tokens.
 pub(super) fn tile_len(left: usize) -> usize {
     match left {
@@ -133,18 +142,28 @@ unsafe fn float_block<const K: u8>(
     let row_bytes = cols * kind_of(K).size_bytes();
     let nt = tokens.len();
     let x = act.tokens(tokens);
+    if nt == 1 {
+        for (y, o) in out.iter_mut().zip(rows) {
+            *y = float_dot::<K>(&data[o * row_bytes..(o + 1) * row_bytes], x);
+        }
+        return;
+    }
+    out.fill(0.0);
     let mut t = 0;
     while t < nt {
         let tile = tile_len(nt - t);
         let xs = &x[t * cols..(t + tile) * cols];
-        for (r, o) in rows.clone().enumerate() {
-            let w = &data[o * row_bytes..(o + 1) * row_bytes];
-            let dst = &mut out[r * nt + t..r * nt + t + tile];
-            match tile {
-                8 => float_tile::<K, 8>(w, xs, dst),
-                4 => float_tile::<K, 4>(w, xs, dst),
-                2 => float_tile::<K, 2>(w, xs, dst),
-                _ => dst[0] = float_dot::<K>(w, xs),
+        for c0 in (0..cols).step_by(PREFILL_BLOCK_COLS) {
+            let span = c0..(c0 + PREFILL_BLOCK_COLS).min(cols);
+            for (r, o) in rows.clone().enumerate() {
+                let w = &data[o * row_bytes..(o + 1) * row_bytes];
+                let dst = &mut out[r * nt + t..r * nt + t + tile];
+                match tile {
+                    8 => float_tile::<K, 8>(w, span.clone(), xs, dst),
+                    4 => float_tile::<K, 4>(w, span.clone(), xs, dst),
+                    2 => float_tile::<K, 2>(w, span.clone(), xs, dst),
+                    _ => float_tile::<K, 1>(w, span.clone(), xs, dst),
+                }
             }
         }
         t += tile;
@@ -189,31 +208,31 @@ unsafe fn float_dot<const K: u8>(w: &[u8], x: &[f32]) -> f32 {
     sum
 }
 
-/// `dst[t] = Σ_i w[i]·x[t * cols + i]` for a tile of `T` tokens (`cols = w.len() / size`).
+/// `dst[t] += Σ_{i∈span} w[i]·x[t * cols + i]` for a tile of `T` tokens (`cols = w.len() / size`).
 ///
 /// # Safety
-/// AVX2+FMA+F16C; `xs.len() == T * cols`, `dst.len() == T`.
+/// AVX2+FMA+F16C; `span.end <= cols`, `xs.len() == T * cols`, `dst.len() == T`.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn float_tile<const K: u8, const T: usize>(w: &[u8], xs: &[f32], dst: &mut [f32]) {
+unsafe fn float_tile<const K: u8, const T: usize>(w: &[u8], span: Range<usize>, xs: &[f32], dst: &mut [f32]) {
     let size = kind_of(K).size_bytes();
     let cols = w.len() / size;
-    debug_assert!(xs.len() == T * cols && dst.len() == T);
+    debug_assert!(span.end <= cols && xs.len() == T * cols && dst.len() == T);
     let (wp, xp) = (w.as_ptr(), xs.as_ptr());
     let mut acc = [_mm256_setzero_ps(); T];
-    let mut i = 0;
+    let mut i = span.start;
     // Weight loads cover [i, i + 8) of the row, activation loads [t * cols + i, .. + 8) of token
-    // t < T: inside both slices while i + 8 <= cols.
-    while i + 8 <= cols {
+    // t < T: inside both slices while i + 8 <= span.end <= cols.
+    while i + 8 <= span.end {
         let wv = load8::<K>(wp.add(i * size));
         for (t, a) in acc.iter_mut().enumerate() {
             *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp.add(t * cols + i)), *a);
         }
         i += 8;
     }
-    for (t, d) in dst.iter_mut().enumerate() {
-        *d = hsum(acc[t]);
+    for (d, a) in dst.iter_mut().zip(acc) {
+        *d += hsum(a);
     }
-    for j in i..cols {
+    for j in i..span.end {
         let wj = read_float(kind_of(K), &w[j * size..]);
         for (t, d) in dst.iter_mut().enumerate() {
             *d += wj * xs[t * cols + j];
@@ -409,15 +428,7 @@ unsafe fn affine_block<const BITS: usize>(
     tokens: Range<usize>,
     out: &mut [f32],
 ) {
-    let Weights::Affine {
-        group_size,
-        packed,
-        scales,
-        biases,
-        scale_kind,
-        ..
-    } = m.weights
-    else {
+    let Weights::Affine { group_size, packed, scales, biases, scale_kind, .. } = m.weights else {
         unreachable!("affine_block called with float weights")
     };
     let cols = m.cols;
@@ -427,38 +438,54 @@ unsafe fn affine_block<const BITS: usize>(
     let nt = tokens.len();
     let x = act.tokens(tokens.clone());
     let sums = act.group_sums(tokens);
-    let (mut row_scales, mut row_biases) = (vec![0f32; groups], vec![0f32; groups]);
+    let params = rows.start * groups * size..rows.end * groups * size;
+
+    if nt == 1 {
+        // Scales and biases of one row at a time: they stay in L1 next to the streamed codes.
+        let (mut row_scales, mut row_biases) = (vec![0f32; groups], vec![0f32; groups]);
+        for ((y, o), (s, b)) in out.iter_mut().zip(rows).zip(
+            scales[params.clone()].chunks_exact(groups * size).zip(biases[params].chunks_exact(groups * size)),
+        ) {
+            widen_floats(scale_kind, s, &mut row_scales);
+            widen_floats(scale_kind, b, &mut row_biases);
+            let row = AffineRow { packed, start: o * row_bytes, cols, group_size, scales: &row_scales };
+            *y = match group_size {
+                32 => affine_dot::<BITS, 1>(&row, x),
+                64 => affine_dot::<BITS, 2>(&row, x),
+                128 => affine_dot::<BITS, 4>(&row, x),
+                _ => affine_dot::<BITS, 0>(&row, x),
+            } + dot(&row_biases, sums);
+        }
+        return;
+    }
+
+    // Prefill: the block's scales and biases once, the bias terms first, then tiles of tokens
+    // over blocks of columns small enough for the tile's activations to stay in L1.
+    let (mut task_scales, mut task_biases) = (vec![0f32; rows.len() * groups], vec![0f32; rows.len() * groups]);
+    widen_floats(scale_kind, &scales[params.clone()], &mut task_scales);
+    widen_floats(scale_kind, &biases[params], &mut task_biases);
+    for (row_out, b) in out.chunks_exact_mut(nt).zip(task_biases.chunks_exact(groups)) {
+        for (y, s) in row_out.iter_mut().zip(sums.chunks_exact(groups)) {
+            *y = dot(b, s);
+        }
+    }
+    let block_groups = prefill_block_groups(group_size);
     let mut t = 0;
     while t < nt {
         let tile = tile_len(nt - t);
         let xs = &x[t * cols..(t + tile) * cols];
-        for (r, o) in rows.clone().enumerate() {
-            let params = o * groups * size..(o + 1) * groups * size;
-            widen_floats(scale_kind, &scales[params.clone()], &mut row_scales);
-            widen_floats(scale_kind, &biases[params], &mut row_biases);
-            let row = AffineRow {
-                packed,
-                start: o * row_bytes,
-                cols,
-                group_size,
-                scales: &row_scales,
-            };
-            let dst = &mut out[r * nt + t..r * nt + t + tile];
-            match tile {
-                8 => affine_tile::<BITS, 8>(&row, xs, dst),
-                4 => affine_tile::<BITS, 4>(&row, xs, dst),
-                2 => affine_tile::<BITS, 2>(&row, xs, dst),
-                _ => {
-                    dst[0] = match group_size {
-                        32 => affine_dot::<BITS, 1>(&row, xs),
-                        64 => affine_dot::<BITS, 2>(&row, xs),
-                        128 => affine_dot::<BITS, 4>(&row, xs),
-                        _ => affine_dot::<BITS, 0>(&row, xs),
-                    }
+        for g0 in (0..groups).step_by(block_groups) {
+            let span = g0..(g0 + block_groups).min(groups);
+            for (r, o) in rows.clone().enumerate() {
+                let row_scales = &task_scales[r * groups..(r + 1) * groups];
+                let row = AffineRow { packed, start: o * row_bytes, cols, group_size, scales: row_scales };
+                let dst = &mut out[r * nt + t..r * nt + t + tile];
+                match tile {
+                    8 => affine_tile::<BITS, 8>(&row, span.clone(), xs, dst),
+                    4 => affine_tile::<BITS, 4>(&row, span.clone(), xs, dst),
+                    2 => affine_tile::<BITS, 2>(&row, span.clone(), xs, dst),
+                    _ => affine_tile::<BITS, 1>(&row, span.clone(), xs, dst),
                 }
-            }
-            for (k, d) in dst.iter_mut().enumerate() {
-                *d += dot(&row_biases, &sums[(t + k) * groups..(t + k + 1) * groups]);
             }
         }
         t += tile;
@@ -509,25 +536,21 @@ unsafe fn affine_dot<const BITS: usize, const GROUP_BLOCKS: usize>(
     hsum(acc)
 }
 
-/// `dst[t] = Σ_g scale_g · Σ_{i∈g} q_i·x[t * cols + i]` for a tile of `T` tokens: each block of
-/// codes is decoded and scaled once, then applied to every token.
+/// `dst[t] += Σ_{g∈groups} scale_g · Σ_{i∈g} q_i·x[t * cols + i]` for a tile of `T` tokens:
+/// each block of codes is decoded and scaled once, then applied to every token.
 ///
 /// # Safety
-/// As [`affine_dot`], with `xs.len() == T * cols` and `dst.len() == T`.
+/// As [`affine_dot`], with `groups.end <= row.scales.len()`, `xs.len() == T * cols` and
+/// `dst.len() == T`.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn affine_tile<const BITS: usize, const T: usize>(
-    row: &AffineRow,
-    xs: &[f32],
-    dst: &mut [f32],
-) {
+unsafe fn affine_tile<const BITS: usize, const T: usize>(row: &AffineRow, groups: Range<usize>, xs: &[f32], dst: &mut [f32]) {
     let cols = row.cols;
-    debug_assert!(
-        row.start + cols * BITS / 8 <= row.packed.len() && xs.len() == T * cols && dst.len() == T
-    );
+    debug_assert!(row.start + cols * BITS / 8 <= row.packed.len() && xs.len() == T * cols && dst.len() == T);
     let xp = xs.as_ptr();
     let mut acc = [_mm256_setzero_ps(); T];
-    for (g, scale) in row.scales.iter().enumerate() {
+    for (g, scale) in row.scales[groups.clone()].iter().enumerate() {
         let scale = _mm256_set1_ps(*scale);
+        let g = groups.start + g;
         for c0 in (g * row.group_size..(g + 1) * row.group_size).step_by(32) {
             let codes = decode32::<BITS>(row.packed, row.start + c0 * BITS / 8);
             for (k, code) in codes.iter().enumerate() {
@@ -540,6 +563,6 @@ unsafe fn affine_tile<const BITS: usize, const T: usize>(
         }
     }
     for (d, a) in dst.iter_mut().zip(acc) {
-        *d = hsum(a);
+        *d += hsum(a);
     }
 }

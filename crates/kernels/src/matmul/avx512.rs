@@ -13,7 +13,9 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::avx2::{dot, kind_of, tile_len, widen_floats, AffineRow, BF16, F16, F32};
+use super::avx2::{
+    dot, kind_of, prefill_block_groups, tile_len, widen_floats, AffineRow, BF16, F16, F32, PREFILL_BLOCK_COLS,
+};
 use super::{scalar::read_float, Activations};
 use crate::{FloatKind, Matrix, Weights};
 
@@ -89,57 +91,59 @@ unsafe fn float_block<const K: u8>(
     let row_bytes = cols * kind_of(K).size_bytes();
     let nt = tokens.len();
     let x = act.tokens(tokens);
+    out.fill(0.0);
+    if nt == 1 {
+        for (y, o) in out.iter_mut().zip(rows) {
+            float_tile::<K, 1>(&data[o * row_bytes..(o + 1) * row_bytes], 0..cols, x, std::slice::from_mut(y));
+        }
+        return;
+    }
     let mut t = 0;
     while t < nt {
         let tile = tile_len(nt - t);
         let xs = &x[t * cols..(t + tile) * cols];
-        for (r, o) in rows.clone().enumerate() {
-            let w = &data[o * row_bytes..(o + 1) * row_bytes];
-            let dst = &mut out[r * nt + t..r * nt + t + tile];
-            match tile {
-                8 => float_tile::<K, 8>(w, xs, dst),
-                4 => float_tile::<K, 4>(w, xs, dst),
-                2 => float_tile::<K, 2>(w, xs, dst),
-                _ => float_tile::<K, 1>(w, xs, dst),
+        for c0 in (0..cols).step_by(PREFILL_BLOCK_COLS) {
+            let span = c0..(c0 + PREFILL_BLOCK_COLS).min(cols);
+            for (r, o) in rows.clone().enumerate() {
+                let w = &data[o * row_bytes..(o + 1) * row_bytes];
+                let dst = &mut out[r * nt + t..r * nt + t + tile];
+                match tile {
+                    8 => float_tile::<K, 8>(w, span.clone(), xs, dst),
+                    4 => float_tile::<K, 4>(w, span.clone(), xs, dst),
+                    2 => float_tile::<K, 2>(w, span.clone(), xs, dst),
+                    _ => float_tile::<K, 1>(w, span.clone(), xs, dst),
+                }
             }
         }
         t += tile;
     }
 }
 
-/// `dst[t] = Σ_i w[i]·x[t * cols + i]` for a tile of `T` tokens (`cols = w.len() / size`); a
-/// single token uses two accumulators to halve the FMA dependency chain.
+/// `dst[t] += Σ_{i∈span} w[i]·x[t * cols + i]` for a tile of `T` tokens (`cols = w.len() / size`);
+/// a single token uses two accumulators to halve the FMA dependency chain.
 ///
 /// # Safety
-/// AVX-512F/BW; `xs.len() == T * cols`, `dst.len() == T`.
+/// AVX-512F/BW; `span.end <= cols`, `xs.len() == T * cols`, `dst.len() == T`.
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-unsafe fn float_tile<const K: u8, const T: usize>(w: &[u8], xs: &[f32], dst: &mut [f32]) {
+unsafe fn float_tile<const K: u8, const T: usize>(w: &[u8], span: Range<usize>, xs: &[f32], dst: &mut [f32]) {
     let size = kind_of(K).size_bytes();
     let cols = w.len() / size;
-    debug_assert!(xs.len() == T * cols && dst.len() == T);
+    debug_assert!(span.end <= cols && xs.len() == T * cols && dst.len() == T);
     let (wp, xp) = (w.as_ptr(), xs.as_ptr());
     let mut acc = [_mm512_setzero_ps(); T];
     let mut extra = _mm512_setzero_ps();
-    let mut i = 0;
+    let mut i = span.start;
     if T == 1 {
-        // Reads [i, i + 32) of the row and of the single token while i + 32 <= cols.
-        while i + 32 <= cols {
-            acc[0] = _mm512_fmadd_ps(
-                load16::<K>(wp.add(i * size)),
-                _mm512_loadu_ps(xp.add(i)),
-                acc[0],
-            );
-            extra = _mm512_fmadd_ps(
-                load16::<K>(wp.add((i + 16) * size)),
-                _mm512_loadu_ps(xp.add(i + 16)),
-                extra,
-            );
+        // Reads [i, i + 32) of the row and of the single token while i + 32 <= span.end.
+        while i + 32 <= span.end {
+            acc[0] = _mm512_fmadd_ps(load16::<K>(wp.add(i * size)), _mm512_loadu_ps(xp.add(i)), acc[0]);
+            extra = _mm512_fmadd_ps(load16::<K>(wp.add((i + 16) * size)), _mm512_loadu_ps(xp.add(i + 16)), extra);
             i += 32;
         }
     }
     // Weight loads cover [i, i + 16) of the row, activation loads [t * cols + i, .. + 16) of
-    // token t < T: inside both slices while i + 16 <= cols.
-    while i + 16 <= cols {
+    // token t < T: inside both slices while i + 16 <= span.end <= cols.
+    while i + 16 <= span.end {
         let wv = load16::<K>(wp.add(i * size));
         for (t, a) in acc.iter_mut().enumerate() {
             *a = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xp.add(t * cols + i)), *a);
@@ -148,9 +152,9 @@ unsafe fn float_tile<const K: u8, const T: usize>(w: &[u8], xs: &[f32], dst: &mu
     }
     acc[0] = _mm512_add_ps(acc[0], extra);
     for (d, a) in dst.iter_mut().zip(acc) {
-        *d = _mm512_reduce_add_ps(a);
+        *d += _mm512_reduce_add_ps(a);
     }
-    for j in i..cols {
+    for j in i..span.end {
         let wj = read_float(kind_of(K), &w[j * size..]);
         for (t, d) in dst.iter_mut().enumerate() {
             *d += wj * xs[t * cols + j];
@@ -194,15 +198,7 @@ unsafe fn affine_block<const BITS: usize>(
     tokens: Range<usize>,
     out: &mut [f32],
 ) {
-    let Weights::Affine {
-        group_size,
-        packed,
-        scales,
-        biases,
-        scale_kind,
-        ..
-    } = m.weights
-    else {
+    let Weights::Affine { group_size, packed, scales, biases, scale_kind, .. } = m.weights else {
         unreachable!("affine_block called with float weights")
     };
     let cols = m.cols;
@@ -212,78 +208,103 @@ unsafe fn affine_block<const BITS: usize>(
     let nt = tokens.len();
     let x = act.tokens(tokens.clone());
     let sums = act.group_sums(tokens);
-    let (mut row_scales, mut row_biases) = (vec![0f32; groups], vec![0f32; groups]);
+    let params = rows.start * groups * size..rows.end * groups * size;
+
+    if nt == 1 {
+        let (mut row_scales, mut row_biases) = (vec![0f32; groups], vec![0f32; groups]);
+        for ((y, o), (s, b)) in out.iter_mut().zip(rows).zip(
+            scales[params.clone()].chunks_exact(groups * size).zip(biases[params].chunks_exact(groups * size)),
+        ) {
+            widen_floats(scale_kind, s, &mut row_scales);
+            widen_floats(scale_kind, b, &mut row_biases);
+            let row = AffineRow { packed, start: o * row_bytes, cols, group_size, scales: &row_scales };
+            *y = match group_size {
+                32 => affine_dot::<BITS, 1>(&row, x),
+                64 => affine_dot::<BITS, 2>(&row, x),
+                128 => affine_dot::<BITS, 4>(&row, x),
+                _ => affine_dot::<BITS, 0>(&row, x),
+            } + dot(&row_biases, sums);
+        }
+        return;
+    }
+
+    let (mut task_scales, mut task_biases) = (vec![0f32; rows.len() * groups], vec![0f32; rows.len() * groups]);
+    widen_floats(scale_kind, &scales[params.clone()], &mut task_scales);
+    widen_floats(scale_kind, &biases[params], &mut task_biases);
+    for (row_out, b) in out.chunks_exact_mut(nt).zip(task_biases.chunks_exact(groups)) {
+        for (y, s) in row_out.iter_mut().zip(sums.chunks_exact(groups)) {
+            *y = dot(b, s);
+        }
+    }
+    let block_groups = prefill_block_groups(group_size);
     let mut t = 0;
     while t < nt {
         let tile = tile_len(nt - t);
         let xs = &x[t * cols..(t + tile) * cols];
-        for (r, o) in rows.clone().enumerate() {
-            let params = o * groups * size..(o + 1) * groups * size;
-            widen_floats(scale_kind, &scales[params.clone()], &mut row_scales);
-            widen_floats(scale_kind, &biases[params], &mut row_biases);
-            let row = AffineRow {
-                packed,
-                start: o * row_bytes,
-                cols,
-                group_size,
-                scales: &row_scales,
-            };
-            let dst = &mut out[r * nt + t..r * nt + t + tile];
-            match tile {
-                8 => affine_tile::<BITS, 8>(&row, xs, dst),
-                4 => affine_tile::<BITS, 4>(&row, xs, dst),
-                2 => affine_tile::<BITS, 2>(&row, xs, dst),
-                _ => dst[0] = affine_dot::<BITS>(&row, xs),
-            }
-            for (k, d) in dst.iter_mut().enumerate() {
-                *d += dot(&row_biases, &sums[(t + k) * groups..(t + k + 1) * groups]);
+        for g0 in (0..groups).step_by(block_groups) {
+            let span = g0..(g0 + block_groups).min(groups);
+            for (r, o) in rows.clone().enumerate() {
+                let row_scales = &task_scales[r * groups..(r + 1) * groups];
+                let row = AffineRow { packed, start: o * row_bytes, cols, group_size, scales: row_scales };
+                let dst = &mut out[r * nt + t..r * nt + t + tile];
+                match tile {
+                    8 => affine_tile::<BITS, 8>(&row, span.clone(), xs, dst),
+                    4 => affine_tile::<BITS, 4>(&row, span.clone(), xs, dst),
+                    2 => affine_tile::<BITS, 2>(&row, span.clone(), xs, dst),
+                    _ => affine_tile::<BITS, 1>(&row, span.clone(), xs, dst),
+                }
             }
         }
         t += tile;
     }
 }
 
-/// `Σ_g scale_g · Σ_{i∈g} q_i·x_i` for one row and one token (the bias term is the caller's).
+/// `Σ_g scale_g · Σ_{i∈g} q_i·x_i` for one row and one token (the bias term is the caller's);
+/// `GROUP_BLOCKS` as in [`super::avx2`]'s `affine_dot`.
 ///
 /// # Safety
 /// AVX-512F/BW; the rest as [`super::avx2`]'s `affine_dot`.
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-unsafe fn affine_dot<const BITS: usize>(row: &AffineRow, x: &[f32]) -> f32 {
+unsafe fn affine_dot<const BITS: usize, const GROUP_BLOCKS: usize>(row: &AffineRow, x: &[f32]) -> f32 {
     debug_assert!(row.start + row.cols * BITS / 8 <= row.packed.len() && x.len() == row.cols);
-    let xp = x.as_ptr();
-    let mut acc = _mm512_setzero_ps();
-    for (g, scale) in row.scales.iter().enumerate() {
+    debug_assert!(GROUP_BLOCKS == 0 || row.group_size == 32 * GROUP_BLOCKS);
+    let blocks = if GROUP_BLOCKS == 0 { row.group_size / 32 } else { GROUP_BLOCKS };
+    let mut at = row.start;
+    let mut xp = x.as_ptr();
+    let mut acc = [_mm512_setzero_ps(); 2];
+    for scale in row.scales {
         let mut part = [_mm512_setzero_ps(); 2];
-        for c0 in (g * row.group_size..(g + 1) * row.group_size).step_by(32) {
-            let codes = decode32::<BITS>(row.packed, row.start + c0 * BITS / 8);
+        for _ in 0..blocks {
+            let codes = decode32::<BITS>(row.packed, at);
             for (k, p) in part.iter_mut().enumerate() {
-                // Reads x[c0 + 16k, c0 + 16k + 16) with c0 + 32 <= cols.
-                *p = _mm512_fmadd_ps(codes[k], _mm512_loadu_ps(xp.add(c0 + 16 * k)), *p);
+                // Reads x[c + 16k, c + 16k + 16) for the block's first column c, c + 32 <= cols.
+                *p = _mm512_fmadd_ps(codes[k], _mm512_loadu_ps(xp.add(16 * k)), *p);
             }
+            at += 4 * BITS;
+            xp = xp.add(32);
         }
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(*scale), _mm512_add_ps(part[0], part[1]), acc);
+        let scale = _mm512_set1_ps(*scale);
+        for (a, p) in acc.iter_mut().zip(part) {
+            *a = _mm512_fmadd_ps(scale, p, *a);
+        }
     }
-    _mm512_reduce_add_ps(acc)
+    _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]))
 }
 
-/// `dst[t] = Σ_g scale_g · Σ_{i∈g} q_i·x[t * cols + i]` for a tile of `T` tokens.
+/// `dst[t] += Σ_{g∈groups} scale_g · Σ_{i∈g} q_i·x[t * cols + i]` for a tile of `T` tokens.
 ///
 /// # Safety
-/// As [`affine_dot`], with `xs.len() == T * cols` and `dst.len() == T`.
+/// As [`affine_dot`], with `groups.end <= row.scales.len()`, `xs.len() == T * cols` and
+/// `dst.len() == T`.
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-unsafe fn affine_tile<const BITS: usize, const T: usize>(
-    row: &AffineRow,
-    xs: &[f32],
-    dst: &mut [f32],
-) {
+unsafe fn affine_tile<const BITS: usize, const T: usize>(row: &AffineRow, groups: Range<usize>, xs: &[f32], dst: &mut [f32]) {
     let cols = row.cols;
-    debug_assert!(
-        row.start + cols * BITS / 8 <= row.packed.len() && xs.len() == T * cols && dst.len() == T
-    );
+    debug_assert!(row.start + cols * BITS / 8 <= row.packed.len() && xs.len() == T * cols && dst.len() == T);
     let xp = xs.as_ptr();
     let mut acc = [_mm512_setzero_ps(); T];
-    for (g, scale) in row.scales.iter().enumerate() {
+    for (g, scale) in row.scales[groups.clone()].iter().enumerate() {
         let scale = _mm512_set1_ps(*scale);
+        let g = groups.start + g;
         for c0 in (g * row.group_size..(g + 1) * row.group_size).step_by(32) {
             let codes = decode32::<BITS>(row.packed, row.start + c0 * BITS / 8);
             for (k, code) in codes.iter().enumerate() {
@@ -296,6 +317,6 @@ unsafe fn affine_tile<const BITS: usize, const T: usize>(
         }
     }
     for (d, a) in dst.iter_mut().zip(acc) {
-        *d = _mm512_reduce_add_ps(a);
+        *d += _mm512_reduce_add_ps(a);
     }
 }
