@@ -245,3 +245,81 @@ fn perplexity_follows_llama_perplexity_from_score() {
     let o = moestream(&["perplexity", "--model", m.to_str().unwrap(), "--file", f.to_str().unwrap(), "--ctx", "4096"]);
     assert_clean_error(&o, &["at least 4096"]);
 }
+
+fn to_half(bytes: &[u8], bf16: bool) -> Vec<u8> {
+    bytes
+        .chunks(4)
+        .flat_map(|c| {
+            let x = f32::from_le_bytes(c.try_into().unwrap());
+            if bf16 {
+                half::bf16::from_f32(x).to_bits().to_le_bytes()
+            } else {
+                half::f16::from_f32(x).to_bits().to_le_bytes()
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn f16_and_bf16_checkpoints_agree_with_f32() {
+    let t = tempfile::tempdir().unwrap();
+    let ids = "3 14 15 92 65 35 89 79 32 38 46 26 43 38 32 79 50 28";
+    for arch in ["qwen3_moe", "mixtral"] {
+        let m = synth(t.path(), arch, "hf-f32");
+        let (_, want) = score(&m, ids);
+        for (bf16, dtype, tol) in [(false, safetensors::Dtype::F16, 2e-2), (true, safetensors::Dtype::BF16, 1e-1)] {
+            let copy = t.path().join(format!("{arch}-{dtype:?}"));
+            std::fs::create_dir_all(&copy).unwrap();
+            for f in std::fs::read_dir(&m).unwrap() {
+                let f = f.unwrap().path();
+                std::fs::copy(&f, copy.join(f.file_name().unwrap())).unwrap();
+            }
+            rewrite_safetensors(&copy.join("model.safetensors"), |_, _, s, b| Some((dtype, s, to_half(&b, bf16))));
+            let (_, got) = score(&copy, ids);
+            let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+            assert!(worst < tol, "{arch} {dtype:?}: {worst}");
+            assert!(worst > 0.0, "{arch} {dtype:?}: suspiciously exact");
+        }
+    }
+}
+
+#[test]
+fn fused_transformers5_expert_layout_equals_per_expert_layout() {
+    // Stack the per-expert tensors into `experts.gate_up_proj [E, 2I, H]` and
+    // `experts.down_proj [E, H, I]` (no `.weight`), as transformers 5 saves with
+    // save_original_format=False; the model must compute the same numbers.
+    let t = tempfile::tempdir().unwrap();
+    let m = synth(t.path(), "qwen3_moe", "hf-f32");
+    let fused = t.path().join("fused");
+    std::fs::create_dir_all(&fused).unwrap();
+    for f in std::fs::read_dir(&m).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, fused.join(f.file_name().unwrap())).unwrap();
+    }
+    let bytes = std::fs::read(m.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<(String, Vec<usize>, Vec<u8>)> = vec![];
+    let (e, i, h) = (8, 128, 128);
+    for (name, view) in st.tensors() {
+        if !name.contains(".experts.") {
+            out.push((name, view.shape().to_vec(), view.data().to_vec()));
+        }
+    }
+    for l in 0..4 {
+        let get = |x: usize, p: &str| st.tensor(&format!("model.layers.{l}.mlp.experts.{x}.{p}.weight")).unwrap().data().to_vec();
+        let mut gu = vec![];
+        let mut down = vec![];
+        for x in 0..e {
+            gu.extend(get(x, "gate_proj"));
+            gu.extend(get(x, "up_proj"));
+            down.extend(get(x, "down_proj"));
+        }
+        out.push((format!("model.layers.{l}.mlp.experts.gate_up_proj"), vec![e, 2 * i, h], gu));
+        out.push((format!("model.layers.{l}.mlp.experts.down_proj"), vec![e, h, i], down));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> =
+        out.iter().map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap())).collect();
+    safetensors::serialize_to_file(views, None, &fused.join("model.safetensors")).unwrap();
+    let ids = "1 5 9 13 17 21 25 29 33";
+    assert_eq!(score(&m, ids).1, score(&fused, ids).1);
+}
