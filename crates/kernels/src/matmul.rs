@@ -25,6 +25,10 @@
 //! smaller than [`SERIAL_WORK_BYTES`] run on the calling thread. Calling from inside a rayon
 //! parallel iterator (experts in parallel) is fine: the tasks join the same pool.
 
+// The SIMD backends are mostly `unsafe`: make clippy hold every block and function to its
+// `SAFETY:` comment or `# Safety` section.
+#![warn(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
+
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]

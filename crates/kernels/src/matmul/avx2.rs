@@ -9,9 +9,11 @@
 //! # Kernels
 //! - Decode (one token): one row at a time, four independent accumulators so that the FMA latency
 //!   never limits a row; affine rows keep per-group accumulators and apply the group's scale once
-//!   (`acc += scale · Σ q·x`).
-//! - Prefill: a tile of 2, 4 or 8 tokens per row; a block of weights is decoded (and, for affine,
-//!   multiplied by its scale) once into registers and applied to every token of the tile.
+//!   (`acc += scale · Σ q·x`), and the loop over a group is unrolled for group sizes 32, 64, 128.
+//! - Prefill: tiles of 8 (then 4, 2, 1) tokens; eight weights are decoded (and, for affine,
+//!   multiplied by their scale) once into a register and applied to every token of the tile. The
+//!   columns are walked in blocks of [`PREFILL_BLOCK_COLS`], so the tile's activations stay in L1
+//!   while the block passes over all rows of the task (whose weights stay in L2).
 //! - Affine codes are decoded 32 at a time ([`decode32`]): 4-bit codes are widened byte by byte
 //!   and split into low and high nibbles (the activations come in [`super::ColumnOrder::NibbleSplit`]
 //!   order to match), 8-bit codes are widened directly, and 2/3/5/6-bit codes, which straddle bytes,
@@ -213,7 +215,12 @@ unsafe fn float_dot<const K: u8>(w: &[u8], x: &[f32]) -> f32 {
 /// # Safety
 /// AVX2+FMA+F16C; `span.end <= cols`, `xs.len() == T * cols`, `dst.len() == T`.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn float_tile<const K: u8, const T: usize>(w: &[u8], span: Range<usize>, xs: &[f32], dst: &mut [f32]) {
+unsafe fn float_tile<const K: u8, const T: usize>(
+    w: &[u8],
+    span: Range<usize>,
+    xs: &[f32],
+    dst: &mut [f32],
+) {
     let size = kind_of(K).size_bytes();
     let cols = w.len() / size;
     debug_assert!(span.end <= cols && xs.len() == T * cols && dst.len() == T);
@@ -428,7 +435,15 @@ unsafe fn affine_block<const BITS: usize>(
     tokens: Range<usize>,
     out: &mut [f32],
 ) {
-    let Weights::Affine { group_size, packed, scales, biases, scale_kind, .. } = m.weights else {
+    let Weights::Affine {
+        group_size,
+        packed,
+        scales,
+        biases,
+        scale_kind,
+        ..
+    } = m.weights
+    else {
         unreachable!("affine_block called with float weights")
     };
     let cols = m.cols;
@@ -444,11 +459,19 @@ unsafe fn affine_block<const BITS: usize>(
         // Scales and biases of one row at a time: they stay in L1 next to the streamed codes.
         let (mut row_scales, mut row_biases) = (vec![0f32; groups], vec![0f32; groups]);
         for ((y, o), (s, b)) in out.iter_mut().zip(rows).zip(
-            scales[params.clone()].chunks_exact(groups * size).zip(biases[params].chunks_exact(groups * size)),
+            scales[params.clone()]
+                .chunks_exact(groups * size)
+                .zip(biases[params].chunks_exact(groups * size)),
         ) {
             widen_floats(scale_kind, s, &mut row_scales);
             widen_floats(scale_kind, b, &mut row_biases);
-            let row = AffineRow { packed, start: o * row_bytes, cols, group_size, scales: &row_scales };
+            let row = AffineRow {
+                packed,
+                start: o * row_bytes,
+                cols,
+                group_size,
+                scales: &row_scales,
+            };
             *y = match group_size {
                 32 => affine_dot::<BITS, 1>(&row, x),
                 64 => affine_dot::<BITS, 2>(&row, x),
@@ -461,10 +484,16 @@ unsafe fn affine_block<const BITS: usize>(
 
     // Prefill: the block's scales and biases once, the bias terms first, then tiles of tokens
     // over blocks of columns small enough for the tile's activations to stay in L1.
-    let (mut task_scales, mut task_biases) = (vec![0f32; rows.len() * groups], vec![0f32; rows.len() * groups]);
+    let (mut task_scales, mut task_biases) = (
+        vec![0f32; rows.len() * groups],
+        vec![0f32; rows.len() * groups],
+    );
     widen_floats(scale_kind, &scales[params.clone()], &mut task_scales);
     widen_floats(scale_kind, &biases[params], &mut task_biases);
-    for (row_out, b) in out.chunks_exact_mut(nt).zip(task_biases.chunks_exact(groups)) {
+    for (row_out, b) in out
+        .chunks_exact_mut(nt)
+        .zip(task_biases.chunks_exact(groups))
+    {
         for (y, s) in row_out.iter_mut().zip(sums.chunks_exact(groups)) {
             *y = dot(b, s);
         }
@@ -478,7 +507,13 @@ unsafe fn affine_block<const BITS: usize>(
             let span = g0..(g0 + block_groups).min(groups);
             for (r, o) in rows.clone().enumerate() {
                 let row_scales = &task_scales[r * groups..(r + 1) * groups];
-                let row = AffineRow { packed, start: o * row_bytes, cols, group_size, scales: row_scales };
+                let row = AffineRow {
+                    packed,
+                    start: o * row_bytes,
+                    cols,
+                    group_size,
+                    scales: row_scales,
+                };
                 let dst = &mut out[r * nt + t..r * nt + t + tile];
                 match tile {
                     8 => affine_tile::<BITS, 8>(&row, span.clone(), xs, dst),
@@ -543,9 +578,16 @@ unsafe fn affine_dot<const BITS: usize, const GROUP_BLOCKS: usize>(
 /// As [`affine_dot`], with `groups.end <= row.scales.len()`, `xs.len() == T * cols` and
 /// `dst.len() == T`.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn affine_tile<const BITS: usize, const T: usize>(row: &AffineRow, groups: Range<usize>, xs: &[f32], dst: &mut [f32]) {
+unsafe fn affine_tile<const BITS: usize, const T: usize>(
+    row: &AffineRow,
+    groups: Range<usize>,
+    xs: &[f32],
+    dst: &mut [f32],
+) {
     let cols = row.cols;
-    debug_assert!(row.start + cols * BITS / 8 <= row.packed.len() && xs.len() == T * cols && dst.len() == T);
+    debug_assert!(
+        row.start + cols * BITS / 8 <= row.packed.len() && xs.len() == T * cols && dst.len() == T
+    );
     let xp = xs.as_ptr();
     let mut acc = [_mm256_setzero_ps(); T];
     for (g, scale) in row.scales[groups.clone()].iter().enumerate() {

@@ -14,7 +14,8 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::avx2::{
-    dot, kind_of, prefill_block_groups, tile_len, widen_floats, AffineRow, BF16, F16, F32, PREFILL_BLOCK_COLS,
+    dot, kind_of, prefill_block_groups, tile_len, widen_floats, AffineRow, BF16, F16, F32,
+    PREFILL_BLOCK_COLS,
 };
 use super::{scalar::read_float, Activations};
 use crate::{FloatKind, Matrix, Weights};
@@ -94,7 +95,12 @@ unsafe fn float_block<const K: u8>(
     out.fill(0.0);
     if nt == 1 {
         for (y, o) in out.iter_mut().zip(rows) {
-            float_tile::<K, 1>(&data[o * row_bytes..(o + 1) * row_bytes], 0..cols, x, std::slice::from_mut(y));
+            float_tile::<K, 1>(
+                &data[o * row_bytes..(o + 1) * row_bytes],
+                0..cols,
+                x,
+                std::slice::from_mut(y),
+            );
         }
         return;
     }
@@ -125,7 +131,12 @@ unsafe fn float_block<const K: u8>(
 /// # Safety
 /// AVX-512F/BW; `span.end <= cols`, `xs.len() == T * cols`, `dst.len() == T`.
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-unsafe fn float_tile<const K: u8, const T: usize>(w: &[u8], span: Range<usize>, xs: &[f32], dst: &mut [f32]) {
+unsafe fn float_tile<const K: u8, const T: usize>(
+    w: &[u8],
+    span: Range<usize>,
+    xs: &[f32],
+    dst: &mut [f32],
+) {
     let size = kind_of(K).size_bytes();
     let cols = w.len() / size;
     debug_assert!(span.end <= cols && xs.len() == T * cols && dst.len() == T);
@@ -136,8 +147,16 @@ unsafe fn float_tile<const K: u8, const T: usize>(w: &[u8], span: Range<usize>, 
     if T == 1 {
         // Reads [i, i + 32) of the row and of the single token while i + 32 <= span.end.
         while i + 32 <= span.end {
-            acc[0] = _mm512_fmadd_ps(load16::<K>(wp.add(i * size)), _mm512_loadu_ps(xp.add(i)), acc[0]);
-            extra = _mm512_fmadd_ps(load16::<K>(wp.add((i + 16) * size)), _mm512_loadu_ps(xp.add(i + 16)), extra);
+            acc[0] = _mm512_fmadd_ps(
+                load16::<K>(wp.add(i * size)),
+                _mm512_loadu_ps(xp.add(i)),
+                acc[0],
+            );
+            extra = _mm512_fmadd_ps(
+                load16::<K>(wp.add((i + 16) * size)),
+                _mm512_loadu_ps(xp.add(i + 16)),
+                extra,
+            );
             i += 32;
         }
     }
@@ -198,7 +217,15 @@ unsafe fn affine_block<const BITS: usize>(
     tokens: Range<usize>,
     out: &mut [f32],
 ) {
-    let Weights::Affine { group_size, packed, scales, biases, scale_kind, .. } = m.weights else {
+    let Weights::Affine {
+        group_size,
+        packed,
+        scales,
+        biases,
+        scale_kind,
+        ..
+    } = m.weights
+    else {
         unreachable!("affine_block called with float weights")
     };
     let cols = m.cols;
@@ -213,11 +240,19 @@ unsafe fn affine_block<const BITS: usize>(
     if nt == 1 {
         let (mut row_scales, mut row_biases) = (vec![0f32; groups], vec![0f32; groups]);
         for ((y, o), (s, b)) in out.iter_mut().zip(rows).zip(
-            scales[params.clone()].chunks_exact(groups * size).zip(biases[params].chunks_exact(groups * size)),
+            scales[params.clone()]
+                .chunks_exact(groups * size)
+                .zip(biases[params].chunks_exact(groups * size)),
         ) {
             widen_floats(scale_kind, s, &mut row_scales);
             widen_floats(scale_kind, b, &mut row_biases);
-            let row = AffineRow { packed, start: o * row_bytes, cols, group_size, scales: &row_scales };
+            let row = AffineRow {
+                packed,
+                start: o * row_bytes,
+                cols,
+                group_size,
+                scales: &row_scales,
+            };
             *y = match group_size {
                 32 => affine_dot::<BITS, 1>(&row, x),
                 64 => affine_dot::<BITS, 2>(&row, x),
@@ -228,10 +263,16 @@ unsafe fn affine_block<const BITS: usize>(
         return;
     }
 
-    let (mut task_scales, mut task_biases) = (vec![0f32; rows.len() * groups], vec![0f32; rows.len() * groups]);
+    let (mut task_scales, mut task_biases) = (
+        vec![0f32; rows.len() * groups],
+        vec![0f32; rows.len() * groups],
+    );
     widen_floats(scale_kind, &scales[params.clone()], &mut task_scales);
     widen_floats(scale_kind, &biases[params], &mut task_biases);
-    for (row_out, b) in out.chunks_exact_mut(nt).zip(task_biases.chunks_exact(groups)) {
+    for (row_out, b) in out
+        .chunks_exact_mut(nt)
+        .zip(task_biases.chunks_exact(groups))
+    {
         for (y, s) in row_out.iter_mut().zip(sums.chunks_exact(groups)) {
             *y = dot(b, s);
         }
@@ -245,7 +286,13 @@ unsafe fn affine_block<const BITS: usize>(
             let span = g0..(g0 + block_groups).min(groups);
             for (r, o) in rows.clone().enumerate() {
                 let row_scales = &task_scales[r * groups..(r + 1) * groups];
-                let row = AffineRow { packed, start: o * row_bytes, cols, group_size, scales: row_scales };
+                let row = AffineRow {
+                    packed,
+                    start: o * row_bytes,
+                    cols,
+                    group_size,
+                    scales: row_scales,
+                };
                 let dst = &mut out[r * nt + t..r * nt + t + tile];
                 match tile {
                     8 => affine_tile::<BITS, 8>(&row, span.clone(), xs, dst),
@@ -265,10 +312,17 @@ unsafe fn affine_block<const BITS: usize>(
 /// # Safety
 /// AVX-512F/BW; the rest as [`super::avx2`]'s `affine_dot`.
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-unsafe fn affine_dot<const BITS: usize, const GROUP_BLOCKS: usize>(row: &AffineRow, x: &[f32]) -> f32 {
+unsafe fn affine_dot<const BITS: usize, const GROUP_BLOCKS: usize>(
+    row: &AffineRow,
+    x: &[f32],
+) -> f32 {
     debug_assert!(row.start + row.cols * BITS / 8 <= row.packed.len() && x.len() == row.cols);
     debug_assert!(GROUP_BLOCKS == 0 || row.group_size == 32 * GROUP_BLOCKS);
-    let blocks = if GROUP_BLOCKS == 0 { row.group_size / 32 } else { GROUP_BLOCKS };
+    let blocks = if GROUP_BLOCKS == 0 {
+        row.group_size / 32
+    } else {
+        GROUP_BLOCKS
+    };
     let mut at = row.start;
     let mut xp = x.as_ptr();
     let mut acc = [_mm512_setzero_ps(); 2];
@@ -297,9 +351,16 @@ unsafe fn affine_dot<const BITS: usize, const GROUP_BLOCKS: usize>(row: &AffineR
 /// As [`affine_dot`], with `groups.end <= row.scales.len()`, `xs.len() == T * cols` and
 /// `dst.len() == T`.
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-unsafe fn affine_tile<const BITS: usize, const T: usize>(row: &AffineRow, groups: Range<usize>, xs: &[f32], dst: &mut [f32]) {
+unsafe fn affine_tile<const BITS: usize, const T: usize>(
+    row: &AffineRow,
+    groups: Range<usize>,
+    xs: &[f32],
+    dst: &mut [f32],
+) {
     let cols = row.cols;
-    debug_assert!(row.start + cols * BITS / 8 <= row.packed.len() && xs.len() == T * cols && dst.len() == T);
+    debug_assert!(
+        row.start + cols * BITS / 8 <= row.packed.len() && xs.len() == T * cols && dst.len() == T
+    );
     let xp = xs.as_ptr();
     let mut acc = [_mm512_setzero_ps(); T];
     for (g, scale) in row.scales[groups.clone()].iter().enumerate() {

@@ -182,7 +182,12 @@ fn unpack_block(bytes: &[u8], bits: usize, out: &mut [f32; BLOCK]) {
 /// registers of any target (strictly sequential f32 sums cannot be vectorised).
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a8.remainder().iter().zip(b8.remainder()).map(|(a, b)| a * b).sum();
+    let tail: f32 = a8
+        .remainder()
+        .iter()
+        .zip(b8.remainder())
+        .map(|(a, b)| a * b)
+        .sum();
     let mut lanes = [0f32; 8];
     for (a, b) in a8.zip(b8) {
         for k in 0..8 {
