@@ -323,3 +323,31 @@ fn fused_transformers5_expert_layout_equals_per_expert_layout() {
     let ids = "1 5 9 13 17 21 25 29 33";
     assert_eq!(score(&m, ids).1, score(&fused, ids).1);
 }
+
+#[test]
+fn interactive_chat_reads_turns_from_stdin() {
+    use std::io::Write;
+    let t = tempfile::tempdir().unwrap();
+    let m = synth(t.path(), "qwen3_moe", "mlx8");
+    let mut child = std::process::Command::new(bin())
+        .args(["run", "--model", m.to_str().unwrap(), "--max-tokens", "4", "--temperature", "0"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all("hello\nand again\n\n".as_bytes()).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    // One statistics line per turn; the second turn reuses the cached conversation prefix, so
+    // its prompt is only the new turn.
+    let err = stderr(&o);
+    let prompts: Vec<usize> = err
+        .lines()
+        .filter_map(|l| l.strip_prefix("[prompt "))
+        .map(|l| l.split_whitespace().next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(prompts.len(), 2, "{err}");
+    let full_second_turn = "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n".len();
+    assert!(prompts[1] < full_second_turn + 20, "{prompts:?}");
+}
