@@ -15,7 +15,8 @@
 //!
 //! Columns: `GB/s` is weight bytes (codes + scales + biases) read per call divided by the time of
 //! a call; for prefill each call reads the weights once for all tokens, so compare its `ms/token`
-//! with decode's `ms/call`. `GFLOP/s` counts 2 flops per weight per token.
+//! with decode's `ms/call`. `GFLOP/s` counts 2 flops per weight per token. `% bw` compares `GB/s`
+//! with the memory bandwidth measured with the same number of threads.
 
 use std::time::{Duration, Instant};
 
@@ -25,8 +26,10 @@ use rayon::prelude::*;
 
 /// Bytes of distinct copies each measurement cycles through (8× a 32 MiB L3).
 const POOL_BYTES: usize = 256 << 20;
-/// Each measurement repeats calls for at least this long (and at least 2 calls).
-const MEASURE: Duration = Duration::from_millis(400);
+/// Each measurement repeats calls for at least this long, in [`WINDOWS`] windows (at least one
+/// call each) of which the fastest counts.
+const MEASURE: Duration = Duration::from_millis(600);
+const WINDOWS: usize = 4;
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
@@ -264,16 +267,25 @@ impl Pool {
         }
     }
 
-    /// Mean seconds per call, cycling through the copies.
+    /// Seconds per call: the mean over the fastest of several windows of calls, cycling through
+    /// the copies. The fastest window is the one least disturbed by other processes on the
+    /// machine; the mean within it still includes every cache and memory effect.
     fn time(&self, level: SimdLevel, x: &[f32], n_tokens: usize, y: &mut [f32]) -> f64 {
         matmul_with(level, &self.matrix(self.copies - 1), x, n_tokens, y);
         let start = Instant::now();
+        let mut best = f64::INFINITY;
         let mut calls = 0;
-        while calls < 2 || start.elapsed() < MEASURE {
-            matmul_with(level, &self.matrix(calls % self.copies), x, n_tokens, y);
-            calls += 1;
+        while calls < WINDOWS || start.elapsed() < MEASURE {
+            let window = Instant::now();
+            let mut in_window = 0;
+            while in_window < 1 || window.elapsed() < MEASURE / WINDOWS as u32 {
+                matmul_with(level, &self.matrix(calls % self.copies), x, n_tokens, y);
+                calls += 1;
+                in_window += 1;
+            }
+            best = best.min(window.elapsed().as_secs_f64() / in_window as f64);
         }
         std::hint::black_box(&y);
-        start.elapsed().as_secs_f64() / calls as f64
+        best
     }
 }

@@ -1,7 +1,7 @@
 //! CPU numeric kernels for moestream.
 //!
 //! The hot path of MoE decoding is a product of a weight matrix, whose bytes live in a memory map or
-//! in a streamed expert buffer, with a few activation rows. [`matmul`] computes it for every weight
+//! in a streamed expert buffer, with a few activation rows. [`matmul()`] computes it for every weight
 //! format the engine loads, with dequantization fused into the product: a quantized expert is never
 //! materialised as floats. SIMD paths (AVX2+FMA, AVX-512) are chosen once at run time
 //! ([`features::simd_level`]); every one has a scalar twin ([`matmul_scalar`]) it is tested against.
@@ -10,6 +10,30 @@
 //! safetensors place tensors at arbitrary offsets, so all loads are unaligned.
 //!
 //! [`ops`] holds the small element-wise and attention kernels.
+//!
+//! ```
+//! use moestream_kernels::{matmul, FloatKind, Matrix, Weights};
+//!
+//! // One row of 32 MLX 4-bit codes, element i = i % 16 (byte j holds elements 2j and 2j + 1,
+//! // low nibble first), one group with scale 0.5 and bias -1.
+//! let packed: Vec<u8> = (0..16u8).map(|j| (2 * j % 16) | ((2 * j + 1) % 16) << 4).collect();
+//! let (scales, biases) = (0.5f32.to_le_bytes(), (-1.0f32).to_le_bytes());
+//! let weights = Weights::Affine {
+//!     bits: 4,
+//!     group_size: 32,
+//!     packed: &packed,
+//!     scales: &scales,
+//!     biases: &biases,
+//!     scale_kind: FloatKind::F32,
+//! };
+//! let m = Matrix { rows: 1, cols: 32, weights };
+//! m.validate()?;
+//! let x = [1.0f32; 32];
+//! let mut y = [0.0f32; 1];
+//! matmul(&m, &x, 1, &mut y);
+//! assert_eq!(y[0], 0.5 * 240.0 - 32.0); // Σ (0.5·q_i − 1) with Σ q_i = 2·(0 + … + 15)
+//! # Ok::<(), moestream_kernels::LayoutError>(())
+//! ```
 #![deny(missing_docs)]
 
 pub mod features;
@@ -95,7 +119,11 @@ impl<'a> Matrix<'a> {
     /// Checks that every byte slice has exactly the length the shape and format require and that
     /// the quantization parameters are supported. Kernels assume a validated matrix.
     pub fn validate(&self) -> Result<(), LayoutError> {
-        let n = self.rows * self.cols;
+        // Checked: the SIMD kernels trust these lengths, so a shape whose byte count overflows
+        // must not wrap around to a small, matching length.
+        let too_large = || LayoutError(format!("{}x{} matrix is too large", self.rows, self.cols));
+        let n = self.rows.checked_mul(self.cols).ok_or_else(too_large)?;
+        n.checked_mul(8).ok_or_else(too_large)?;
         match self.weights {
             Weights::Float { kind, data } => {
                 if data.len() != n * kind.size_bytes() {

@@ -12,8 +12,10 @@
 //!   (`acc += scale · Σ q·x`), and the loop over a group is unrolled for group sizes 32, 64, 128.
 //! - Prefill: tiles of 8 (then 4, 2, 1) tokens; eight weights are decoded (and, for affine,
 //!   multiplied by their scale) once into a register and applied to every token of the tile. The
-//!   columns are walked in blocks of [`PREFILL_BLOCK_COLS`], so the tile's activations stay in L1
-//!   while the block passes over all rows of the task (whose weights stay in L2).
+//!   tile's activations are interleaved once per task ([`pack_tile`]) so that the eight tokens'
+//!   values for one vector of weights lie side by side, and the columns are walked in blocks of
+//!   [`PREFILL_BLOCK_COLS`], so that they stay in L1 while the block passes over all rows of the
+//!   task (whose weights stay in L2).
 //! - Affine codes are decoded 32 at a time ([`decode32`]): 4-bit codes are widened byte by byte
 //!   and split into low and high nibbles (the activations come in [`super::ColumnOrder::NibbleSplit`]
 //!   order to match), 8-bit codes are widened directly, and 2/3/5/6-bit codes, which straddle bytes,
@@ -48,6 +50,9 @@ pub(super) fn prefill_block_groups(group_size: usize) -> usize {
     (PREFILL_BLOCK_COLS / group_size).max(1)
 }
 
+/// Rows whose affine scales and biases are widened together in decode.
+pub(super) const DECODE_ROW_BATCH: usize = 16;
+
 /// Tokens per prefill tile: the largest of 8, 4, 2, 1 that fits in `left` tokens.
 pub(super) fn tile_len(left: usize) -> usize {
     match left {
@@ -55,6 +60,27 @@ pub(super) fn tile_len(left: usize) -> usize {
         4..=7 => 4,
         2..=3 => 2,
         _ => 1,
+    }
+}
+
+/// Interleaves a tile of `tile` tokens (`xs`: token after token, `cols` values each) in runs of
+/// `LANES` columns, `packed[(c / LANES) * tile * LANES + t * LANES + c % LANES] = xs[t * cols + c]`,
+/// for the columns of whole runs. A prefill kernel then finds the activations of every token of
+/// the tile for one vector of weights side by side, at fixed offsets from one pointer.
+pub(super) fn pack_tile<const LANES: usize>(
+    xs: &[f32],
+    cols: usize,
+    tile: usize,
+    packed: &mut Vec<f32>,
+) {
+    let runs = cols / LANES;
+    packed.clear();
+    packed.reserve(runs * LANES * tile);
+    for r in 0..runs {
+        for t in 0..tile {
+            let start = t * cols + r * LANES;
+            packed.extend_from_slice(&xs[start..start + LANES]);
+        }
     }
 }
 
@@ -151,20 +177,22 @@ unsafe fn float_block<const K: u8>(
         return;
     }
     out.fill(0.0);
+    let mut x_tile = Vec::new();
     let mut t = 0;
     while t < nt {
         let tile = tile_len(nt - t);
         let xs = &x[t * cols..(t + tile) * cols];
+        pack_tile::<8>(xs, cols, tile, &mut x_tile);
         for c0 in (0..cols).step_by(PREFILL_BLOCK_COLS) {
             let span = c0..(c0 + PREFILL_BLOCK_COLS).min(cols);
             for (r, o) in rows.clone().enumerate() {
                 let w = &data[o * row_bytes..(o + 1) * row_bytes];
                 let dst = &mut out[r * nt + t..r * nt + t + tile];
                 match tile {
-                    8 => float_tile::<K, 8>(w, span.clone(), xs, dst),
-                    4 => float_tile::<K, 4>(w, span.clone(), xs, dst),
-                    2 => float_tile::<K, 2>(w, span.clone(), xs, dst),
-                    _ => float_tile::<K, 1>(w, span.clone(), xs, dst),
+                    8 => float_tile::<K, 8>(w, span.clone(), xs, &x_tile, dst),
+                    4 => float_tile::<K, 4>(w, span.clone(), xs, &x_tile, dst),
+                    2 => float_tile::<K, 2>(w, span.clone(), xs, &x_tile, dst),
+                    _ => float_tile::<K, 1>(w, span.clone(), xs, &x_tile, dst),
                 }
             }
         }
@@ -210,29 +238,34 @@ unsafe fn float_dot<const K: u8>(w: &[u8], x: &[f32]) -> f32 {
     sum
 }
 
-/// `dst[t] += Σ_{i∈span} w[i]·x[t * cols + i]` for a tile of `T` tokens (`cols = w.len() / size`).
+/// `dst[t] += Σ_{i∈span} w[i]·x[t * cols + i]` for a tile of `T` tokens (`cols = w.len() / size`),
+/// reading the activations of whole runs of 8 columns from `packed` ([`pack_tile`]) and those of
+/// the last `cols % 8` columns from `xs`.
 ///
 /// # Safety
-/// AVX2+FMA+F16C; `span.end <= cols`, `xs.len() == T * cols`, `dst.len() == T`.
+/// AVX2+FMA+F16C; `span.start` is a multiple of 8, `span.end <= cols`, `xs.len() == T * cols`,
+/// `packed` is `xs` packed with 8 lanes, and `dst.len() == T`.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn float_tile<const K: u8, const T: usize>(
     w: &[u8],
     span: Range<usize>,
     xs: &[f32],
+    packed: &[f32],
     dst: &mut [f32],
 ) {
     let size = kind_of(K).size_bytes();
     let cols = w.len() / size;
     debug_assert!(span.end <= cols && xs.len() == T * cols && dst.len() == T);
-    let (wp, xp) = (w.as_ptr(), xs.as_ptr());
+    debug_assert!(span.start.is_multiple_of(8) && packed.len() == cols / 8 * 8 * T);
+    let (wp, pp) = (w.as_ptr(), packed.as_ptr());
     let mut acc = [_mm256_setzero_ps(); T];
     let mut i = span.start;
-    // Weight loads cover [i, i + 8) of the row, activation loads [t * cols + i, .. + 8) of token
-    // t < T: inside both slices while i + 8 <= span.end <= cols.
+    // Weight loads cover [i, i + 8) of the row, activation loads [i * T + 8t, .. + 8) of the
+    // packed tile (the run of columns i..i + 8, token t < T): inside both while i + 8 <= cols.
     while i + 8 <= span.end {
         let wv = load8::<K>(wp.add(i * size));
         for (t, a) in acc.iter_mut().enumerate() {
-            *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp.add(t * cols + i)), *a);
+            *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(pp.add(i * T + 8 * t)), *a);
         }
         i += 8;
     }
@@ -456,28 +489,38 @@ unsafe fn affine_block<const BITS: usize>(
     let params = rows.start * groups * size..rows.end * groups * size;
 
     if nt == 1 {
-        // Scales and biases of one row at a time: they stay in L1 next to the streamed codes.
-        let (mut row_scales, mut row_biases) = (vec![0f32; groups], vec![0f32; groups]);
-        for ((y, o), (s, b)) in out.iter_mut().zip(rows).zip(
-            scales[params.clone()]
-                .chunks_exact(groups * size)
-                .zip(biases[params].chunks_exact(groups * size)),
-        ) {
-            widen_floats(scale_kind, s, &mut row_scales);
-            widen_floats(scale_kind, b, &mut row_biases);
-            let row = AffineRow {
-                packed,
-                start: o * row_bytes,
-                cols,
-                group_size,
-                scales: &row_scales,
-            };
-            *y = match group_size {
-                32 => affine_dot::<BITS, 1>(&row, x),
-                64 => affine_dot::<BITS, 2>(&row, x),
-                128 => affine_dot::<BITS, 4>(&row, x),
-                _ => affine_dot::<BITS, 0>(&row, x),
-            } + dot(&row_biases, sums);
+        // Scales and biases widened a batch of rows at a time: one pass for many short rows, and
+        // they stay in L1 next to the streamed codes.
+        let batch = DECODE_ROW_BATCH.min(rows.len());
+        let mut batch_scales = vec![0f32; batch * groups];
+        let mut batch_biases = vec![0f32; batch * groups];
+        for (b0, ys) in rows.step_by(batch).zip(out.chunks_mut(batch)) {
+            let params = b0 * groups * size..(b0 + ys.len()) * groups * size;
+            let (batch_scales, batch_biases) = (
+                &mut batch_scales[..ys.len() * groups],
+                &mut batch_biases[..ys.len() * groups],
+            );
+            widen_floats(scale_kind, &scales[params.clone()], batch_scales);
+            widen_floats(scale_kind, &biases[params], batch_biases);
+            for ((r, y), (s, b)) in ys.iter_mut().enumerate().zip(
+                batch_scales
+                    .chunks_exact(groups)
+                    .zip(batch_biases.chunks_exact(groups)),
+            ) {
+                let row = AffineRow {
+                    packed,
+                    start: (b0 + r) * row_bytes,
+                    cols,
+                    group_size,
+                    scales: s,
+                };
+                *y = match group_size {
+                    32 => affine_dot::<BITS, 1>(&row, b, x, sums),
+                    64 => affine_dot::<BITS, 2>(&row, b, x, sums),
+                    128 => affine_dot::<BITS, 4>(&row, b, x, sums),
+                    _ => affine_dot::<BITS, 0>(&row, b, x, sums),
+                };
+            }
         }
         return;
     }
@@ -499,10 +542,11 @@ unsafe fn affine_block<const BITS: usize>(
         }
     }
     let block_groups = prefill_block_groups(group_size);
+    let mut x_tile = Vec::new();
     let mut t = 0;
     while t < nt {
         let tile = tile_len(nt - t);
-        let xs = &x[t * cols..(t + tile) * cols];
+        pack_tile::<8>(&x[t * cols..(t + tile) * cols], cols, tile, &mut x_tile);
         for g0 in (0..groups).step_by(block_groups) {
             let span = g0..(g0 + block_groups).min(groups);
             for (r, o) in rows.clone().enumerate() {
@@ -516,10 +560,10 @@ unsafe fn affine_block<const BITS: usize>(
                 };
                 let dst = &mut out[r * nt + t..r * nt + t + tile];
                 match tile {
-                    8 => affine_tile::<BITS, 8>(&row, span.clone(), xs, dst),
-                    4 => affine_tile::<BITS, 4>(&row, span.clone(), xs, dst),
-                    2 => affine_tile::<BITS, 2>(&row, span.clone(), xs, dst),
-                    _ => affine_tile::<BITS, 1>(&row, span.clone(), xs, dst),
+                    8 => affine_tile::<BITS, 8>(&row, span.clone(), &x_tile, dst),
+                    4 => affine_tile::<BITS, 4>(&row, span.clone(), &x_tile, dst),
+                    2 => affine_tile::<BITS, 2>(&row, span.clone(), &x_tile, dst),
+                    _ => affine_tile::<BITS, 1>(&row, span.clone(), &x_tile, dst),
                 }
             }
         }
@@ -527,22 +571,25 @@ unsafe fn affine_block<const BITS: usize>(
     }
 }
 
-/// `Σ_g scale_g · Σ_{i∈g} q_i·x_i` for one row and one token (the bias term is the caller's).
-/// `GROUP_BLOCKS` is the group size in 32-code blocks when known at compile time (1, 2, 4), so
-/// that the loop over a group unrolls; 0 reads it from `row`.
+/// `Σ_g (scale_g · Σ_{i∈g} q_i·x_i + bias_g · sums_g)` for one row and one token, `sums` being
+/// the token's group sums. `GROUP_BLOCKS` is the group size in 32-code blocks when known at
+/// compile time (1, 2, 4), so that the loop over a group unrolls; 0 reads it from `row`.
 ///
 /// # Safety
 /// AVX2+FMA+F16C; `row` lies inside its packed slice (`start + cols * BITS / 8 <= packed.len()`),
 /// `group_size` is a multiple of 32 dividing `cols` (and equal to `32 * GROUP_BLOCKS` unless that
-/// is 0), `row.scales.len() == cols / group_size`, and `x.len() == cols` in the order
-/// [`decode32`] produces.
+/// is 0), `row.scales`, `biases` and `sums` hold `cols / group_size` values, and `x.len() == cols`
+/// in the order [`decode32`] produces.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn affine_dot<const BITS: usize, const GROUP_BLOCKS: usize>(
     row: &AffineRow,
+    biases: &[f32],
     x: &[f32],
+    sums: &[f32],
 ) -> f32 {
     debug_assert!(row.start + row.cols * BITS / 8 <= row.packed.len() && x.len() == row.cols);
     debug_assert!(GROUP_BLOCKS == 0 || row.group_size == 32 * GROUP_BLOCKS);
+    debug_assert!(row.scales.len() == biases.len() && biases.len() == sums.len());
     let blocks = if GROUP_BLOCKS == 0 {
         row.group_size / 32
     } else {
@@ -551,7 +598,9 @@ unsafe fn affine_dot<const BITS: usize, const GROUP_BLOCKS: usize>(
     let mut at = row.start;
     let mut xp = x.as_ptr();
     let mut acc = _mm256_setzero_ps();
-    for scale in row.scales {
+    let mut bias_term = 0f32;
+    for ((scale, bias), sum) in row.scales.iter().zip(biases).zip(sums) {
+        bias_term += bias * sum;
         let mut part = [_mm256_setzero_ps(); 4];
         for _ in 0..blocks {
             let codes = decode32::<BITS>(row.packed, at);
@@ -568,27 +617,31 @@ unsafe fn affine_dot<const BITS: usize, const GROUP_BLOCKS: usize>(
         );
         acc = _mm256_fmadd_ps(_mm256_set1_ps(*scale), part, acc);
     }
-    hsum(acc)
+    hsum(acc) + bias_term
 }
 
 /// `dst[t] += Σ_{g∈groups} scale_g · Σ_{i∈g} q_i·x[t * cols + i]` for a tile of `T` tokens:
 /// each block of codes is decoded and scaled once, then applied to every token.
 ///
+/// The activations come packed in runs of 8 columns ([`pack_tile`]).
+///
 /// # Safety
-/// As [`affine_dot`], with `groups.end <= row.scales.len()`, `xs.len() == T * cols` and
+/// As [`affine_dot`], with `groups.end <= row.scales.len()`, `packed.len() == T * cols` and
 /// `dst.len() == T`.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn affine_tile<const BITS: usize, const T: usize>(
     row: &AffineRow,
     groups: Range<usize>,
-    xs: &[f32],
+    packed: &[f32],
     dst: &mut [f32],
 ) {
     let cols = row.cols;
     debug_assert!(
-        row.start + cols * BITS / 8 <= row.packed.len() && xs.len() == T * cols && dst.len() == T
+        row.start + cols * BITS / 8 <= row.packed.len()
+            && packed.len() == T * cols
+            && dst.len() == T
     );
-    let xp = xs.as_ptr();
+    let pp = packed.as_ptr();
     let mut acc = [_mm256_setzero_ps(); T];
     for (g, scale) in row.scales[groups.clone()].iter().enumerate() {
         let scale = _mm256_set1_ps(*scale);
@@ -598,8 +651,9 @@ unsafe fn affine_tile<const BITS: usize, const T: usize>(
             for (k, code) in codes.iter().enumerate() {
                 let w = _mm256_mul_ps(*code, scale);
                 for (t, a) in acc.iter_mut().enumerate() {
-                    // Reads x[t * cols + c0 + 8k, .. + 8) with t < T and c0 + 32 <= cols.
-                    *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp.add(t * cols + c0 + 8 * k)), *a);
+                    // Reads the run of columns c0 + 8k.. of token t < T: packed[(c0 + 8k) * T
+                    // + 8t, .. + 8) with c0 + 32 <= cols.
+                    *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(pp.add((c0 + 8 * k) * T + 8 * t)), *a);
                 }
             }
         }

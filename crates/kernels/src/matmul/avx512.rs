@@ -14,8 +14,8 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::avx2::{
-    dot, kind_of, prefill_block_groups, tile_len, widen_floats, AffineRow, BF16, F16, F32,
-    PREFILL_BLOCK_COLS,
+    dot, kind_of, pack_tile, prefill_block_groups, tile_len, widen_floats, AffineRow, BF16,
+    DECODE_ROW_BATCH, F16, F32, PREFILL_BLOCK_COLS,
 };
 use super::{scalar::read_float, Activations};
 use crate::{FloatKind, Matrix, Weights};
@@ -95,29 +95,33 @@ unsafe fn float_block<const K: u8>(
     out.fill(0.0);
     if nt == 1 {
         for (y, o) in out.iter_mut().zip(rows) {
+            // With one token the packed layout is the activations themselves.
             float_tile::<K, 1>(
                 &data[o * row_bytes..(o + 1) * row_bytes],
                 0..cols,
+                x,
                 x,
                 std::slice::from_mut(y),
             );
         }
         return;
     }
+    let mut x_tile = Vec::new();
     let mut t = 0;
     while t < nt {
         let tile = tile_len(nt - t);
         let xs = &x[t * cols..(t + tile) * cols];
+        pack_tile::<16>(xs, cols, tile, &mut x_tile);
         for c0 in (0..cols).step_by(PREFILL_BLOCK_COLS) {
             let span = c0..(c0 + PREFILL_BLOCK_COLS).min(cols);
             for (r, o) in rows.clone().enumerate() {
                 let w = &data[o * row_bytes..(o + 1) * row_bytes];
                 let dst = &mut out[r * nt + t..r * nt + t + tile];
                 match tile {
-                    8 => float_tile::<K, 8>(w, span.clone(), xs, dst),
-                    4 => float_tile::<K, 4>(w, span.clone(), xs, dst),
-                    2 => float_tile::<K, 2>(w, span.clone(), xs, dst),
-                    _ => float_tile::<K, 1>(w, span.clone(), xs, dst),
+                    8 => float_tile::<K, 8>(w, span.clone(), xs, &x_tile, dst),
+                    4 => float_tile::<K, 4>(w, span.clone(), xs, &x_tile, dst),
+                    2 => float_tile::<K, 2>(w, span.clone(), xs, &x_tile, dst),
+                    _ => float_tile::<K, 1>(w, span.clone(), xs, &x_tile, dst),
                 }
             }
         }
@@ -125,22 +129,28 @@ unsafe fn float_block<const K: u8>(
     }
 }
 
-/// `dst[t] += Σ_{i∈span} w[i]·x[t * cols + i]` for a tile of `T` tokens (`cols = w.len() / size`);
-/// a single token uses two accumulators to halve the FMA dependency chain.
+/// `dst[t] += Σ_{i∈span} w[i]·x[t * cols + i]` for a tile of `T` tokens (`cols = w.len() / size`),
+/// reading the activations of whole runs of 16 columns from `packed` ([`pack_tile`]) and those
+/// of the last `cols % 16` columns from `xs`; a single token uses two accumulators to halve the
+/// FMA dependency chain.
 ///
 /// # Safety
-/// AVX-512F/BW; `span.end <= cols`, `xs.len() == T * cols`, `dst.len() == T`.
+/// AVX-512F/BW; `span.start` is a multiple of 16, `span.end <= cols`, `xs.len() == T * cols`,
+/// `packed` starts with `xs` packed with 16 lanes (for one token: `xs` itself), and
+/// `dst.len() == T`.
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
 unsafe fn float_tile<const K: u8, const T: usize>(
     w: &[u8],
     span: Range<usize>,
     xs: &[f32],
+    packed: &[f32],
     dst: &mut [f32],
 ) {
     let size = kind_of(K).size_bytes();
     let cols = w.len() / size;
     debug_assert!(span.end <= cols && xs.len() == T * cols && dst.len() == T);
-    let (wp, xp) = (w.as_ptr(), xs.as_ptr());
+    debug_assert!(span.start.is_multiple_of(16) && packed.len() >= cols / 16 * 16 * T);
+    let (wp, pp) = (w.as_ptr(), packed.as_ptr());
     let mut acc = [_mm512_setzero_ps(); T];
     let mut extra = _mm512_setzero_ps();
     let mut i = span.start;
@@ -149,23 +159,23 @@ unsafe fn float_tile<const K: u8, const T: usize>(
         while i + 32 <= span.end {
             acc[0] = _mm512_fmadd_ps(
                 load16::<K>(wp.add(i * size)),
-                _mm512_loadu_ps(xp.add(i)),
+                _mm512_loadu_ps(pp.add(i)),
                 acc[0],
             );
             extra = _mm512_fmadd_ps(
                 load16::<K>(wp.add((i + 16) * size)),
-                _mm512_loadu_ps(xp.add(i + 16)),
+                _mm512_loadu_ps(pp.add(i + 16)),
                 extra,
             );
             i += 32;
         }
     }
-    // Weight loads cover [i, i + 16) of the row, activation loads [t * cols + i, .. + 16) of
-    // token t < T: inside both slices while i + 16 <= span.end <= cols.
+    // Weight loads cover [i, i + 16) of the row, activation loads [i * T + 16t, .. + 16) of the
+    // packed tile (the run of columns i..i + 16, token t < T): inside both while i + 16 <= cols.
     while i + 16 <= span.end {
         let wv = load16::<K>(wp.add(i * size));
         for (t, a) in acc.iter_mut().enumerate() {
-            *a = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xp.add(t * cols + i)), *a);
+            *a = _mm512_fmadd_ps(wv, _mm512_loadu_ps(pp.add(i * T + 16 * t)), *a);
         }
         i += 16;
     }
@@ -238,27 +248,38 @@ unsafe fn affine_block<const BITS: usize>(
     let params = rows.start * groups * size..rows.end * groups * size;
 
     if nt == 1 {
-        let (mut row_scales, mut row_biases) = (vec![0f32; groups], vec![0f32; groups]);
-        for ((y, o), (s, b)) in out.iter_mut().zip(rows).zip(
-            scales[params.clone()]
-                .chunks_exact(groups * size)
-                .zip(biases[params].chunks_exact(groups * size)),
-        ) {
-            widen_floats(scale_kind, s, &mut row_scales);
-            widen_floats(scale_kind, b, &mut row_biases);
-            let row = AffineRow {
-                packed,
-                start: o * row_bytes,
-                cols,
-                group_size,
-                scales: &row_scales,
-            };
-            *y = match group_size {
-                32 => affine_dot::<BITS, 1>(&row, x),
-                64 => affine_dot::<BITS, 2>(&row, x),
-                128 => affine_dot::<BITS, 4>(&row, x),
-                _ => affine_dot::<BITS, 0>(&row, x),
-            } + dot(&row_biases, sums);
+        // Scales and biases widened a batch of rows at a time: one pass for many short rows, and
+        // they stay in L1 next to the streamed codes.
+        let batch = DECODE_ROW_BATCH.min(rows.len());
+        let mut batch_scales = vec![0f32; batch * groups];
+        let mut batch_biases = vec![0f32; batch * groups];
+        for (b0, ys) in rows.step_by(batch).zip(out.chunks_mut(batch)) {
+            let params = b0 * groups * size..(b0 + ys.len()) * groups * size;
+            let (batch_scales, batch_biases) = (
+                &mut batch_scales[..ys.len() * groups],
+                &mut batch_biases[..ys.len() * groups],
+            );
+            widen_floats(scale_kind, &scales[params.clone()], batch_scales);
+            widen_floats(scale_kind, &biases[params], batch_biases);
+            for ((r, y), (s, b)) in ys.iter_mut().enumerate().zip(
+                batch_scales
+                    .chunks_exact(groups)
+                    .zip(batch_biases.chunks_exact(groups)),
+            ) {
+                let row = AffineRow {
+                    packed,
+                    start: (b0 + r) * row_bytes,
+                    cols,
+                    group_size,
+                    scales: s,
+                };
+                *y = match group_size {
+                    32 => affine_dot::<BITS, 1>(&row, b, x, sums),
+                    64 => affine_dot::<BITS, 2>(&row, b, x, sums),
+                    128 => affine_dot::<BITS, 4>(&row, b, x, sums),
+                    _ => affine_dot::<BITS, 0>(&row, b, x, sums),
+                };
+            }
         }
         return;
     }
@@ -278,10 +299,11 @@ unsafe fn affine_block<const BITS: usize>(
         }
     }
     let block_groups = prefill_block_groups(group_size);
+    let mut x_tile = Vec::new();
     let mut t = 0;
     while t < nt {
         let tile = tile_len(nt - t);
-        let xs = &x[t * cols..(t + tile) * cols];
+        pack_tile::<16>(&x[t * cols..(t + tile) * cols], cols, tile, &mut x_tile);
         for g0 in (0..groups).step_by(block_groups) {
             let span = g0..(g0 + block_groups).min(groups);
             for (r, o) in rows.clone().enumerate() {
@@ -295,10 +317,10 @@ unsafe fn affine_block<const BITS: usize>(
                 };
                 let dst = &mut out[r * nt + t..r * nt + t + tile];
                 match tile {
-                    8 => affine_tile::<BITS, 8>(&row, span.clone(), xs, dst),
-                    4 => affine_tile::<BITS, 4>(&row, span.clone(), xs, dst),
-                    2 => affine_tile::<BITS, 2>(&row, span.clone(), xs, dst),
-                    _ => affine_tile::<BITS, 1>(&row, span.clone(), xs, dst),
+                    8 => affine_tile::<BITS, 8>(&row, span.clone(), &x_tile, dst),
+                    4 => affine_tile::<BITS, 4>(&row, span.clone(), &x_tile, dst),
+                    2 => affine_tile::<BITS, 2>(&row, span.clone(), &x_tile, dst),
+                    _ => affine_tile::<BITS, 1>(&row, span.clone(), &x_tile, dst),
                 }
             }
         }
@@ -306,7 +328,7 @@ unsafe fn affine_block<const BITS: usize>(
     }
 }
 
-/// `Σ_g scale_g · Σ_{i∈g} q_i·x_i` for one row and one token (the bias term is the caller's);
+/// `Σ_g (scale_g · Σ_{i∈g} q_i·x_i + bias_g · sums_g)` for one row and one token;
 /// `GROUP_BLOCKS` as in [`super::avx2`]'s `affine_dot`.
 ///
 /// # Safety
@@ -314,10 +336,13 @@ unsafe fn affine_block<const BITS: usize>(
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
 unsafe fn affine_dot<const BITS: usize, const GROUP_BLOCKS: usize>(
     row: &AffineRow,
+    biases: &[f32],
     x: &[f32],
+    sums: &[f32],
 ) -> f32 {
     debug_assert!(row.start + row.cols * BITS / 8 <= row.packed.len() && x.len() == row.cols);
     debug_assert!(GROUP_BLOCKS == 0 || row.group_size == 32 * GROUP_BLOCKS);
+    debug_assert!(row.scales.len() == biases.len() && biases.len() == sums.len());
     let blocks = if GROUP_BLOCKS == 0 {
         row.group_size / 32
     } else {
@@ -326,7 +351,9 @@ unsafe fn affine_dot<const BITS: usize, const GROUP_BLOCKS: usize>(
     let mut at = row.start;
     let mut xp = x.as_ptr();
     let mut acc = [_mm512_setzero_ps(); 2];
-    for scale in row.scales {
+    let mut bias_term = 0f32;
+    for ((scale, bias), sum) in row.scales.iter().zip(biases).zip(sums) {
+        bias_term += bias * sum;
         let mut part = [_mm512_setzero_ps(); 2];
         for _ in 0..blocks {
             let codes = decode32::<BITS>(row.packed, at);
@@ -342,26 +369,30 @@ unsafe fn affine_dot<const BITS: usize, const GROUP_BLOCKS: usize>(
             *a = _mm512_fmadd_ps(scale, p, *a);
         }
     }
-    _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]))
+    _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + bias_term
 }
 
 /// `dst[t] += Σ_{g∈groups} scale_g · Σ_{i∈g} q_i·x[t * cols + i]` for a tile of `T` tokens.
 ///
+/// The activations come packed in runs of 16 columns ([`pack_tile`]).
+///
 /// # Safety
-/// As [`affine_dot`], with `groups.end <= row.scales.len()`, `xs.len() == T * cols` and
+/// As [`affine_dot`], with `groups.end <= row.scales.len()`, `packed.len() == T * cols` and
 /// `dst.len() == T`.
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
 unsafe fn affine_tile<const BITS: usize, const T: usize>(
     row: &AffineRow,
     groups: Range<usize>,
-    xs: &[f32],
+    packed: &[f32],
     dst: &mut [f32],
 ) {
     let cols = row.cols;
     debug_assert!(
-        row.start + cols * BITS / 8 <= row.packed.len() && xs.len() == T * cols && dst.len() == T
+        row.start + cols * BITS / 8 <= row.packed.len()
+            && packed.len() == T * cols
+            && dst.len() == T
     );
-    let xp = xs.as_ptr();
+    let pp = packed.as_ptr();
     let mut acc = [_mm512_setzero_ps(); T];
     for (g, scale) in row.scales[groups.clone()].iter().enumerate() {
         let scale = _mm512_set1_ps(*scale);
@@ -371,8 +402,10 @@ unsafe fn affine_tile<const BITS: usize, const T: usize>(
             for (k, code) in codes.iter().enumerate() {
                 let w = _mm512_mul_ps(*code, scale);
                 for (t, a) in acc.iter_mut().enumerate() {
-                    // Reads x[t * cols + c0 + 16k, .. + 16) with t < T and c0 + 32 <= cols.
-                    *a = _mm512_fmadd_ps(w, _mm512_loadu_ps(xp.add(t * cols + c0 + 16 * k)), *a);
+                    // Reads the run of columns c0 + 16k.. of token t < T: packed[(c0 + 16k) * T
+                    // + 16t, .. + 16) with c0 + 32 <= cols.
+                    *a =
+                        _mm512_fmadd_ps(w, _mm512_loadu_ps(pp.add((c0 + 16 * k) * T + 16 * t)), *a);
                 }
             }
         }

@@ -7,6 +7,9 @@
 //!   the task size, with every weight slice misaligned. A level the CPU lacks is reported as
 //!   skipped on stderr (visible without `--nocapture`).
 //!
+//! The random inputs are fresh on every run; a failure names its seed, and
+//! `MOESTREAM_TEST_SEED=<seed>` replays it.
+//!
 //! Tolerance, for every comparison of two f32 results `got` and `want` of output (o, t):
 //! `|got - want| <= 1e-5 · Σ_i |W[o,i]·x[t,i]| + 1e-6`. Both sides add the same products (for
 //! affine: the same `scale·Σq·x + bias·Σx` terms) in a different order (vector lanes, tiles,
@@ -25,6 +28,18 @@ const ROWS: [usize; 4] = [1, 3, 17, 100];
 const AFFINE_COLS: [usize; 5] = [32, 96, 160, 384, 2048];
 const FLOAT_COLS: [usize; 10] = [1, 3, 7, 8, 17, 32, 100, 160, 257, 2048];
 const TOKENS: [usize; 5] = [1, 2, 5, 9, 33];
+
+/// The seed of a test's random inputs: `MOESTREAM_TEST_SEED` when set, else the clock.
+fn fresh_seed() -> u64 {
+    if let Some(seed) = std::env::var("MOESTREAM_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        return seed;
+    }
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    now.map(|d| d.as_nanos() as u64).unwrap_or(1)
+}
 
 /// xorshift64*: small, deterministic per seed, good enough for test data.
 struct Rng(u64);
@@ -291,7 +306,7 @@ fn compare_with_scalar(level: SimdLevel, seed: u64) -> usize {
             &tm.matrix(),
             n,
             &mut rng,
-            &format!("{level:?} {bits}-bit gs{gs} {kind:?} {rows}x{cols} n={n}"),
+            &format!("{level:?} {bits}-bit gs{gs} {kind:?} {rows}x{cols} n={n} (seed {seed})"),
         );
     }
     for (kind, rows, cols, n) in float_cases() {
@@ -301,7 +316,7 @@ fn compare_with_scalar(level: SimdLevel, seed: u64) -> usize {
             &tm.matrix(),
             n,
             &mut rng,
-            &format!("{level:?} {kind:?} {rows}x{cols} n={n}"),
+            &format!("{level:?} {kind:?} {rows}x{cols} n={n} (seed {seed})"),
         );
     }
     cases
@@ -323,7 +338,8 @@ fn report(line: &str) {
 
 #[test]
 fn scalar_matches_naive_reference() {
-    let mut rng = Rng::new(1);
+    let seed = fresh_seed();
+    let mut rng = Rng::new(seed);
     let mut check = |m: &Matrix, n: usize, what: String| {
         let x = rng.floats(n * m.cols);
         let w = naive_dequantize(m);
@@ -339,13 +355,13 @@ fn scalar_matches_naive_reference() {
             .collect();
         assert_close(&got, &want, &w, &x, m.rows, m.cols, &what);
     };
-    let mut data_rng = Rng::new(2);
+    let mut data_rng = Rng::new(seed ^ 0x5555);
     for (bits, gs, kind, rows, cols, n) in affine_cases().filter(|c| c.3 <= 17 && c.5 <= 5) {
         let tm = TestMatrix::affine(&mut data_rng, bits, gs, kind, rows, cols);
         check(
             &tm.matrix(),
             n,
-            format!("scalar {bits}-bit gs{gs} {kind:?} {rows}x{cols} n={n}"),
+            format!("scalar {bits}-bit gs{gs} {kind:?} {rows}x{cols} n={n} (seed {seed})"),
         );
     }
     for (kind, rows, cols, n) in float_cases().filter(|c| c.1 <= 17 && c.3 <= 5) {
@@ -353,14 +369,15 @@ fn scalar_matches_naive_reference() {
         check(
             &tm.matrix(),
             n,
-            format!("scalar {kind:?} {rows}x{cols} n={n}"),
+            format!("scalar {kind:?} {rows}x{cols} n={n} (seed {seed})"),
         );
     }
 }
 
 #[test]
 fn dequantize_row_matches_naive_reference() {
-    let mut rng = Rng::new(3);
+    let seed = fresh_seed();
+    let mut rng = Rng::new(seed);
     for bits in BITS {
         for gs in [32, 64, 128] {
             for kind in KINDS {
@@ -373,7 +390,7 @@ fn dequantize_row_matches_naive_reference() {
                     assert_eq!(
                         row,
                         w[o * m.cols..(o + 1) * m.cols],
-                        "{bits}-bit gs{gs} {kind:?} row {o}"
+                        "{bits}-bit gs{gs} {kind:?} row {o} (seed {seed})"
                     );
                 }
             }
@@ -385,7 +402,7 @@ fn dequantize_row_matches_naive_reference() {
         let w = naive_dequantize(&m);
         let mut row = vec![0f32; 17];
         dequantize_row(&m, 2, &mut row);
-        assert_eq!(row, w[34..51], "{kind:?}");
+        assert_eq!(row, w[34..51], "{kind:?} (seed {seed})");
     }
 }
 
@@ -491,7 +508,7 @@ fn avx2_matches_scalar() {
         report("SKIPPED avx2_matches_scalar: this CPU lacks AVX2+FMA+F16C");
         return;
     }
-    let cases = compare_with_scalar(SimdLevel::Avx2, 10);
+    let cases = compare_with_scalar(SimdLevel::Avx2, fresh_seed());
     report(&format!("avx2_matches_scalar: {cases} cases compared"));
 }
 
@@ -520,7 +537,7 @@ fn avx512_matches_scalar() {
             );
         }
     }
-    let cases = compare_with_scalar(SimdLevel::Avx512, 12);
+    let cases = compare_with_scalar(SimdLevel::Avx512, fresh_seed());
     report(&format!(
         "avx512_matches_scalar: {cases} cases compared (2/3/5/6-bit through the AVX2 kernels)"
     ));
@@ -528,24 +545,34 @@ fn avx512_matches_scalar() {
 
 #[test]
 fn level_above_cpu_falls_back_to_best() {
-    let mut rng = Rng::new(20);
-    let tm = TestMatrix::affine(&mut rng, 5, 32, FloatKind::BF16, 9, 96);
-    let m = tm.matrix();
-    let best = Backend::select(cpu_level(), &m);
-    assert_eq!(Backend::select(SimdLevel::Avx512, &m), best);
-    let x = rng.floats(3 * 96);
-    let (mut a, mut b) = (vec![0f32; 27], vec![0f32; 27]);
-    matmul_with(SimdLevel::Avx512, &m, &x, 3, &mut a);
-    matmul_with(cpu_level(), &m, &x, 3, &mut b);
-    assert_eq!(a, b, "same backend, same bits");
-    assert_eq!(Backend::select(SimdLevel::Scalar, &m), Backend::Scalar);
+    let seed = fresh_seed();
+    let mut rng = Rng::new(seed);
+    let matrices = [
+        TestMatrix::affine(&mut rng, 5, 32, FloatKind::BF16, 9, 96),
+        TestMatrix::affine(&mut rng, 4, 32, FloatKind::BF16, 9, 96),
+        TestMatrix::float(&mut rng, FloatKind::BF16, 9, 96),
+    ];
+    for tm in &matrices {
+        let m = tm.matrix();
+        assert_eq!(
+            Backend::select(SimdLevel::Avx512, &m),
+            Backend::select(cpu_level(), &m)
+        );
+        assert_eq!(Backend::select(SimdLevel::Scalar, &m), Backend::Scalar);
+        let x = rng.floats(3 * 96);
+        let (mut a, mut b) = (vec![0f32; 27], vec![0f32; 27]);
+        matmul_with(SimdLevel::Avx512, &m, &x, 3, &mut a);
+        matmul_with(cpu_level(), &m, &x, 3, &mut b);
+        assert_eq!(a, b, "same backend, same bits (seed {seed})");
+    }
 }
 
 /// Shapes big enough for the parallel paths: many row tasks (decode and prefill), and few rows with
 /// many tokens (token tasks).
 #[test]
 fn parallel_paths_match_scalar() {
-    let mut rng = Rng::new(30);
+    let seed = fresh_seed();
+    let mut rng = Rng::new(seed);
     let level = cpu_level();
     let big = [
         TestMatrix::affine(&mut rng, 4, 64, FloatKind::BF16, 1000, 2048),
@@ -561,7 +588,10 @@ fn parallel_paths_match_scalar() {
                 &m,
                 n,
                 &mut rng,
-                &format!("parallel {level:?} {}x{} n={n}", m.rows, m.cols),
+                &format!(
+                    "parallel {level:?} {}x{} n={n} (seed {seed})",
+                    m.rows, m.cols
+                ),
             );
         }
     }
@@ -624,6 +654,15 @@ fn validate_rejects_bad_layouts() {
     assert!(float(FloatKind::BF16, 30).validate().is_ok());
     assert!(float(FloatKind::BF16, 31).validate().is_err());
     assert!(float(FloatKind::F32, 30).validate().is_err());
+    let wrapping = Matrix {
+        rows: usize::MAX / 4,
+        cols: 16,
+        weights: Weights::Float {
+            kind: FloatKind::F32,
+            data: &[],
+        },
+    };
+    assert!(wrapping.validate().is_err(), "byte count overflows usize");
 }
 
 #[test]
