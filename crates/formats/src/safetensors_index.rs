@@ -82,8 +82,14 @@ pub struct MappedFile {
 }
 
 impl MappedFile {
-    /// Maps `path` read-only.
+    /// Maps `path` read-only, lazily (pages are faulted in on first touch).
     pub fn open(path: &Path) -> Result<Self, FormatError> {
+        Self::open_with(path, false)
+    }
+
+    /// Maps `path` read-only; with `populate`, every page is faulted in now (reading the file
+    /// into the page cache if needed), so the hot path takes no page faults later.
+    pub fn open_with(path: &Path, populate: bool) -> Result<Self, FormatError> {
         let io = |source| FormatError::Io {
             path: path.to_path_buf(),
             source,
@@ -92,7 +98,11 @@ impl MappedFile {
         // SAFETY: the map is read-only and private to this process. If another process truncates
         // the file while it is mapped, access faults (SIGBUS); see the module docs for why that is
         // accepted. Offsets are validated against the length before any access.
-        let map = unsafe { Mmap::map(&file) }.map_err(io)?;
+        let mut opts = memmap2::MmapOptions::new();
+        if populate {
+            opts.populate();
+        }
+        let map = unsafe { opts.map(&file) }.map_err(io)?;
         Ok(MappedFile {
             path: path.to_path_buf(),
             map,
@@ -160,11 +170,16 @@ impl SafetensorsIndex {
     /// Indexes the folder: the files named by `model.safetensors.index.json` when present, else
     /// every `*.safetensors` file. Every header is parsed and validated here.
     pub fn open(dir: &Path) -> Result<Self, FormatError> {
+        Self::open_with(dir, false)
+    }
+
+    /// [`SafetensorsIndex::open`], with every file's pages faulted in up front when `populate`.
+    pub fn open_with(dir: &Path, populate: bool) -> Result<Self, FormatError> {
         let paths = weight_files(dir)?;
         let mut tensors = HashMap::new();
         let mut files = Vec::new();
         for path in paths {
-            let file = Arc::new(MappedFile::open(&path)?);
+            let file = Arc::new(MappedFile::open_with(&path, populate)?);
             for loc in parse_header(&file)? {
                 if let Some(prev) = tensors.get(&loc.name) {
                     let prev: &TensorLocation = prev;
@@ -221,6 +236,15 @@ impl SafetensorsIndex {
     pub fn files(&self) -> &[Arc<MappedFile>] {
         &self.files
     }
+}
+
+/// Total bytes of the weight files of a checkpoint folder.
+pub fn weight_files_bytes(dir: &Path) -> Result<u64, FormatError> {
+    let mut total = 0;
+    for p in weight_files(dir)? {
+        total += std::fs::metadata(&p).map_err(|source| FormatError::Io { path: p.clone(), source })?.len();
+    }
+    Ok(total)
 }
 
 fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, FormatError> {
