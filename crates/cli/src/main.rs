@@ -19,6 +19,9 @@ use std::process::ExitCode;
     about = "Inference engine for Mixture-of-Experts models larger than memory"
 )]
 struct Cli {
+    /// Worker threads for the kernels (default: one per core).
+    #[arg(long, short = 't', global = true)]
+    threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -48,6 +51,12 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global() {
+            eprintln!("error: cannot start {n} threads: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let result = match cli.command {
         Command::Run(a) => commands::run(a),
         Command::Score(a) => commands::score(a),

@@ -1,27 +1,35 @@
 //! Speed of the matrix-product kernels against this machine's memory bandwidth.
 //!
 //! ```text
-//! cargo run -p moestream-kernels --release --example matmul_speed [-- --quick]
+//! cargo run -p moestream-kernels --release --example matmul_speed [-- --quick] [--decode] [--hot] [--rounds N]
 //! ```
 //!
 //! Times decode (1 token) and prefill (128 tokens) for 4-bit and 8-bit gs64 affine weights (bf16
 //! scales and biases) and bf16 weights, at the Qwen3-30B-A3B expert shapes [768 x 2048] and
 //! [2048 x 768] and the lm_head shape [151936 x 2048], for each SIMD level this CPU has, on one
-//! thread and on all of rayon's threads. `--quick` leaves out the lm_head.
+//! thread and on all of rayon's threads. Affine decode runs with both activation precisions
+//! (`acts`: `f32`, exact, and `int16`, the default; see the `matmul` module docs); everything else
+//! has f32 activations. `--quick` leaves out the lm_head, `--decode` the prefill rows. `--rounds N`
+//! measures everything N times, round after round, and keeps the fastest of each (the memory
+//! bandwidth likewise), so that a burst of other work on a shared machine spoils one round of a
+//! measurement, not all of them.
 //!
 //! The expert matrices are far smaller than the last-level cache, but during MoE decoding experts
 //! arrive from RAM; each measurement therefore cycles through enough copies of the matrix to fill
-//! [`POOL_BYTES`], so that the figures are for weights read from memory, not from cache.
+//! [`POOL_BYTES`], so that the figures are for weights read from memory, not from cache. `--hot`
+//! uses a single copy instead: the expert matrices then stay in cache, and their figures show what
+//! the kernels can compute, not what memory delivers.
 //!
 //! Columns: `GB/s` is weight bytes (codes + scales + biases) read per call divided by the time of
 //! a call; for prefill each call reads the weights once for all tokens, so compare its `ms/token`
 //! with decode's `ms/call`. `GFLOP/s` counts 2 flops per weight per token. `% bw` compares `GB/s`
-//! with the memory bandwidth measured with the same number of threads.
+//! with the memory bandwidth measured with the same number of threads. A last table sets int16
+//! decode beside f32 decode at the best SIMD level.
 
 use std::time::{Duration, Instant};
 
-use moestream_kernels::features::{cpu_level, SimdLevel};
-use moestream_kernels::{matmul_with, FloatKind, Matrix, Weights};
+use moestream_kernels::features::{cpu_level, ActivationPrecision, SimdLevel};
+use moestream_kernels::{matmul_with_precision, FloatKind, Matrix, Weights};
 use rayon::prelude::*;
 
 /// Bytes of distinct copies each measurement cycles through (8× a 32 MiB L3).
@@ -31,8 +39,35 @@ const POOL_BYTES: usize = 256 << 20;
 const MEASURE: Duration = Duration::from_millis(600);
 const WINDOWS: usize = 4;
 
+/// One line of the table: what was timed, and the fastest seconds per call over the rounds.
+struct Measurement {
+    format: Format,
+    rows: usize,
+    cols: usize,
+    n_tokens: usize,
+    level: SimdLevel,
+    precision: ActivationPrecision,
+    threads: usize,
+    seconds: f64,
+    matrix_bytes: usize,
+}
+
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let decode_only = args.iter().any(|a| a == "--decode");
+    let pool_bytes = if args.iter().any(|a| a == "--hot") {
+        0
+    } else {
+        POOL_BYTES
+    };
+    let rounds: usize = args
+        .iter()
+        .position(|a| a == "--rounds")
+        .and_then(|i| args.get(i + 1))
+        .map(|n| n.parse().expect("--rounds takes a number"))
+        .unwrap_or(1)
+        .max(1);
     let all_threads = rayon::current_num_threads();
     let one_thread = rayon::ThreadPoolBuilder::new()
         .num_threads(1)
@@ -40,12 +75,9 @@ fn main() {
         .expect("rayon pool with one thread");
 
     println!(
-        "CPU SIMD level: {:?}; rayon threads: {all_threads}",
+        "CPU SIMD level: {:?}; rayon threads: {all_threads}; rounds: {rounds}",
         cpu_level()
     );
-    let (bw_all, bw_one) = memory_bandwidth(&one_thread);
-    println!("memory bandwidth (sum of a 1 GiB buffer): {bw_all:.1} GB/s all threads, {bw_one:.1} GB/s one thread");
-    println!();
 
     let mut levels = vec![SimdLevel::Scalar];
     if cpu_level() >= SimdLevel::Avx2 {
@@ -59,13 +91,82 @@ fn main() {
     if !quick {
         shapes.push((151_936, 2048));
     }
+    let token_counts: &[usize] = if decode_only { &[1] } else { &[1, 128] };
 
+    let (mut bw_all, mut bw_one) = (0f64, 0f64);
+    let mut table: Vec<Measurement> = Vec::new();
+    for round in 0..rounds {
+        let (all, one) = memory_bandwidth(&one_thread);
+        println!("round {}: memory bandwidth (sum of a 1 GiB buffer) {all:.1} GB/s all threads, {one:.1} GB/s one thread", round + 1);
+        bw_all = bw_all.max(all);
+        bw_one = bw_one.max(one);
+        let mut line = 0;
+        for format in formats {
+            for &(rows, cols) in &shapes {
+                let pool = Pool::new(format, rows, cols, pool_bytes);
+                for &n_tokens in token_counts {
+                    let mut rng = 0x1234_5678_9abc_def1u64;
+                    let x: Vec<f32> = (0..n_tokens * cols)
+                        .map(|_| (next(&mut rng) >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+                        .collect();
+                    let mut y = vec![0f32; n_tokens * rows];
+                    let precisions: &[ActivationPrecision] = match format {
+                        Format::Affine(_) if n_tokens == 1 => {
+                            &[ActivationPrecision::F32, ActivationPrecision::Int16]
+                        }
+                        _ => &[ActivationPrecision::F32],
+                    };
+                    for &level in &levels {
+                        // The scalar lm_head prefill takes minutes; its ratio to AVX2 is visible on the experts.
+                        if level == SimdLevel::Scalar && n_tokens > 1 && rows > 100_000 {
+                            continue;
+                        }
+                        for &precision in precisions {
+                            for threads in [1, all_threads] {
+                                let mut run = || pool.time(level, precision, &x, n_tokens, &mut y);
+                                let seconds = if threads == 1 {
+                                    one_thread.install(run)
+                                } else {
+                                    run()
+                                };
+                                if round == 0 {
+                                    table.push(Measurement {
+                                        format,
+                                        rows,
+                                        cols,
+                                        n_tokens,
+                                        level,
+                                        precision,
+                                        threads,
+                                        seconds,
+                                        matrix_bytes: pool.matrix_bytes,
+                                    });
+                                } else {
+                                    table[line].seconds = table[line].seconds.min(seconds);
+                                }
+                                line += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    println!("memory bandwidth, best of {rounds}: {bw_all:.1} GB/s all threads, {bw_one:.1} GB/s one thread");
+    println!();
+    print_table(&table, bw_one, bw_all);
+    println!();
+    print_int16_summary(&table, bw_one, bw_all);
+}
+
+fn print_table(table: &[Measurement], bw_one: f64, bw_all: f64) {
     println!(
-        "| {:<9} | {:<13} | {:>6} | {:<6} | {:>7} | {:>10} | {:>9} | {:>7} | {:>7} | {:>6} |",
+        "| {:<9} | {:<13} | {:>6} | {:<6} | {:<5} | {:>7} | {:>10} | {:>9} | {:>7} | {:>7} | {:>6} |",
         "format",
         "shape",
         "tokens",
         "path",
+        "acts",
         "threads",
         "ms/call",
         "ms/token",
@@ -75,59 +176,80 @@ fn main() {
     );
     println!(
         "|{}|",
-        [
-            "-----------",
-            "---------------",
-            "--------",
-            "--------",
-            "---------",
-            "------------",
-            "-----------",
-            "---------",
-            "---------",
-            "--------"
-        ]
-        .join("|")
+        [11, 15, 8, 8, 7, 9, 12, 11, 9, 9, 8].map(|n| "-".repeat(n)).join("|")
     );
-    for format in formats {
-        for &(rows, cols) in &shapes {
-            let pool = Pool::new(format, rows, cols);
-            for n_tokens in [1usize, 128] {
-                let mut rng = 0x1234_5678_9abc_def1u64;
-                let x: Vec<f32> = (0..n_tokens * cols)
-                    .map(|_| (next(&mut rng) >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
-                    .collect();
-                let mut y = vec![0f32; n_tokens * rows];
-                for &level in &levels {
-                    for (threads, bw) in [(1, bw_one), (all_threads, bw_all)] {
-                        // The scalar lm_head prefill takes minutes; its ratio to AVX2 is visible on the experts.
-                        if level == SimdLevel::Scalar && n_tokens > 1 && rows > 100_000 {
-                            continue;
-                        }
-                        let seconds = if threads == 1 {
-                            one_thread.install(|| pool.time(level, &x, n_tokens, &mut y))
-                        } else {
-                            pool.time(level, &x, n_tokens, &mut y)
-                        };
-                        let gb_s = pool.matrix_bytes as f64 / seconds / 1e9;
-                        let gflop_s = 2.0 * (rows * cols * n_tokens) as f64 / seconds / 1e9;
-                        println!(
-                            "| {:<9} | {:<13} | {:>6} | {:<6} | {:>7} | {:>10.3} | {:>9.4} | {:>7.2} | {:>7.1} | {:>5.0}% |",
-                            format.name(),
-                            format!("{rows}x{cols}"),
-                            n_tokens,
-                            format!("{level:?}").to_lowercase(),
-                            threads,
-                            seconds * 1e3,
-                            seconds * 1e3 / n_tokens as f64,
-                            gb_s,
-                            gflop_s,
-                            100.0 * gb_s / bw
-                        );
-                    }
-                }
-            }
-        }
+    for m in table {
+        let bw = if m.threads == 1 { bw_one } else { bw_all };
+        let gb_s = m.matrix_bytes as f64 / m.seconds / 1e9;
+        let gflop_s = 2.0 * (m.rows * m.cols * m.n_tokens) as f64 / m.seconds / 1e9;
+        println!(
+            "| {:<9} | {:<13} | {:>6} | {:<6} | {:<5} | {:>7} | {:>10.3} | {:>9.4} | {:>7.2} | {:>7.1} | {:>5.0}% |",
+            m.format.name(),
+            format!("{}x{}", m.rows, m.cols),
+            m.n_tokens,
+            format!("{:?}", m.level).to_lowercase(),
+            precision_name(m.precision),
+            m.threads,
+            m.seconds * 1e3,
+            m.seconds * 1e3 / m.n_tokens as f64,
+            gb_s,
+            gflop_s,
+            100.0 * gb_s / bw
+        );
+    }
+}
+
+/// int16 against f32 decode at the best SIMD level, with the bandwidth-bound time per call.
+fn print_int16_summary(table: &[Measurement], bw_one: f64, bw_all: f64) {
+    let best = cpu_level();
+    println!(
+        "| {:<9} | {:<13} | {:>7} | {:>11} | {:>13} | {:>7} | {:>10} | {:>10} |",
+        "format",
+        "shape",
+        "threads",
+        "f32 ms/call",
+        "int16 ms/call",
+        "speedup",
+        "int16 % bw",
+        "bw-bound ms"
+    );
+    println!(
+        "|{}|",
+        [11, 15, 9, 13, 15, 9, 12, 12].map(|n| "-".repeat(n)).join("|")
+    );
+    let decode = |m: &&Measurement| m.n_tokens == 1 && m.level == best;
+    for f32_line in table
+        .iter()
+        .filter(decode)
+        .filter(|m| m.precision == ActivationPrecision::F32)
+    {
+        let Some(int16_line) = table.iter().filter(decode).find(|m| {
+            m.precision == ActivationPrecision::Int16
+                && (m.format.name(), m.rows, m.cols, m.threads)
+                    == (f32_line.format.name(), f32_line.rows, f32_line.cols, f32_line.threads)
+        }) else {
+            continue;
+        };
+        let bw = if f32_line.threads == 1 { bw_one } else { bw_all };
+        let floor = f32_line.matrix_bytes as f64 / (bw * 1e9);
+        println!(
+            "| {:<9} | {:<13} | {:>7} | {:>11.3} | {:>13.3} | {:>6.2}x | {:>9.0}% | {:>10.3} |",
+            f32_line.format.name(),
+            format!("{}x{}", f32_line.rows, f32_line.cols),
+            f32_line.threads,
+            f32_line.seconds * 1e3,
+            int16_line.seconds * 1e3,
+            f32_line.seconds / int16_line.seconds,
+            100.0 * floor / int16_line.seconds,
+            floor * 1e3
+        );
+    }
+}
+
+fn precision_name(p: ActivationPrecision) -> &'static str {
+    match p {
+        ActivationPrecision::F32 => "f32",
+        ActivationPrecision::Int16 => "int16",
     }
 }
 
@@ -179,7 +301,7 @@ fn sum_words(words: &[u64]) -> u64 {
     acc.iter().fold(tail, |a, &w| a.wrapping_add(w))
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Format {
     /// MLX affine, group size 64, bf16 scales and biases.
     Affine(u32),
@@ -208,13 +330,14 @@ struct Pool {
 }
 
 impl Pool {
-    fn new(format: Format, rows: usize, cols: usize) -> Self {
+    /// At least one copy, and as many as `pool_bytes` needs.
+    fn new(format: Format, rows: usize, cols: usize, pool_bytes: usize) -> Self {
         let (data_len, params_len) = match format {
             Format::Affine(bits) => (rows * cols * bits as usize / 8, rows * cols / 64 * 2),
             Format::Bf16 => (rows * cols * 2, 0),
         };
         let matrix_bytes = data_len + 2 * params_len;
-        let copies = POOL_BYTES.div_ceil(matrix_bytes).max(1);
+        let copies = pool_bytes.div_ceil(matrix_bytes).max(1);
         // Codes are any bytes; bf16 numbers get exponents near 2^-7 (no NaN, no subnormals).
         let bf16_values = |n: usize, seed: u64| -> Vec<u8> {
             let mut s = seed;
@@ -270,8 +393,18 @@ impl Pool {
     /// Seconds per call: the mean over the fastest of several windows of calls, cycling through
     /// the copies. The fastest window is the one least disturbed by other processes on the
     /// machine; the mean within it still includes every cache and memory effect.
-    fn time(&self, level: SimdLevel, x: &[f32], n_tokens: usize, y: &mut [f32]) -> f64 {
-        matmul_with(level, &self.matrix(self.copies - 1), x, n_tokens, y);
+    fn time(
+        &self,
+        level: SimdLevel,
+        precision: ActivationPrecision,
+        x: &[f32],
+        n_tokens: usize,
+        y: &mut [f32],
+    ) -> f64 {
+        let product = |copy: usize, y: &mut [f32]| {
+            matmul_with_precision(level, precision, &self.matrix(copy), x, n_tokens, y)
+        };
+        product(self.copies - 1, y);
         let start = Instant::now();
         let mut best = f64::INFINITY;
         let mut calls = 0;
@@ -279,7 +412,7 @@ impl Pool {
             let window = Instant::now();
             let mut in_window = 0;
             while in_window < 1 || window.elapsed() < MEASURE / WINDOWS as u32 {
-                matmul_with(level, &self.matrix(calls % self.copies), x, n_tokens, y);
+                product(calls % self.copies, y);
                 calls += 1;
                 in_window += 1;
             }

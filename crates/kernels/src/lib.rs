@@ -40,7 +40,7 @@ pub mod features;
 pub mod ops;
 
 mod matmul;
-pub use matmul::{dequantize_row, matmul, matmul_scalar, matmul_with};
+pub use matmul::{dequantize_row, matmul, matmul_scalar, matmul_with, matmul_with_precision};
 
 /// Element type of a float tensor stored in a checkpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

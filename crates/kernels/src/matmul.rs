@@ -33,6 +33,7 @@
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+mod int16;
 mod scalar;
 #[cfg(test)]
 mod tests;
@@ -42,7 +43,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::features::{cpu_level, simd_level, SimdLevel};
+use crate::features::{activation_precision, cpu_level, simd_level, ActivationPrecision, SimdLevel};
 use crate::{Matrix, Weights};
 
 /// Below this many bytes of weight traffic (matrix bytes × tokens) a product runs on the calling
@@ -55,7 +56,9 @@ const DECODE_MAX_TASK_BYTES: usize = 2 << 20;
 const PREFILL_TASK_BYTES: usize = 128 << 10;
 
 /// `y[t * rows + o] = Σ_i W[o, i] · x[t * cols + i]` for `t in 0..n_tokens`, with the best SIMD
-/// path ([`simd_level`]). Activations and accumulation are f32.
+/// path ([`simd_level`]) and the activation precision of [`activation_precision`]: by default a
+/// decode product (one token) with affine weights rounds x to int16 (module docs); everything
+/// else uses f32 activations. Accumulation is f32.
 ///
 /// # Panics
 /// If `m` fails [`Matrix::validate`], `x.len() != n_tokens * m.cols` or
@@ -64,12 +67,13 @@ pub fn matmul(m: &Matrix, x: &[f32], n_tokens: usize, y: &mut [f32]) {
     matmul_with(simd_level(), m, x, n_tokens, y)
 }
 
-/// [`matmul`] with the portable scalar path: the reference every SIMD path is tested against.
+/// [`matmul`] with the portable scalar path and f32 activations, whatever
+/// [`activation_precision`] says: the reference every SIMD path is tested against.
 ///
 /// # Panics
 /// As [`matmul`].
 pub fn matmul_scalar(m: &Matrix, x: &[f32], n_tokens: usize, y: &mut [f32]) {
-    matmul_with(SimdLevel::Scalar, m, x, n_tokens, y)
+    matmul_with_precision(SimdLevel::Scalar, ActivationPrecision::F32, m, x, n_tokens, y)
 }
 
 /// [`matmul`] with an explicit SIMD level. A level above what the CPU supports falls back to the
@@ -78,6 +82,23 @@ pub fn matmul_scalar(m: &Matrix, x: &[f32], n_tokens: usize, y: &mut [f32]) {
 /// # Panics
 /// As [`matmul`].
 pub fn matmul_with(level: SimdLevel, m: &Matrix, x: &[f32], n_tokens: usize, y: &mut [f32]) {
+    matmul_with_precision(level, activation_precision(), m, x, n_tokens, y)
+}
+
+/// [`matmul_with`] with an explicit activation precision. [`ActivationPrecision::Int16`] applies
+/// to decode products (`n_tokens == 1`) with affine weights, at every level (the scalar level
+/// runs the int16 kernels' scalar twin); other products use f32 activations.
+///
+/// # Panics
+/// As [`matmul`].
+pub fn matmul_with_precision(
+    level: SimdLevel,
+    precision: ActivationPrecision,
+    m: &Matrix,
+    x: &[f32],
+    n_tokens: usize,
+    y: &mut [f32],
+) {
     check_arguments(m, x, n_tokens, y);
     if n_tokens == 0 || m.rows == 0 {
         return;
@@ -87,7 +108,10 @@ pub fn matmul_with(level: SimdLevel, m: &Matrix, x: &[f32], n_tokens: usize, y: 
         return;
     }
     let backend = Backend::select(level, m);
-    let act = Activations::new(m, x, n_tokens, backend.column_order(m));
+    let int16 = precision == ActivationPrecision::Int16
+        && n_tokens == 1
+        && matches!(m.weights, Weights::Affine { .. });
+    let act = Activations::new(m, x, n_tokens, backend.column_order(m), int16);
     run_tasks(m, n_tokens, y, &|rows, tokens, out| {
         backend.run(m, &act, rows, tokens, out)
     });
@@ -178,6 +202,22 @@ impl Backend {
         out: &mut [f32],
     ) {
         debug_assert_eq!(out.len(), rows.len() * tokens.len());
+        if let Some(xq) = &act.int16 {
+            debug_assert_eq!(tokens, 0..1);
+            let sums = act.group_sums(0..1);
+            match self {
+                Backend::Scalar => int16::matvec_block(m, xq, sums, rows, out),
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as for the f32 kernels below; `Activations::new` quantized the single
+                // token's row for `m` in this backend's column order.
+                Backend::Avx2 => unsafe { int16::avx2::matvec_block(m, xq, sums, rows, out) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as for Avx2, and `select` returns Avx512 only for 4-/8-bit affine
+                // weights (`avx512::supports`) on a CPU with AVX-512F/BW.
+                Backend::Avx512 => unsafe { int16::avx512::matvec_block(m, xq, sums, rows, out) },
+            }
+            return;
+        }
         match self {
             Backend::Scalar => scalar::matmul_block(m, act, rows, tokens, out),
             #[cfg(target_arch = "x86_64")]
@@ -205,26 +245,38 @@ enum ColumnOrder {
 
 /// The activations of one call, prepared once and shared by every task.
 struct Activations<'a> {
-    /// `n_tokens × cols` values, columns in the backend's [`ColumnOrder`].
+    /// `n_tokens × cols` values, columns in the backend's [`ColumnOrder`] (in natural order, and
+    /// unused, when `int16` is set).
     x: Cow<'a, [f32]>,
     cols: usize,
     /// `n_tokens × groups` sums of x over each quantization group (affine weights only).
     group_sums: Vec<f32>,
     groups: usize,
+    /// The single token's row rounded to int16, in the backend's [`ColumnOrder`], when the call
+    /// is an int16 decode product.
+    int16: Option<int16::QuantizedRow>,
 }
 
 impl<'a> Activations<'a> {
-    fn new(m: &Matrix, x: &'a [f32], n_tokens: usize, order: ColumnOrder) -> Self {
+    fn new(m: &Matrix, x: &'a [f32], n_tokens: usize, order: ColumnOrder, int16: bool) -> Self {
         let cols = m.cols;
         let (group_sums, groups) = match m.weights {
             Weights::Affine { group_size, .. } => {
-                let sums: Vec<f32> = x.chunks_exact(group_size).map(|g| g.iter().sum()).collect();
+                let sums: Vec<f32> = x.chunks_exact(group_size).map(scalar::sum).collect();
                 debug_assert_eq!(sums.len(), n_tokens * (cols / group_size));
                 (sums, cols / group_size)
             }
             Weights::Float { .. } => (Vec::new(), 0),
         };
+        let int16 = match m.weights {
+            Weights::Affine { group_size, .. } if int16 => {
+                debug_assert_eq!(n_tokens, 1);
+                Some(int16::QuantizedRow::new(x, group_size, order))
+            }
+            _ => None,
+        };
         let x = match order {
+            _ if int16.is_some() => Cow::Borrowed(x),
             ColumnOrder::Natural => Cow::Borrowed(x),
             ColumnOrder::NibbleSplit => {
                 // Affine column counts are multiples of 32 (validated), so blocks never straddle tokens.
@@ -243,6 +295,7 @@ impl<'a> Activations<'a> {
             cols,
             group_sums,
             groups,
+            int16,
         }
     }
 

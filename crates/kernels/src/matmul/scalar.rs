@@ -12,7 +12,7 @@ use crate::{FloatKind, Matrix, Weights};
 
 /// Values decoded at a time; also the smallest group size, so an affine block never straddles
 /// groups, and a whole number of bytes for every bit width (`32 * bits / 8`).
-const BLOCK: usize = 32;
+pub(super) const BLOCK: usize = 32;
 
 /// Computes `out[(o - rows.start) * tokens.len() + (t - tokens.start)]` for the given rows and
 /// tokens (see the parent module for the contract).
@@ -146,21 +146,29 @@ pub(super) fn dequantize_row(m: &Matrix, row: usize, out: &mut [f32]) {
 }
 
 /// Decodes the 32 codes of `bytes` (`4 * bits` bytes of the little-endian bitstream, starting at
+/// a code boundary) into `out` as f32.
+fn unpack_block(bytes: &[u8], bits: usize, out: &mut [f32; BLOCK]) {
+    let mut codes = [0u8; BLOCK];
+    unpack_codes(bytes, bits, &mut codes);
+    for (q, c) in out.iter_mut().zip(codes) {
+        *q = f32::from(c);
+    }
+}
+
+/// Decodes the 32 codes of `bytes` (`4 * bits` bytes of the little-endian bitstream, starting at
 /// a code boundary) into `out`. The u32 words of the format are little-endian, so stream bit `n`
 /// is bit `n % 8` of byte `n / 8`; codes of at most 8 bits need at most one new byte each.
-fn unpack_block(bytes: &[u8], bits: usize, out: &mut [f32; BLOCK]) {
+pub(super) fn unpack_codes(bytes: &[u8], bits: usize, out: &mut [u8; BLOCK]) {
     debug_assert_eq!(bytes.len(), BLOCK * bits / 8);
     // The two common widths without the bit window (same result, fewer operations).
     if bits == 8 {
-        for (q, &b) in out.iter_mut().zip(bytes) {
-            *q = f32::from(b);
-        }
+        out.copy_from_slice(bytes);
         return;
     }
     if bits == 4 {
         for (q, &b) in out.chunks_exact_mut(2).zip(bytes) {
-            q[0] = f32::from(b & 0x0f);
-            q[1] = f32::from(b >> 4);
+            q[0] = b & 0x0f;
+            q[1] = b >> 4;
         }
         return;
     }
@@ -172,7 +180,7 @@ fn unpack_block(bytes: &[u8], bits: usize, out: &mut [f32; BLOCK]) {
             next += 1;
             held += 8;
         }
-        *q = (window & mask) as f32;
+        *q = (window & mask) as u8;
         window >>= bits;
         held -= bits;
     }
@@ -192,6 +200,19 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     for (a, b) in a8.zip(b8) {
         for k in 0..8 {
             lanes[k] += a[k] * b[k];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// `Σ v[i]` in eight interleaved partial sums, like [`dot`].
+pub(super) fn sum(v: &[f32]) -> f32 {
+    let v8 = v.chunks_exact(8);
+    let tail: f32 = v8.remainder().iter().sum();
+    let mut lanes = [0f32; 8];
+    for v in v8 {
+        for k in 0..8 {
+            lanes[k] += v[k];
         }
     }
     lanes.iter().sum::<f32>() + tail

@@ -1,7 +1,9 @@
-//! Tests of the matrix products.
+//! Tests of the matrix products with f32 activations ([`ActivationPrecision::F32`]); the int16
+//! decode path has its own tests (`int16/tests.rs`), which share the helpers here.
 //!
 //! - The scalar path against an independent naive reference (bits read one at a time from the u32
-//!   words, as the MLX spec states them; products in f64), and against hand-computed codes.
+//!   words, as the MLX spec states them; products in f64), and against hand-computed codes (at
+//!   both precisions).
 //! - Every SIMD level against the scalar path, on fresh random inputs, for every format, bit
 //!   width, group size and scale type, on shapes that are not multiples of the vector width or of
 //!   the task size, with every weight slice misaligned. A level the CPU lacks is reported as
@@ -18,19 +20,19 @@
 
 use std::io::Write;
 
-use super::{matmul_scalar, matmul_with, Backend};
-use crate::features::{cpu_level, SimdLevel};
+use super::{matmul_scalar, matmul_with, matmul_with_precision, Backend};
+use crate::features::{cpu_level, ActivationPrecision, SimdLevel};
 use crate::{dequantize_row, FloatKind, Matrix, Weights};
 
-const KINDS: [FloatKind; 3] = [FloatKind::F32, FloatKind::F16, FloatKind::BF16];
-const BITS: [u32; 6] = [2, 3, 4, 5, 6, 8];
+pub(super) const KINDS: [FloatKind; 3] = [FloatKind::F32, FloatKind::F16, FloatKind::BF16];
+pub(super) const BITS: [u32; 6] = [2, 3, 4, 5, 6, 8];
 const ROWS: [usize; 4] = [1, 3, 17, 100];
 const AFFINE_COLS: [usize; 5] = [32, 96, 160, 384, 2048];
 const FLOAT_COLS: [usize; 10] = [1, 3, 7, 8, 17, 32, 100, 160, 257, 2048];
 const TOKENS: [usize; 5] = [1, 2, 5, 9, 33];
 
 /// The seed of a test's random inputs: `MOESTREAM_TEST_SEED` when set, else the clock.
-fn fresh_seed() -> u64 {
+pub(super) fn fresh_seed() -> u64 {
     if let Some(seed) = std::env::var("MOESTREAM_TEST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -42,26 +44,26 @@ fn fresh_seed() -> u64 {
 }
 
 /// xorshift64*: small, deterministic per seed, good enough for test data.
-struct Rng(u64);
+pub(super) struct Rng(u64);
 
 impl Rng {
-    fn new(seed: u64) -> Self {
+    pub(super) fn new(seed: u64) -> Self {
         Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
     }
-    fn next_u64(&mut self) -> u64 {
+    pub(super) fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
     /// Uniform in [-1, 1).
-    fn signed(&mut self) -> f32 {
+    pub(super) fn signed(&mut self) -> f32 {
         (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
     }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
+    pub(super) fn bytes(&mut self, n: usize) -> Vec<u8> {
         (0..n).map(|_| self.next_u64() as u8).collect()
     }
-    fn floats(&mut self, n: usize) -> Vec<f32> {
+    pub(super) fn floats(&mut self, n: usize) -> Vec<f32> {
         (0..n).map(|_| self.signed()).collect()
     }
 }
@@ -108,14 +110,14 @@ enum TestWeights {
     },
 }
 
-struct TestMatrix {
+pub(super) struct TestMatrix {
     rows: usize,
     cols: usize,
     weights: TestWeights,
 }
 
 impl TestMatrix {
-    fn float(rng: &mut Rng, kind: FloatKind, rows: usize, cols: usize) -> Self {
+    pub(super) fn float(rng: &mut Rng, kind: FloatKind, rows: usize, cols: usize) -> Self {
         let data = Misaligned::new(&encode(kind, &rng.floats(rows * cols)));
         TestMatrix {
             rows,
@@ -126,7 +128,7 @@ impl TestMatrix {
 
     /// Random codes; scales of either sign and biases near `-scale · (2^bits - 1) / 2`, like the
     /// MLX quantizer's output for centred weights.
-    fn affine(
+    pub(super) fn affine(
         rng: &mut Rng,
         bits: u32,
         group_size: usize,
@@ -155,7 +157,7 @@ impl TestMatrix {
         }
     }
 
-    fn matrix(&self) -> Matrix<'_> {
+    pub(super) fn matrix(&self) -> Matrix<'_> {
         let weights = match &self.weights {
             TestWeights::Float { kind, data } => Weights::Float {
                 kind: *kind,
@@ -188,7 +190,7 @@ impl TestMatrix {
 /// Element `i` of the codes of `packed` straight from the MLX spec: bit `n` of the stream is bit
 /// `n % 32` of little-endian u32 word `n / 32`; element `i` holds stream bits `[i·b, (i+1)·b)`,
 /// lowest first. Rows start at stream bit `row · cols · b`.
-fn naive_code(packed: &[u8], bits: u32, first_bit: usize) -> u32 {
+pub(super) fn naive_code(packed: &[u8], bits: u32, first_bit: usize) -> u32 {
     let mut code = 0;
     for k in 0..bits as usize {
         let n = first_bit + k;
@@ -199,7 +201,7 @@ fn naive_code(packed: &[u8], bits: u32, first_bit: usize) -> u32 {
     code
 }
 
-fn naive_float(kind: FloatKind, b: &[u8]) -> f32 {
+pub(super) fn naive_float(kind: FloatKind, b: &[u8]) -> f32 {
     match kind {
         FloatKind::F32 => f32::from_bits(u32::from_le_bytes([b[0], b[1], b[2], b[3]])),
         FloatKind::F16 => half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32(),
@@ -208,7 +210,7 @@ fn naive_float(kind: FloatKind, b: &[u8]) -> f32 {
 }
 
 /// The whole matrix as f32, written independently of the kernels.
-fn naive_dequantize(m: &Matrix) -> Vec<f32> {
+pub(super) fn naive_dequantize(m: &Matrix) -> Vec<f32> {
     let (rows, cols) = (m.rows, m.cols);
     match m.weights {
         Weights::Float { kind, data } => data
@@ -266,7 +268,7 @@ fn assert_close(
 }
 
 /// Every affine case: (bits, group size, scale kind, rows, cols, tokens).
-fn affine_cases() -> impl Iterator<Item = (u32, usize, FloatKind, usize, usize, usize)> {
+pub(super) fn affine_cases() -> impl Iterator<Item = (u32, usize, FloatKind, usize, usize, usize)> {
     BITS.into_iter().flat_map(|bits| {
         [32usize, 64, 128].into_iter().flat_map(move |gs| {
             KINDS.into_iter().flat_map(move |kind| {
@@ -325,14 +327,14 @@ fn compare_with_scalar(level: SimdLevel, seed: u64) -> usize {
 fn compare_one(level: SimdLevel, m: &Matrix, n: usize, rng: &mut Rng, what: &str) -> usize {
     let x = rng.floats(n * m.cols);
     let (mut got, mut want) = (vec![f32::NAN; n * m.rows], vec![f32::NAN; n * m.rows]);
-    matmul_with(level, m, &x, n, &mut got);
+    matmul_with_precision(level, ActivationPrecision::F32, m, &x, n, &mut got);
     matmul_scalar(m, &x, n, &mut want);
     assert_close(&got, &want, &naive_dequantize(m), &x, m.rows, m.cols, what);
     1
 }
 
 /// Writes to the real stderr, past the test harness's capture, so a skip is always visible.
-fn report(line: &str) {
+pub(super) fn report(line: &str) {
     let _ = writeln!(std::io::stderr(), "{line}");
 }
 
@@ -489,14 +491,24 @@ fn hand_computed_codes_every_level() {
         let mut row = vec![0f32; 32];
         dequantize_row(&m, 0, &mut row);
         assert_eq!(row, expected, "dequantize_row, {bits}-bit");
-        // One-hot activations pick out single weights; every value is exact in f32.
-        for level in [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512] {
+        // One-hot activations pick out single weights. The hot value 32767 is its own int16
+        // code with step 1, so that both precisions give 32767·w exactly.
+        let levels = [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512];
+        let precisions = [ActivationPrecision::F32, ActivationPrecision::Int16];
+        for (level, precision) in levels
+            .into_iter()
+            .flat_map(|l| precisions.map(|p| (l, p)))
+        {
             for i in 0..32 {
                 let mut x = [0f32; 32];
-                x[i] = 1.0;
+                x[i] = 32767.0;
                 let mut y = [f32::NAN];
-                matmul_with(level, &m, &x, 1, &mut y);
-                assert_eq!(y[0], expected[i], "{level:?} {bits}-bit element {i}");
+                matmul_with_precision(level, precision, &m, &x, 1, &mut y);
+                assert_eq!(
+                    y[0],
+                    32767.0 * expected[i],
+                    "{level:?} {precision:?} {bits}-bit element {i}"
+                );
             }
         }
     }
@@ -559,11 +571,13 @@ fn level_above_cpu_falls_back_to_best() {
             Backend::select(cpu_level(), &m)
         );
         assert_eq!(Backend::select(SimdLevel::Scalar, &m), Backend::Scalar);
-        let x = rng.floats(3 * 96);
-        let (mut a, mut b) = (vec![0f32; 27], vec![0f32; 27]);
-        matmul_with(SimdLevel::Avx512, &m, &x, 3, &mut a);
-        matmul_with(cpu_level(), &m, &x, 3, &mut b);
-        assert_eq!(a, b, "same backend, same bits (seed {seed})");
+        for n in [1, 3] {
+            let x = rng.floats(n * 96);
+            let (mut a, mut b) = (vec![0f32; 9 * n], vec![0f32; 9 * n]);
+            matmul_with(SimdLevel::Avx512, &m, &x, n, &mut a);
+            matmul_with(cpu_level(), &m, &x, n, &mut b);
+            assert_eq!(a, b, "same backend, same bits, n={n} (seed {seed})");
+        }
     }
 }
 
