@@ -41,11 +41,16 @@ pub fn active_bytes_per_token(m: &Model) -> u64 {
     let mut b = m.lm_head.size_bytes() as u64;
     for layer in &m.layers {
         let a = &layer.self_attn;
-        b += [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj].iter().map(|l| l.size_bytes() as u64).sum::<u64>();
+        b += [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj]
+            .iter()
+            .map(|l| l.size_bytes() as u64)
+            .sum::<u64>();
         b += match &layer.mlp {
             FeedForward::Dense(mlp) => mlp.size_bytes() as u64,
             FeedForward::Sparse(moe) => {
-                moe.router.size_bytes() as u64 + moe.experts.first().map_or(0, |e| e.size_bytes() as u64) * moe.rule.top_k as u64
+                moe.router.size_bytes() as u64
+                    + moe.experts.first().map_or(0, |e| e.size_bytes() as u64)
+                        * moe.rule.top_k as u64
             }
         };
     }
@@ -56,11 +61,17 @@ pub fn active_bytes_per_token(m: &Model) -> u64 {
 /// cache) several times and takes the best pass.
 pub fn measure_memory_bandwidth() -> f64 {
     let n = (1usize << 30) / 8;
-    let buf: Vec<u64> = (0..n as u64).into_par_iter().map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15)).collect();
+    let buf: Vec<u64> = (0..n as u64)
+        .into_par_iter()
+        .map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        .collect();
     let mut best = 0f64;
     for _ in 0..5 {
         let t = Instant::now();
-        let s: u64 = buf.par_chunks(1 << 16).map(|c| c.iter().fold(0u64, |a, &x| a ^ x)).reduce(|| 0, |a, b| a ^ b);
+        let s: u64 = buf
+            .par_chunks(1 << 16)
+            .map(|c| c.iter().fold(0u64, |a, &x| a ^ x))
+            .reduce(|| 0, |a, b| a ^ b);
         let dt = t.elapsed().as_secs_f64();
         std::hint::black_box(s);
         best = best.max((n * 8) as f64 / dt);
@@ -80,9 +91,17 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let active = active_bytes_per_token(m);
     let bw = measure_memory_bandwidth();
     let threads = rayon::current_num_threads();
-    let name = l.dir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = l
+        .dir
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let vocab = m.config.vocab_size as u32;
-    let prompt = |n: usize| -> Vec<u32> { (0..n as u32).map(|i| (i * 7919 + 13) % vocab.min(30000)).collect() };
+    let prompt = |n: usize| -> Vec<u32> {
+        (0..n as u32)
+            .map(|i| (i * 7919 + 13) % vocab.min(30000))
+            .collect()
+    };
     let mut rows = vec![];
     for &p in &a.n_prompt {
         let ids = prompt(p);
@@ -116,9 +135,12 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let floor_tps = bw / active as f64;
     if a.json {
         for (test, (mean, std)) in &rows {
-            println!("{}", json!({"model": name, "arch": m.config.arch.model_type(), "threads": threads, "test": test,
+            println!(
+                "{}",
+                json!({"model": name, "arch": m.config.arch.model_type(), "threads": threads, "test": test,
                 "tokens_per_second": mean, "std": std, "active_bytes_per_token": active, "memory_bandwidth_bytes_per_second": bw,
-                "bandwidth_floor_tokens_per_second": floor_tps}));
+                "bandwidth_floor_tokens_per_second": floor_tps})
+            );
         }
         return Ok(());
     }
@@ -126,8 +148,15 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     println!("| model | arch | threads | test | t/s | vs floor |");
     println!("| --- | --- | ---: | --- | ---: | ---: |");
     for (test, (mean, std)) in &rows {
-        let vs = if test.starts_with("tg") { format!("{:.2}x", floor_tps / mean) } else { "".into() };
-        println!("| {name} | {} | {threads} | {test} | {mean:.2} ± {std:.2} | {vs} |", m.config.arch.model_type());
+        let vs = if test.starts_with("tg") {
+            format!("{:.2}x", floor_tps / mean)
+        } else {
+            "".into()
+        };
+        println!(
+            "| {name} | {} | {threads} | {test} | {mean:.2} ± {std:.2} | {vs} |",
+            m.config.arch.model_type()
+        );
     }
     Ok(())
 }

@@ -225,15 +225,34 @@ fn perplexity_follows_llama_perplexity_from_score() {
     let f = t.path().join("text.txt");
     std::fs::write(&f, &text).unwrap();
     let ctx = 32;
-    let o = moestream(&["perplexity", "--model", m.to_str().unwrap(), "--file", f.to_str().unwrap(), "--ctx", &ctx.to_string()]);
+    let o = moestream(&[
+        "perplexity",
+        "--model",
+        m.to_str().unwrap(),
+        "--file",
+        f.to_str().unwrap(),
+        "--ctx",
+        &ctx.to_string(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
-    let ppl: f64 = out.split("PPL = ").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    let ppl: f64 = out
+        .split("PPL = ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     // The synthetic tokenizer is byte-level: one token per byte, no BOS for qwen3.
     let bytes = text.as_bytes();
     let (mut nll, mut n) = (0.0, 0);
     for c in 0..bytes.len() / ctx {
-        let ids: Vec<String> = bytes[c * ctx..(c + 1) * ctx].iter().map(|b| b.to_string()).collect();
+        let ids: Vec<String> = bytes[c * ctx..(c + 1) * ctx]
+            .iter()
+            .map(|b| b.to_string())
+            .collect();
         let (_, lp) = score(&m, &ids.join(" "));
         for x in &lp[ctx / 2 - 1..] {
             nll -= x;
@@ -242,7 +261,15 @@ fn perplexity_follows_llama_perplexity_from_score() {
     }
     let want = (nll / n as f64).exp();
     assert!((ppl - want).abs() / want < 1e-3, "{ppl} vs {want}");
-    let o = moestream(&["perplexity", "--model", m.to_str().unwrap(), "--file", f.to_str().unwrap(), "--ctx", "4096"]);
+    let o = moestream(&[
+        "perplexity",
+        "--model",
+        m.to_str().unwrap(),
+        "--file",
+        f.to_str().unwrap(),
+        "--ctx",
+        "4096",
+    ]);
     assert_clean_error(&o, &["at least 4096"]);
 }
 
@@ -267,16 +294,25 @@ fn f16_and_bf16_checkpoints_agree_with_f32() {
     for arch in ["qwen3_moe", "mixtral"] {
         let m = synth(t.path(), arch, "hf-f32");
         let (_, want) = score(&m, ids);
-        for (bf16, dtype, tol) in [(false, safetensors::Dtype::F16, 2e-2), (true, safetensors::Dtype::BF16, 1e-1)] {
+        for (bf16, dtype, tol) in [
+            (false, safetensors::Dtype::F16, 2e-2),
+            (true, safetensors::Dtype::BF16, 1e-1),
+        ] {
             let copy = t.path().join(format!("{arch}-{dtype:?}"));
             std::fs::create_dir_all(&copy).unwrap();
             for f in std::fs::read_dir(&m).unwrap() {
                 let f = f.unwrap().path();
                 std::fs::copy(&f, copy.join(f.file_name().unwrap())).unwrap();
             }
-            rewrite_safetensors(&copy.join("model.safetensors"), |_, _, s, b| Some((dtype, s, to_half(&b, bf16))));
+            rewrite_safetensors(&copy.join("model.safetensors"), |_, _, s, b| {
+                Some((dtype, s, to_half(&b, bf16)))
+            });
             let (_, got) = score(&copy, ids);
-            let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
             assert!(worst < tol, "{arch} {dtype:?}: {worst}");
             assert!(worst > 0.0, "{arch} {dtype:?}: suspiciously exact");
         }
@@ -306,7 +342,12 @@ fn fused_transformers5_expert_layout_equals_per_expert_layout() {
         }
     }
     for l in 0..4 {
-        let get = |x: usize, p: &str| st.tensor(&format!("model.layers.{l}.mlp.experts.{x}.{p}.weight")).unwrap().data().to_vec();
+        let get = |x: usize, p: &str| {
+            st.tensor(&format!("model.layers.{l}.mlp.experts.{x}.{p}.weight"))
+                .unwrap()
+                .data()
+                .to_vec()
+        };
         let mut gu = vec![];
         let mut down = vec![];
         for x in 0..e {
@@ -314,11 +355,27 @@ fn fused_transformers5_expert_layout_equals_per_expert_layout() {
             gu.extend(get(x, "up_proj"));
             down.extend(get(x, "down_proj"));
         }
-        out.push((format!("model.layers.{l}.mlp.experts.gate_up_proj"), vec![e, 2 * i, h], gu));
-        out.push((format!("model.layers.{l}.mlp.experts.down_proj"), vec![e, h, i], down));
+        out.push((
+            format!("model.layers.{l}.mlp.experts.gate_up_proj"),
+            vec![e, 2 * i, h],
+            gu,
+        ));
+        out.push((
+            format!("model.layers.{l}.mlp.experts.down_proj"),
+            vec![e, h, i],
+            down,
+        ));
     }
-    let views: Vec<(String, safetensors::tensor::TensorView)> =
-        out.iter().map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap())).collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = out
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
     safetensors::serialize_to_file(views, None, &fused.join("model.safetensors")).unwrap();
     let ids = "1 5 9 13 17 21 25 29 33";
     assert_eq!(score(&m, ids).1, score(&fused, ids).1);
@@ -330,13 +387,26 @@ fn interactive_chat_reads_turns_from_stdin() {
     let t = tempfile::tempdir().unwrap();
     let m = synth(t.path(), "qwen3_moe", "mlx8");
     let mut child = std::process::Command::new(bin())
-        .args(["run", "--model", m.to_str().unwrap(), "--max-tokens", "4", "--temperature", "0"])
+        .args([
+            "run",
+            "--model",
+            m.to_str().unwrap(),
+            "--max-tokens",
+            "4",
+            "--temperature",
+            "0",
+        ])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all("hello\nand again\n\n".as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all("hello\nand again\n\n".as_bytes())
+        .unwrap();
     let o = child.wait_with_output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     // One statistics line per turn; the second turn reuses the cached conversation prefix, so

@@ -19,4 +19,6 @@ mod safetensors_index;
 
 pub use error::FormatError;
 pub use mlx::{QuantParams, QuantizationConfig};
-pub use safetensors_index::{weight_files_bytes, DType, MappedFile, SafetensorsIndex, TensorLocation};
+pub use safetensors_index::{
+    weight_files_bytes, DType, MappedFile, SafetensorsIndex, TensorLocation,
+};

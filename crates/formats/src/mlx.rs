@@ -114,8 +114,20 @@ mod tests {
             "model.layers.0.mlp.gate": {"group_size": 64, "bits": 8}, "model.layers.1.mlp.gate": false}}))
         .unwrap()
         .unwrap();
-        assert_eq!(q.default, QuantParams { bits: 4, group_size: 32 });
-        assert_eq!(q.params_for("model.layers.0.mlp.gate"), QuantParams { bits: 8, group_size: 64 });
+        assert_eq!(
+            q.default,
+            QuantParams {
+                bits: 4,
+                group_size: 32
+            }
+        );
+        assert_eq!(
+            q.params_for("model.layers.0.mlp.gate"),
+            QuantParams {
+                bits: 8,
+                group_size: 64
+            }
+        );
         assert_eq!(q.params_for("model.layers.1.mlp.gate"), q.default);
         assert_eq!(q.overrides.len(), 1);
     }
@@ -123,19 +135,39 @@ mod tests {
     #[test]
     fn absent_means_float_and_old_files_without_mode_are_affine() {
         assert!(parse(json!({"model_type": "qwen3"})).unwrap().is_none());
-        assert!(parse(json!({"quantization_config": {"quant_method": "fp8"}})).unwrap().is_none());
-        assert!(parse(json!({"quantization": {"group_size": 64, "bits": 3}})).unwrap().is_some());
+        assert!(
+            parse(json!({"quantization_config": {"quant_method": "fp8"}}))
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            parse(json!({"quantization": {"group_size": 64, "bits": 3}}))
+                .unwrap()
+                .is_some()
+        );
     }
 
     #[test]
     fn unsupported_values_are_named() {
-        let e = parse(json!({"quantization": {"group_size": 64, "bits": 7}})).unwrap_err().to_string();
-        assert!(e.contains("config.json") && e.contains("quantization.bits") && e.contains('7'), "{e}");
-        let e = parse(json!({"quantization": {"group_size": 48, "bits": 4}})).unwrap_err().to_string();
+        let e = parse(json!({"quantization": {"group_size": 64, "bits": 7}}))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("config.json") && e.contains("quantization.bits") && e.contains('7'),
+            "{e}"
+        );
+        let e = parse(json!({"quantization": {"group_size": 48, "bits": 4}}))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("group_size") && e.contains("48"), "{e}");
-        let e = parse(json!({"quantization": {"group_size": 32, "bits": 4, "mode": "mxfp4"}})).unwrap_err().to_string();
+        let e = parse(json!({"quantization": {"group_size": 32, "bits": 4, "mode": "mxfp4"}}))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("mxfp4"), "{e}");
-        let e = parse(json!({"quantization": {"group_size": 32, "bits": 4, "x.gate": {"bits": 8}}})).unwrap_err().to_string();
+        let e =
+            parse(json!({"quantization": {"group_size": 32, "bits": 4, "x.gate": {"bits": 8}}}))
+                .unwrap_err()
+                .to_string();
         assert!(e.contains("quantization.x.gate.group_size"), "{e}");
     }
 }

@@ -242,7 +242,12 @@ impl SafetensorsIndex {
 pub fn weight_files_bytes(dir: &Path) -> Result<u64, FormatError> {
     let mut total = 0;
     for p in weight_files(dir)? {
-        total += std::fs::metadata(&p).map_err(|source| FormatError::Io { path: p.clone(), source })?.len();
+        total += std::fs::metadata(&p)
+            .map_err(|source| FormatError::Io {
+                path: p.clone(),
+                source,
+            })?
+            .len();
     }
     Ok(total)
 }
@@ -399,7 +404,7 @@ mod tests {
 
     fn write_st(path: &Path, header: &str, data: &[u8]) {
         let mut h = header.as_bytes().to_vec();
-        while h.len() % 8 != 0 {
+        while !h.len().is_multiple_of(8) {
             h.push(b' ');
         }
         let mut out = (h.len() as u64).to_le_bytes().to_vec();
@@ -411,8 +416,16 @@ mod tests {
     #[test]
     fn locates_tensors_across_files_without_reading_them() {
         let d = tempfile::tempdir().unwrap();
-        write_st(&d.path().join("a.safetensors"), r#"{"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#, &[0, 0, 128, 63, 0, 0, 0, 64]);
-        write_st(&d.path().join("b.safetensors"), r#"{"__metadata__":{"format":"mlx"},"y":{"dtype":"BF16","shape":[1,2],"data_offsets":[0,4]}}"#, &[1, 2, 3, 4]);
+        write_st(
+            &d.path().join("a.safetensors"),
+            r#"{"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
+            &[0, 0, 128, 63, 0, 0, 0, 64],
+        );
+        write_st(
+            &d.path().join("b.safetensors"),
+            r#"{"__metadata__":{"format":"mlx"},"y":{"dtype":"BF16","shape":[1,2],"data_offsets":[0,4]}}"#,
+            &[1, 2, 3, 4],
+        );
         let idx = SafetensorsIndex::open(d.path()).unwrap();
         let x = idx.require("x").unwrap();
         assert_eq!((x.dtype, x.shape.clone(), x.len), (DType::F32, vec![2], 8));
@@ -426,17 +439,36 @@ mod tests {
     #[test]
     fn index_json_names_the_shards_and_cannot_escape_the_folder() {
         let d = tempfile::tempdir().unwrap();
-        write_st(&d.path().join("s1.safetensors"), r#"{"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#, &[0; 4]);
-        write_st(&d.path().join("stray.safetensors"), r#"{"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#, &[0; 4]);
-        std::fs::write(d.path().join("model.safetensors.index.json"), r#"{"weight_map":{"x":"s1.safetensors"}}"#).unwrap();
+        write_st(
+            &d.path().join("s1.safetensors"),
+            r#"{"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
+            &[0; 4],
+        );
+        write_st(
+            &d.path().join("stray.safetensors"),
+            r#"{"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
+            &[0; 4],
+        );
+        std::fs::write(
+            d.path().join("model.safetensors.index.json"),
+            r#"{"weight_map":{"x":"s1.safetensors"}}"#,
+        )
+        .unwrap();
         // Only the indexed shard is read, so the duplicate in the stray file does not matter.
         assert!(SafetensorsIndex::open(d.path()).unwrap().contains("x"));
-        std::fs::write(d.path().join("model.safetensors.index.json"), r#"{"weight_map":{"x":"../etc/passwd"}}"#).unwrap();
+        std::fs::write(
+            d.path().join("model.safetensors.index.json"),
+            r#"{"weight_map":{"x":"../etc/passwd"}}"#,
+        )
+        .unwrap();
         let e = SafetensorsIndex::open(d.path()).unwrap_err().to_string();
         assert!(e.contains("outside the folder"), "{e}");
         std::fs::write(d.path().join("model.safetensors.index.json"), "{").unwrap();
         let e = SafetensorsIndex::open(d.path()).unwrap_err().to_string();
-        assert!(e.contains("model.safetensors.index.json") && e.contains("malformed"), "{e}");
+        assert!(
+            e.contains("model.safetensors.index.json") && e.contains("malformed"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -445,7 +477,11 @@ mod tests {
         let e = SafetensorsIndex::open(d.path()).unwrap_err().to_string();
         assert!(e.contains("no *.safetensors"), "{e}");
         for f in ["a.safetensors", "b.safetensors"] {
-            write_st(&d.path().join(f), r#"{"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#, &[0; 4]);
+            write_st(
+                &d.path().join(f),
+                r#"{"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
+                &[0; 4],
+            );
         }
         let e = SafetensorsIndex::open(d.path()).unwrap_err().to_string();
         assert!(e.contains("`x`") && e.contains("also present"), "{e}");
@@ -457,12 +493,26 @@ mod tests {
         let f = d.path().join("m.safetensors");
         // Header length larger than the file.
         std::fs::write(&f, [255u8, 255, 255, 255, 0, 0, 0, 0, b'{']).unwrap();
-        assert!(SafetensorsIndex::open(d.path()).unwrap_err().to_string().contains("header"));
+        assert!(SafetensorsIndex::open(d.path())
+            .unwrap_err()
+            .to_string()
+            .contains("header"));
         // Shape and byte range disagree.
-        write_st(&f, r#"{"x":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#, &[0; 8]);
+        write_st(
+            &f,
+            r#"{"x":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#,
+            &[0; 8],
+        );
         assert!(SafetensorsIndex::open(d.path()).is_err());
         // Unknown dtype string.
-        write_st(&f, r#"{"x":{"dtype":"Q4","shape":[2],"data_offsets":[0,8]}}"#, &[0; 8]);
-        assert!(SafetensorsIndex::open(d.path()).unwrap_err().to_string().contains("m.safetensors"));
+        write_st(
+            &f,
+            r#"{"x":{"dtype":"Q4","shape":[2],"data_offsets":[0,8]}}"#,
+            &[0; 8],
+        );
+        assert!(SafetensorsIndex::open(d.path())
+            .unwrap_err()
+            .to_string()
+            .contains("m.safetensors"));
     }
 }

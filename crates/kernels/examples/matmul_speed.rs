@@ -176,7 +176,9 @@ fn print_table(table: &[Measurement], bw_one: f64, bw_all: f64) {
     );
     println!(
         "|{}|",
-        [11, 15, 8, 8, 7, 9, 12, 11, 9, 9, 8].map(|n| "-".repeat(n)).join("|")
+        [11, 15, 8, 8, 7, 9, 12, 11, 9, 9, 8]
+            .map(|n| "-".repeat(n))
+            .join("|")
     );
     for m in table {
         let bw = if m.threads == 1 { bw_one } else { bw_all };
@@ -215,7 +217,9 @@ fn print_int16_summary(table: &[Measurement], bw_one: f64, bw_all: f64) {
     );
     println!(
         "|{}|",
-        [11, 15, 9, 13, 15, 9, 12, 12].map(|n| "-".repeat(n)).join("|")
+        [11, 15, 9, 13, 15, 9, 12, 12]
+            .map(|n| "-".repeat(n))
+            .join("|")
     );
     let decode = |m: &&Measurement| m.n_tokens == 1 && m.level == best;
     for f32_line in table
@@ -226,11 +230,20 @@ fn print_int16_summary(table: &[Measurement], bw_one: f64, bw_all: f64) {
         let Some(int16_line) = table.iter().filter(decode).find(|m| {
             m.precision == ActivationPrecision::Int16
                 && (m.format.name(), m.rows, m.cols, m.threads)
-                    == (f32_line.format.name(), f32_line.rows, f32_line.cols, f32_line.threads)
+                    == (
+                        f32_line.format.name(),
+                        f32_line.rows,
+                        f32_line.cols,
+                        f32_line.threads,
+                    )
         }) else {
             continue;
         };
-        let bw = if f32_line.threads == 1 { bw_one } else { bw_all };
+        let bw = if f32_line.threads == 1 {
+            bw_one
+        } else {
+            bw_all
+        };
         let floor = f32_line.matrix_bytes as f64 / (bw * 1e9);
         println!(
             "| {:<9} | {:<13} | {:>7} | {:>11.3} | {:>13.3} | {:>6.2}x | {:>9.0}% | {:>10.3} |",

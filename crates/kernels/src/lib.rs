@@ -6,6 +6,11 @@
 //! materialised as floats. SIMD paths (AVX2+FMA, AVX-512) are chosen once at run time
 //! ([`features::simd_level`]); every one has a scalar twin ([`matmul_scalar`]) it is tested against.
 //!
+//! Decode products (one token) of quantized weights round the activations to int16 by default,
+//! which makes them about 1.4 times faster on AVX2 at a relative error of ~1e-5
+//! ([`features::ActivationPrecision`]); `MOESTREAM_EXACT_MATMUL=1` keeps f32 activations
+//! everywhere.
+//!
 //! Weight bytes are taken as `&[u8]` in little-endian order with no alignment promise: memory-mapped
 //! safetensors place tensors at arbitrary offsets, so all loads are unaligned.
 //!

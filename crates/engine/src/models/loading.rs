@@ -24,7 +24,10 @@ pub(super) fn load(dir: &Path) -> Result<Model, LoadError> {
     // A model that fits in memory is mapped with every page faulted in at load: otherwise each
     // token's first touch of an expert costs a page fault per 4 KiB, which showed up as a third
     // of decode time. Models that do not fit are mapped lazily (the expert store streams them).
-    let populate = match (moestream_formats::weight_files_bytes(dir), available_memory_bytes()) {
+    let populate = match (
+        moestream_formats::weight_files_bytes(dir),
+        available_memory_bytes(),
+    ) {
         (Ok(size), Some(avail)) => size < avail / 10 * 9,
         _ => false,
     };

@@ -4,36 +4,45 @@
 //! converts every code to f32 first.
 //!
 //! # Method
-//! The activation row is cut into spans of [`span_columns`] columns: the weight group, or for
-//! groups of more than 128 columns the largest of 128, 64, 32 that divides it, so that a span never
-//! straddles two groups. Span `j` gets a step and int16 values
+//! The activation row is cut into spans of [`span_columns`] columns (32, 64 or 128: the weight
+//! group, or for other group sizes the largest of 128, 64, 32 that divides the group, so that a
+//! span never straddles two groups). Span `j` gets a step and int16 values
 //!
 //! ```text
 //! dx_j = max_{i∈j} |x_i| / 32767,    xq_i = round(x_i / dx_j)   (ties to even; |xq_i| ≤ 32767)
 //! ```
 //!
-//! and an affine row `w_i = s_g·q_i + b_g` becomes
+//! With the rounding residuals `r_i = x_i − dx_j·xq_i`, an affine row `w_i = s_g·q_i + b_g` is
+//! exactly `Σ_g s_g·Σ_{i∈g} (dx_j·q_i·xq_i + q_i·r_i) + b_g·Σ_{i∈g} x_i`. Writing
+//! `q_i·r_i = z·r_i + (q_i − z)·r_i` with the centre code `z = (2^bits − 1) / 2` and dropping the
+//! last term, the only approximation, gives
 //!
 //! ```text
-//! y = Σ_j (s_g(j)·dx_j) · Σ_{i∈j} q_i·xq_i  +  Σ_g b_g · Σ_{i∈g} x_i
+//! y = Σ_j (s_g(j)·dx_j) · Σ_{i∈j} q_i·xq_i  +  Σ_g (b_g · Σ_{i∈g} x_i  +  s_g · c_g)
+//! c_g = z · Σ_{i∈g} r_i
 //! ```
 //!
 //! The inner sums are exact in i32 (`q_i·|xq_i| ≤ 255·32767`, so a span of at most 128 columns
-//! stays below 2^31); the bias term uses the f32 group sums of the f32 path. The row is
-//! quantized once per call ([`QuantizedRow::new`], shared by every backend and task); the
-//! backends then differ from the scalar twin ([`matvec_block`]) only in the order of the f32
-//! operations that scale and add the per-span sums.
+//! stays below 2^31); the bias term uses the f32 group sums of the f32 path, and the corrections
+//! `c_g` are computed with the quantization, once per call. The correction halves the error for
+//! codes spread over their range (the root mean square of `q − z` is half that of `q` for
+//! uniform codes) at the cost of one more dot product per row over the groups. The row is
+//! quantized once per call ([`QuantizedRow::new`], shared by every task), with the same integer
+//! values for every backend, laid out in the order in which the backend unpacks codes
+//! ([`ValueOrder`]); the backends then differ from the scalar twin ([`matvec_block`]) only in
+//! the order of the f32 operations that scale and add the per-span sums.
 //!
 //! # Error
 //! Rounding moves `x_i` by at most `dx_j / 2 = max_{i∈j}|x_i| / 65534`, so
-//! `|y_int16 − y_f32| ≤ Σ_i |s_g|·q_i·dx_j / 2` plus f32 rounding: the error is relative to the
-//! largest activation of each span, not to each activation, and grows where a span holds an
-//! outlier. The error bound and the measured error are in the `matmul` module docs.
+//! `|y_int16 − y_f32| ≤ Σ_i |s_g|·|q_i − z|·dx_j / 2` plus f32 rounding: the error is relative
+//! to the largest activation of each span, not to each activation, and grows where a span holds
+//! an outlier. The measured error is in the `matmul` module docs.
 //!
 //! # Spans that cannot be scaled
 //! An all-zero span gets `dx = 0` and zero values (no division by zero). A span whose largest
-//! value is below `32767 · f32::MIN_POSITIVE` (~4e-34) is treated as zero. A span holding a NaN or
-//! an infinity gets `dx = NaN`, so that the outputs become NaN as they would on the f32 path.
+//! value is below `32767 · f32::MIN_POSITIVE` (~4e-34) is rounded to zero (its residuals, the
+//! values themselves, still enter the correction). A span holding a NaN or an infinity gets
+//! `dx = NaN`, so that the outputs become NaN as they would on the f32 path.
 
 #[cfg(target_arch = "x86_64")]
 pub(super) mod avx2;
@@ -45,133 +54,223 @@ mod tests;
 use std::ops::Range;
 
 use super::scalar::{read_float, unpack_codes, BLOCK};
-use super::ColumnOrder;
+use super::Backend;
 #[cfg(target_arch = "x86_64")]
 use crate::features::{cpu_level, SimdLevel};
 use crate::{Matrix, Weights};
 
-/// The largest int16 value used; symmetric, so that `-32768` never occurs (`vpmaddwd` would
-/// overflow on `-32768 · -32768` pairs, which codes ≥ 0 never form, but symmetry keeps the
-/// rounding error bound the same for both signs).
+/// The largest int16 value used; symmetric, so that the rounding error bound is the same for
+/// both signs (and `vpmaddwd` never meets `-32768 · -32768`).
 const XQ_MAX: f32 = 32767.0;
 
-/// Columns per span of activations that share one step: the group size when it is at most 128
-/// (a span's integer sum must stay below 2^31 for 8-bit codes), else the largest of 128, 64, 32
-/// dividing it. `group_size` is a multiple of 32 ([`Matrix::validate`]).
+/// Columns per span of activations that share one step: the group size when it is 32, 64 or
+/// 128, else the largest of 128, 64, 32 dividing it (a span's integer sum must stay below 2^31
+/// for 8-bit codes, and the kernels are unrolled for these three). `group_size` is a multiple of
+/// 32 ([`Matrix::validate`]).
 pub(super) fn span_columns(group_size: usize) -> usize {
-    if group_size <= 128 {
-        return group_size;
-    }
-    [128, 64, 32]
+    [128, 64]
         .into_iter()
         .find(|s| group_size.is_multiple_of(*s))
         .unwrap_or(BLOCK)
 }
 
-/// The activation row of a decode product, rounded to int16 span by span (module docs).
-pub(super) struct QuantizedRow {
-    /// `cols` values; within each 32-column block, in the backend's [`ColumnOrder`].
-    pub values: Vec<i16>,
-    /// `cols / span` steps `dx_j`.
-    pub steps: Vec<f32>,
-    /// Columns per span: a multiple of 32 of at most 128 columns dividing the group size.
-    pub span: usize,
+/// Order of the int16 values, matching the order in which a backend unpacks codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ValueOrder {
+    /// As the columns: the scalar twin; 8-bit and 2/3/5/6-bit codes.
+    Natural,
+    /// Within each 32 columns: the even columns, then the odd ones, as the low and high nibbles
+    /// of 16 bytes (4-bit codes on AVX-512).
+    NibbleSplit,
+    /// Within each 64 columns: columns `4k`, then `4k + 1`, `4k + 2`, `4k + 3` (`k` in 0..16), as
+    /// the four nibbles of the 16-bit words of 32 bytes (4-bit codes on AVX2); a last 32 columns
+    /// (`cols % 64 == 32`) in [`ValueOrder::NibbleSplit`] order.
+    NibbleQuad,
 }
 
-impl QuantizedRow {
-    /// Quantizes the single row `x` of a product with affine weights of `group_size`.
-    pub(super) fn new(x: &[f32], group_size: usize, order: ColumnOrder) -> Self {
-        let span = span_columns(group_size);
-        debug_assert!(x.len().is_multiple_of(span));
-        let mut values = vec![0i16; x.len()];
-        let mut steps = vec![0f32; x.len() / span];
-        #[cfg(target_arch = "x86_64")]
-        if cpu_level() >= SimdLevel::Avx2 {
-            // SAFETY: the CPU supports AVX2, FMA and F16C.
-            unsafe { quantize_avx2(x, span, order, &mut values, &mut steps) };
-        } else {
-            quantize(x, span, order, &mut values, &mut steps);
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        quantize(x, span, order, &mut values, &mut steps);
-        QuantizedRow {
-            values,
-            steps,
-            span,
+impl ValueOrder {
+    /// The order `backend` unpacks the codes of `m` in.
+    pub(super) fn of(backend: Backend, m: &Matrix) -> Self {
+        match (backend, m.weights) {
+            (Backend::Scalar, _) => ValueOrder::Natural,
+            #[cfg(target_arch = "x86_64")]
+            (Backend::Avx2, Weights::Affine { bits: 4, .. }) => ValueOrder::NibbleQuad,
+            #[cfg(target_arch = "x86_64")]
+            (Backend::Avx512, Weights::Affine { bits: 4, .. }) => ValueOrder::NibbleSplit,
+            #[cfg(target_arch = "x86_64")]
+            _ => ValueOrder::Natural,
         }
     }
 }
 
+/// The activation row of a decode product, rounded to int16 span by span (module docs).
+pub(super) struct QuantizedRow {
+    /// `cols` values in a [`ValueOrder`].
+    pub values: Vec<i16>,
+    /// `cols / span` steps `dx_j`.
+    pub steps: Vec<f32>,
+    /// Columns per span: 32, 64 or 128, dividing the group size.
+    pub span: usize,
+    /// `cols / group_size` corrections `c_g`.
+    pub corrections: Vec<f32>,
+}
+
+impl QuantizedRow {
+    /// Quantizes the single row `x` of a product with `bits`-bit affine weights of `group_size`;
+    /// the column count `x.len()` is a multiple of the group size ([`Matrix::validate`]).
+    pub(super) fn new(x: &[f32], bits: u32, group_size: usize, order: ValueOrder) -> Self {
+        let span = span_columns(group_size);
+        debug_assert!(x.len().is_multiple_of(group_size));
+        let mut row = QuantizedRow {
+            values: vec![0; x.len()],
+            steps: vec![0.0; x.len() / span],
+            span,
+            corrections: vec![0.0; x.len() / group_size],
+        };
+        let center = ((1u32 << bits) - 1) as f32 / 2.0;
+        #[cfg(target_arch = "x86_64")]
+        if cpu_level() >= SimdLevel::Avx2 {
+            // SAFETY: the CPU supports AVX2, FMA and F16C.
+            unsafe { quantize_avx2(x, center, order, &mut row) };
+            return row;
+        }
+        quantize(x, center, order, &mut row);
+        row
+    }
+}
+
 /// [`quantize`] compiled for AVX2, where it runs in vector registers. Rust never contracts or
-/// reorders f32 operations, so both compilations give the same values and steps.
+/// reorders f32 operations, so both compilations give the same results.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn quantize_avx2(
-    x: &[f32],
-    span: usize,
-    order: ColumnOrder,
-    values: &mut [i16],
-    steps: &mut [f32],
-) {
-    quantize(x, span, order, values, steps)
+unsafe fn quantize_avx2(x: &[f32], center: f32, order: ValueOrder, row: &mut QuantizedRow) {
+    quantize(x, center, order, row)
 }
 
-/// Rounds `x` span by span into `values` (in `order`) and `steps` (module docs).
+/// Fills `row` (allocated for `x`) from `x`: steps, values in `order`, and corrections for the
+/// centre code `center` (module docs).
 #[inline(always)]
-fn quantize(x: &[f32], span: usize, order: ColumnOrder, values: &mut [i16], steps: &mut [f32]) {
-    for ((xs, qs), step) in x
-        .chunks_exact(span)
-        .zip(values.chunks_exact_mut(span))
-        .zip(steps.iter_mut())
+fn quantize(x: &[f32], center: f32, order: ValueOrder, row: &mut QuantizedRow) {
+    let span = row.span;
+    for (xs, step) in x.chunks_exact(span).zip(row.steps.iter_mut()) {
+        *step = span_step(xs);
+    }
+    let steps = &row.steps;
+    // The step of 32-column block `b`, and the factor that takes its values to int16: zero for
+    // spans that round to zero (step 0) and for non-finite spans (step NaN, whose output is NaN
+    // anyway).
+    let step_and_inverse = |b: usize| {
+        let step = steps[b * BLOCK / span];
+        (step, if step > 0.0 { 1.0 / step } else { 0.0 })
+    };
+    let values = &mut row.values;
+    match order {
+        ValueOrder::Natural => {
+            for (b, (q, xs)) in values
+                .chunks_exact_mut(BLOCK)
+                .zip(x.chunks_exact(BLOCK))
+                .enumerate()
+            {
+                let inv = step_and_inverse(b).1;
+                for (q, v) in q.iter_mut().zip(xs) {
+                    *q = round(*v, inv);
+                }
+            }
+        }
+        ValueOrder::NibbleSplit => {
+            for (b, (q, xs)) in values
+                .chunks_exact_mut(BLOCK)
+                .zip(x.chunks_exact(BLOCK))
+                .enumerate()
+            {
+                nibble_split(q, xs, step_and_inverse(b).1);
+            }
+        }
+        ValueOrder::NibbleQuad => {
+            let mut q64 = values.chunks_exact_mut(2 * BLOCK);
+            let mut x64 = x.chunks_exact(2 * BLOCK);
+            for (c, (q, xs)) in (&mut q64).zip(&mut x64).enumerate() {
+                // Column 4k + r goes to value 16r + k; the first 8 k are the chunk's first
+                // block, the last 8 its second.
+                let mut inv = [step_and_inverse(2 * c).1; 16];
+                inv[8..].fill(step_and_inverse(2 * c + 1).1);
+                let (q0, q) = q.split_at_mut(16);
+                let (q1, q) = q.split_at_mut(16);
+                let (q2, q3) = q.split_at_mut(16);
+                for (k, quad) in xs.chunks_exact(4).enumerate() {
+                    q0[k] = round(quad[0], inv[k]);
+                    q1[k] = round(quad[1], inv[k]);
+                    q2[k] = round(quad[2], inv[k]);
+                    q3[k] = round(quad[3], inv[k]);
+                }
+            }
+            let (q, xs) = (q64.into_remainder(), x64.remainder());
+            if !q.is_empty() {
+                nibble_split(q, xs, step_and_inverse(x.len() / BLOCK - 1).1);
+            }
+        }
+    }
+    // The residuals, in eight interleaved partial sums per group (the values are rounded again
+    // here, in column order, rather than read back in the backend's order).
+    let blocks_per_group = x.len() / row.corrections.len() / BLOCK;
+    for (g, (xs, correction)) in x
+        .chunks_exact(blocks_per_group * BLOCK)
+        .zip(row.corrections.iter_mut())
+        .enumerate()
     {
-        *step = quantize_span(xs, qs, order);
+        let mut lanes = [0f32; 8];
+        for (b, xb) in xs.chunks_exact(BLOCK).enumerate() {
+            let (step, inv) = step_and_inverse(g * blocks_per_group + b);
+            for x8 in xb.chunks_exact(8) {
+                for (lane, v) in lanes.iter_mut().zip(x8) {
+                    *lane += v - step * f32::from(round(*v, inv));
+                }
+            }
+        }
+        *correction = center * lanes.iter().sum::<f32>();
     }
 }
 
-/// Rounds the span `x` into `out` in `order` (module docs) and returns its step.
+/// Rounds the 32 values `x` into `q` in [`ValueOrder::NibbleSplit`] order.
 #[inline(always)]
-fn quantize_span(x: &[f32], out: &mut [i16], order: ColumnOrder) -> f32 {
+fn nibble_split(q: &mut [i16], x: &[f32], inverse: f32) {
+    let (even, odd) = q.split_at_mut(BLOCK / 2);
+    for ((e, o), pair) in even.iter_mut().zip(odd).zip(x.chunks_exact(2)) {
+        *e = round(pair[0], inverse);
+        *o = round(pair[1], inverse);
+    }
+}
+
+/// The step of the span `x` (module docs): 0 for a span that rounds to zero, NaN for a span
+/// with a NaN or an infinity.
+#[inline(always)]
+fn span_step(x: &[f32]) -> f32 {
     // The largest |x| through the bit patterns: an integer maximum vectorises, and the patterns of
     // NaN and ±inf exceed those of every finite value.
     let top = x.iter().fold(0u32, |m, v| m.max(v.to_bits() & 0x7fff_ffff));
     let largest = f32::from_bits(top);
     if !largest.is_finite() {
-        out.fill(0);
         return f32::NAN;
     }
     let step = largest / XQ_MAX;
     if step < f32::MIN_POSITIVE {
-        out.fill(0);
         return 0.0;
     }
-    let inverse = 1.0 / step;
-    // Adding 1.5·2^23 rounds v to an integer n (to nearest, ties to even) for |v| ≤ 2^22 (here
-    // |v| ≤ 32767 plus a few ulps) and leaves the f32 whose bit pattern is that of 1.5·2^23
-    // plus n: integer operations, which vectorise, where a float-to-int conversion would not on
-    // baseline x86-64.
+    step
+}
+
+/// `round(v · inverse)` for `|v · inverse| ≤ 32767` plus a few ulps: adding 1.5·2^23 rounds to
+/// an integer n (to nearest, ties to even) and leaves the f32 whose bit pattern is that of
+/// 1.5·2^23 plus n. Integer operations, which vectorise, where a float-to-int conversion would
+/// not on baseline x86-64.
+#[inline(always)]
+fn round(v: f32, inverse: f32) -> i16 {
     const ROUND: f32 = 12_582_912.0;
     const ROUND_BITS: i32 = 0x4B40_0000;
-    let round = |v: f32| ((v * inverse + ROUND).to_bits() as i32 - ROUND_BITS) as i16;
-    match order {
-        ColumnOrder::Natural => {
-            for (q, v) in out.iter_mut().zip(x) {
-                *q = round(*v);
-            }
-        }
-        ColumnOrder::NibbleSplit => {
-            for (q, xs) in out.chunks_exact_mut(BLOCK).zip(x.chunks_exact(BLOCK)) {
-                let (even, odd) = q.split_at_mut(BLOCK / 2);
-                for ((e, o), pair) in even.iter_mut().zip(odd).zip(xs.chunks_exact(2)) {
-                    *e = round(pair[0]);
-                    *o = round(pair[1]);
-                }
-            }
-        }
-    }
-    step
+    ((v * inverse + ROUND).to_bits() as i32 - ROUND_BITS) as i16
 }
 
 /// The scalar twin of the SIMD kernels: `out[o - rows.start]` for the given rows of an affine `m`,
@@ -202,7 +301,8 @@ pub(super) fn matvec_block(
     let mut codes = [0u8; BLOCK];
     for (y, o) in out.iter_mut().zip(rows) {
         let row = &packed[o * row_bytes..(o + 1) * row_bytes];
-        let param = |params: &[u8], g: usize| read_float(scale_kind, &params[(o * groups + g) * size..]);
+        let param =
+            |params: &[u8], g: usize| read_float(scale_kind, &params[(o * groups + g) * size..]);
         let mut products = 0f32;
         for (j, (step, xs)) in xq
             .steps
@@ -223,7 +323,9 @@ pub(super) fn matvec_block(
             }
             products += param(scales, c0 / group_size) * step * sum as f32;
         }
-        let bias_term: f32 = (0..groups).map(|g| param(biases, g) * sums[g]).sum();
+        let bias_term: f32 = (0..groups)
+            .map(|g| param(biases, g) * sums[g] + param(scales, g) * xq.corrections[g])
+            .sum();
         *y = products + bias_term;
     }
 }

@@ -495,10 +495,7 @@ fn hand_computed_codes_every_level() {
         // code with step 1, so that both precisions give 32767·w exactly.
         let levels = [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512];
         let precisions = [ActivationPrecision::F32, ActivationPrecision::Int16];
-        for (level, precision) in levels
-            .into_iter()
-            .flat_map(|l| precisions.map(|p| (l, p)))
-        {
+        for (level, precision) in levels.into_iter().flat_map(|l| precisions.map(|p| (l, p))) {
             for i in 0..32 {
                 let mut x = [0f32; 32];
                 x[i] = 32767.0;

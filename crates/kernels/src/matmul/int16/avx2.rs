@@ -5,37 +5,42 @@
 //! parent modules check the matrix and the activation length before [`matvec_block`] runs, so the
 //! kernels index with unchecked unaligned loads whose bounds follow from the loop limits.
 //!
-//! A block of 32 codes becomes two vectors of 16 codes in i16 lanes, each multiplied with 16
-//! activations by `vpmaddwd` into 8 i32 pair sums: 4-bit codes are widened byte by byte and split
-//! into low nibbles (even columns) and high nibbles (odd columns), which is why the activations
-//! come in [`super::super::ColumnOrder::NibbleSplit`] order; 8-bit codes are widened directly;
-//! 2/3/5/6-bit codes, which straddle bytes, are gathered two bytes per lane by a byte shuffle,
-//! lifted to the top of the lane by a multiplication with a power of two, and shifted down.
-//! The i32 sums of a span are converted to f32 once and scaled by `s_g·dx_j`.
+//! Codes are brought into i16 lanes and multiplied with the activations by `vpmaddwd` (16
+//! products into 8 i32 pair sums); the i32 sums of a span are converted to f32 once and scaled by
+//! `s_g·dx_j`.
+//! - 4-bit: 64 codes at a time (32 bytes, [`madd64_quad`]): the four nibbles of each 16-bit word,
+//!   masked and shifted in place, give four vectors of 16 codes, for columns `4k + r`
+//!   ([`super::ValueOrder::NibbleQuad`]). The i32 lanes 0..4 then hold the first 32 columns and
+//!   lanes 4..8 the last 32, so that spans of 32 columns take one factor per half vector
+//!   ([`row_dot_4bit_span32`]).
+//! - 8-bit: 16 bytes widened to 16 lanes, twice per 32 codes ([`super::ValueOrder::Natural`]).
+//! - 2/3/5/6-bit codes, which straddle bytes, are gathered two bytes per lane by a byte shuffle,
+//!   lifted to the top of the lane by a multiplication with a power of two, and shifted down
+//!   (natural order).
 
 use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::QuantizedRow;
-use crate::matmul::avx2::{dot, hsum, widen_floats, DECODE_ROW_BATCH};
+use crate::matmul::avx2::{hsum, widen_floats, DECODE_ROW_BATCH};
 use crate::{Matrix, Weights};
 
 /// `Σ_j factors[j] · Σ_{i∈span j} q_i·xq_i` for the row whose codes start at byte `start` of
-/// `packed`, with spans of `span_blocks` 32-code blocks.
+/// `packed`, for the span length and bit width the function was chosen for.
 ///
 /// # Safety
-/// The CPU supports the function's instruction sets; `start + factors.len() * span_blocks * 32 *
-/// bits / 8 <= packed.len()`; `xq.len() == factors.len() * span_blocks * 32`, in the order the
-/// function's backend decodes codes.
+/// The CPU supports the function's instruction sets; the row's `cols = factors.len() * span`
+/// codes lie in `packed` (`start + cols * bits / 8 <= packed.len()`); `xq.len() == cols`, in the
+/// order the function decodes codes.
 pub(in crate::matmul) type RowDot =
-    unsafe fn(packed: &[u8], start: usize, span_blocks: usize, factors: &[f32], xq: &[i16]) -> f32;
+    unsafe fn(packed: &[u8], start: usize, factors: &[f32], xq: &[i16]) -> f32;
 
 /// Computes `out[o - rows.start]` for the given rows of an affine `m` of `bits`-bit codes.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C. `m` must have passed [`Matrix::validate`] with affine
-/// weights; `xq` must be the quantized row for `m` in [`super::super::ColumnOrder::NibbleSplit`]
-/// order for 4-bit codes and natural order otherwise; `sums` holds the row's `cols / group_size`
+/// weights; `xq` must be the quantized row for `m` in the order
+/// [`super::ValueOrder::of`]`(Backend::Avx2, m)`; `sums` holds the row's `cols / group_size`
 /// group sums; `rows` lies in `0..m.rows` and `out.len() == rows.len()`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(in crate::matmul) unsafe fn matvec_block(
@@ -48,25 +53,27 @@ pub(in crate::matmul) unsafe fn matvec_block(
     let Weights::Affine { bits, .. } = m.weights else {
         unreachable!("int16 matvec called with float weights")
     };
-    let row_dot: RowDot = match bits {
-        2 => row_dot_for::<2>(xq.span),
-        3 => row_dot_for::<3>(xq.span),
-        4 => row_dot_for::<4>(xq.span),
-        5 => row_dot_for::<5>(xq.span),
-        6 => row_dot_for::<6>(xq.span),
-        8 => row_dot_for::<8>(xq.span),
+    let row_dot: RowDot = match (bits, xq.span) {
+        (4, 32) => row_dot_4bit_span32,
+        (4, 64) => row_dot_4bit::<1>,
+        (4, _) => row_dot_4bit::<2>,
+        (2, _) => row_dot_for::<2>(xq.span),
+        (3, _) => row_dot_for::<3>(xq.span),
+        (5, _) => row_dot_for::<5>(xq.span),
+        (6, _) => row_dot_for::<6>(xq.span),
+        (8, _) => row_dot_for::<8>(xq.span),
         _ => unreachable!("validated matrix with {bits}-bit codes"),
     };
     matvec_rows(m, xq, sums, rows, out, row_dot);
 }
 
-/// The row kernel for `BITS`-bit codes and spans of `span` columns, unrolled for 32, 64, 128.
+/// The row kernel for `BITS`-bit codes in natural order and spans of `span` columns (32, 64,
+/// 128).
 fn row_dot_for<const BITS: usize>(span: usize) -> RowDot {
     match span {
         32 => row_dot::<BITS, 1>,
         64 => row_dot::<BITS, 2>,
-        128 => row_dot::<BITS, 4>,
-        _ => row_dot::<BITS, 0>,
+        _ => row_dot::<BITS, 4>,
     }
 }
 
@@ -100,7 +107,7 @@ pub(in crate::matmul) unsafe fn matvec_rows(
     let groups = cols / group_size;
     let row_bytes = cols * bits as usize / 8;
     let size = scale_kind.size_bytes();
-    let (spans, spans_per_group, span_blocks) = (xq.steps.len(), group_size / xq.span, xq.span / 32);
+    let (spans, spans_per_group) = (xq.steps.len(), group_size / xq.span);
     debug_assert!(xq.values.len() == cols && spans * xq.span == cols && sums.len() == groups);
     let batch = DECODE_ROW_BATCH.min(rows.len());
     let mut batch_scales = vec![0f32; batch * groups];
@@ -119,51 +126,73 @@ pub(in crate::matmul) unsafe fn matvec_rows(
                 .chunks_exact(groups)
                 .zip(batch_biases.chunks_exact(groups)),
         ) {
+            // `factors[j] = s_g·dx_j` for the spans j of each group g.
             if spans_per_group == 1 {
                 for ((f, s), dx) in factors.iter_mut().zip(s).zip(&xq.steps) {
                     *f = s * dx;
                 }
             } else {
-                for (j, (f, dx)) in factors.iter_mut().zip(&xq.steps).enumerate() {
-                    *f = s[j / spans_per_group] * dx;
+                for ((f, dx), s) in factors
+                    .chunks_exact_mut(spans_per_group)
+                    .zip(xq.steps.chunks_exact(spans_per_group))
+                    .zip(s)
+                {
+                    for (f, dx) in f.iter_mut().zip(dx) {
+                        *f = s * dx;
+                    }
                 }
             }
             // The row's codes are `row_bytes` bytes at `(b0 + r) * row_bytes`, inside the
             // validated `packed` since `b0 + r < rows.end <= m.rows`; `factors` has one value
-            // per span and `xq.values` `spans * span_blocks * 32 == cols` values.
-            let products = row_dot(
-                packed,
-                (b0 + r) * row_bytes,
-                span_blocks,
-                &factors,
-                &xq.values,
-            );
-            *y = products + dot(b, sums);
+            // per span, and `xq.values` `cols` values.
+            let products = row_dot(packed, (b0 + r) * row_bytes, &factors, &xq.values);
+            *y = products + bias_terms(b, sums, s, &xq.corrections);
         }
     }
 }
 
-/// [`RowDot`] for `BITS`-bit codes; `SPAN_BLOCKS` is the span in 32-code blocks when known at
-/// compile time (1, 2, 4), so that the loop over a span unrolls; 0 takes `span_blocks`.
+/// `Σ_g b_g·sums_g + s_g·corrections_g` for one row (module docs of [`super`]).
 ///
 /// # Safety
-/// As [`RowDot`], on an AVX2+FMA+F16C CPU, with `span_blocks == SPAN_BLOCKS` unless that is 0.
+/// AVX2+FMA+F16C; the four slices have the same length.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn bias_terms(biases: &[f32], sums: &[f32], scales: &[f32], corrections: &[f32]) -> f32 {
+    let n = biases.len();
+    debug_assert!(sums.len() == n && scales.len() == n && corrections.len() == n);
+    let (bp, sp, cp, qp) = (
+        biases.as_ptr(),
+        sums.as_ptr(),
+        scales.as_ptr(),
+        corrections.as_ptr(),
+    );
+    let mut acc = _mm256_setzero_ps();
+    let mut g = 0;
+    // Reads [g, g + 8) of the four slices while g + 8 <= n.
+    while g + 8 <= n {
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(bp.add(g)), _mm256_loadu_ps(sp.add(g)), acc);
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(cp.add(g)), _mm256_loadu_ps(qp.add(g)), acc);
+        g += 8;
+    }
+    let mut sum = hsum(acc);
+    for j in g..n {
+        sum += biases[j] * sums[j] + scales[j] * corrections[j];
+    }
+    sum
+}
+
+/// [`RowDot`] for `BITS`-bit codes in natural order, spans of `SPAN_BLOCKS` 32-code blocks.
+///
+/// # Safety
+/// As [`RowDot`], on an AVX2+FMA+F16C CPU.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn row_dot<const BITS: usize, const SPAN_BLOCKS: usize>(
     packed: &[u8],
     start: usize,
-    span_blocks: usize,
     factors: &[f32],
     xq: &[i16],
 ) -> f32 {
-    debug_assert!(SPAN_BLOCKS == 0 || span_blocks == SPAN_BLOCKS);
-    let blocks = if SPAN_BLOCKS == 0 {
-        span_blocks
-    } else {
-        SPAN_BLOCKS
-    };
-    debug_assert!(start + factors.len() * blocks * 4 * BITS <= packed.len());
-    debug_assert_eq!(xq.len(), factors.len() * blocks * 32);
+    debug_assert!(start + factors.len() * SPAN_BLOCKS * 4 * BITS <= packed.len());
+    debug_assert_eq!(xq.len(), factors.len() * SPAN_BLOCKS * 32);
     let mut at = start;
     let mut xp = xq.as_ptr();
     // Two f32 accumulators, alternating between spans, so that a span of one block is not held
@@ -174,7 +203,7 @@ unsafe fn row_dot<const BITS: usize, const SPAN_BLOCKS: usize>(
     for pair in pairs {
         for (a, f) in acc.iter_mut().zip(pair) {
             let mut sum = _mm256_setzero_si256();
-            for _ in 0..blocks {
+            for _ in 0..SPAN_BLOCKS {
                 // Reads the block's codes [at, at + 4·BITS) and xq[c, c + 32) for its first
                 // column c: inside both slices by the preconditions.
                 sum = _mm256_add_epi32(sum, madd32::<BITS>(packed, at, xp));
@@ -186,7 +215,7 @@ unsafe fn row_dot<const BITS: usize, const SPAN_BLOCKS: usize>(
     }
     for f in last {
         let mut sum = _mm256_setzero_si256();
-        for _ in 0..blocks {
+        for _ in 0..SPAN_BLOCKS {
             // As above.
             sum = _mm256_add_epi32(sum, madd32::<BITS>(packed, at, xp));
             at += 4 * BITS;
@@ -195,6 +224,128 @@ unsafe fn row_dot<const BITS: usize, const SPAN_BLOCKS: usize>(
         acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(*f), acc[0]);
     }
     hsum(_mm256_add_ps(acc[0], acc[1]))
+}
+
+/// [`RowDot`] for 4-bit codes in [`super::ValueOrder::NibbleQuad`] order and spans of `CHUNKS`
+/// times 64 columns (`cols` is then a multiple of 64).
+///
+/// # Safety
+/// As [`RowDot`], on an AVX2+FMA+F16C CPU.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn row_dot_4bit<const CHUNKS: usize>(
+    packed: &[u8],
+    start: usize,
+    factors: &[f32],
+    xq: &[i16],
+) -> f32 {
+    debug_assert!(start + factors.len() * CHUNKS * 32 <= packed.len());
+    debug_assert_eq!(xq.len(), factors.len() * CHUNKS * 64);
+    let mut p = packed.as_ptr().add(start);
+    let mut xp = xq.as_ptr();
+    let mut acc = [_mm256_setzero_ps(); 2];
+    let pairs = factors.chunks_exact(2);
+    let last = pairs.remainder();
+    for pair in pairs {
+        for (a, f) in acc.iter_mut().zip(pair) {
+            let mut sum = _mm256_setzero_si256();
+            for _ in 0..CHUNKS {
+                // Reads the chunk's 32 bytes of codes and its 64 values: inside both slices by
+                // the preconditions.
+                sum = _mm256_add_epi32(sum, madd64_quad(p, xp));
+                p = p.add(32);
+                xp = xp.add(64);
+            }
+            *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(*f), *a);
+        }
+    }
+    for f in last {
+        let mut sum = _mm256_setzero_si256();
+        for _ in 0..CHUNKS {
+            // As above.
+            sum = _mm256_add_epi32(sum, madd64_quad(p, xp));
+            p = p.add(32);
+            xp = xp.add(64);
+        }
+        acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(*f), acc[0]);
+    }
+    hsum(_mm256_add_ps(acc[0], acc[1]))
+}
+
+/// [`RowDot`] for 4-bit codes in [`super::ValueOrder::NibbleQuad`] order and spans of 32
+/// columns: the two halves of each chunk's i32 sums take the factors of its two spans; a last
+/// 32 columns (`cols % 64 == 32`) are one block in nibble-split order.
+///
+/// # Safety
+/// As [`RowDot`], on an AVX2+FMA+F16C CPU.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn row_dot_4bit_span32(packed: &[u8], start: usize, factors: &[f32], xq: &[i16]) -> f32 {
+    debug_assert!(start + factors.len() * 16 <= packed.len());
+    debug_assert_eq!(xq.len(), factors.len() * 32);
+    let chunks = factors.len() / 2;
+    let (p, xp, fp) = (packed.as_ptr().add(start), xq.as_ptr(), factors.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 2];
+    let mut c = 0;
+    // Chunk c reads 32 bytes of codes at 32c, 64 values at 64c and 2 factors at 2c: inside the
+    // slices while c < chunks.
+    while c + 2 <= chunks {
+        for (k, a) in acc.iter_mut().enumerate() {
+            let at = c + k;
+            *a = fmadd_span32_chunk(p.add(32 * at), xp.add(64 * at), fp.add(2 * at), *a);
+        }
+        c += 2;
+    }
+    if c < chunks {
+        acc[0] = fmadd_span32_chunk(p.add(32 * c), xp.add(64 * c), fp.add(2 * c), acc[0]);
+    }
+    if factors.len() % 2 == 1 {
+        // The last 16 bytes of the row's codes, the last 32 values and the last factor.
+        let sum = madd32::<4>(packed, start + chunks * 32, xp.add(64 * chunks));
+        let f = _mm256_set1_ps(factors[2 * chunks]);
+        acc[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), f, acc[1]);
+    }
+    hsum(_mm256_add_ps(acc[0], acc[1]))
+}
+
+/// `acc + Σ` of one chunk of [`row_dot_4bit_span32`]: the chunk's eight i32 sums, lanes 0..4
+/// times the factor at `fp` and lanes 4..8 times the next one.
+///
+/// # Safety
+/// AVX2+FMA+F16C; `p` is readable for 32 bytes, `xp` for 64 values and `fp` for 2 factors.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn fmadd_span32_chunk(p: *const u8, xp: *const i16, fp: *const f32, acc: __m256) -> __m256 {
+    let halves = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    let pair = _mm256_castps128_ps256(_mm_castsi128_ps(_mm_loadl_epi64(fp.cast())));
+    let f = _mm256_permutevar8x32_ps(pair, halves);
+    _mm256_fmadd_ps(_mm256_cvtepi32_ps(madd64_quad(p, xp)), f, acc)
+}
+
+/// The 64 4-bit codes of the 32 bytes at `p` times the 64 values at `xp` in
+/// [`super::ValueOrder::NibbleQuad`] order, as eight i32 sums: lanes 0..4 over the first 32
+/// columns, lanes 4..8 over the last 32.
+///
+/// # Safety
+/// AVX2+FMA+F16C; `p` is readable for 32 bytes and `xp` for 64 values.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn madd64_quad(p: *const u8, xp: *const i16) -> __m256i {
+    let words = _mm256_loadu_si256(p.cast());
+    let nibble = _mm256_set1_epi16(0x0f);
+    // Lane k of `codes[r]` holds nibble r of word k: the code of column 4k + r.
+    let codes = [
+        _mm256_and_si256(words, nibble),
+        _mm256_and_si256(_mm256_srli_epi16::<4>(words), nibble),
+        _mm256_and_si256(_mm256_srli_epi16::<8>(words), nibble),
+        _mm256_srli_epi16::<12>(words),
+    ];
+    let mut sums = [_mm256_setzero_si256(); 4];
+    for (r, (s, c)) in sums.iter_mut().zip(codes).enumerate() {
+        *s = _mm256_madd_epi16(c, _mm256_loadu_si256(xp.add(16 * r).cast()));
+    }
+    _mm256_add_epi32(
+        _mm256_add_epi32(sums[0], sums[1]),
+        _mm256_add_epi32(sums[2], sums[3]),
+    )
 }
 
 /// The shuffle and multiplier tables that extract 16 `BITS`-bit codes (2, 3, 5, 6 bits) starting
@@ -234,8 +385,9 @@ const fn lift16(bits: usize) -> [u16; 16] {
 }
 
 /// The 32 codes that start at byte `at` of `packed` times the 32 activations at `xp`, as eight
-/// i32 sums of adjacent pairs of products. Codes are at most 255 and `|xq| ≤ 32767`, so no pair
-/// sum overflows.
+/// i32 sums of adjacent pairs of products; 4-bit codes in [`super::ValueOrder::NibbleSplit`]
+/// order, others in natural order. Codes are at most 255 and `|xq| ≤ 32767`, so no pair sum
+/// overflows.
 ///
 /// # Safety
 /// AVX2+FMA+F16C; `at + 4 * BITS <= packed.len()`; `xp` is readable for 32 values.

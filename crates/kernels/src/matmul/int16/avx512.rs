@@ -8,9 +8,9 @@
 //! as in [`super::avx2`].
 //!
 //! A 4-bit block's 16 bytes are loaded into both halves of a 256-bit register and widened to
-//! 32 i16 lanes; shifting the upper 16 lanes right by 4 and masking every lane to 4 bits gives
-//! the low nibbles (even columns), then the high nibbles (odd columns): the
-//! [`super::super::ColumnOrder::NibbleSplit`] order of AVX2. 8-bit codes are widened directly.
+//! 32 i16 lanes; shifting the upper 16 lanes right by 4 (a masked shift) and masking every lane
+//! to 4 bits gives the low nibbles (even columns), then the high nibbles (odd columns): the
+//! [`super::ValueOrder::NibbleSplit`] order. 8-bit codes are widened directly.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -19,16 +19,8 @@ use super::avx2::{matvec_rows, RowDot};
 use super::QuantizedRow;
 use crate::{Matrix, Weights};
 
-/// Per-lane right shifts that turn a block's 16 bytes, widened twice, into its 32 nibbles.
-const NIBBLE_SHIFTS: [u16; 32] = {
-    let mut shifts = [0u16; 32];
-    let mut j = 16;
-    while j < 32 {
-        shifts[j] = 4;
-        j += 1;
-    }
-    shifts
-};
+/// The upper 16 of 32 i16 lanes: those that take the high nibbles.
+const HIGH_LANES: __mmask32 = 0xFFFF_0000;
 
 /// Computes `out[o - rows.start]` for the given rows of an affine `m` of 4- or 8-bit codes.
 ///
@@ -43,42 +35,38 @@ pub(in crate::matmul) unsafe fn matvec_block(
     rows: Range<usize>,
     out: &mut [f32],
 ) {
-    let row_dot: RowDot = match m.weights {
-        Weights::Affine { bits: 4, .. } => row_dot_for::<4>(xq.span),
-        Weights::Affine { bits: 8, .. } => row_dot_for::<8>(xq.span),
-        _ => unreachable!("avx512 int16 matvec called for {:?}", m.weights),
+    let Weights::Affine { bits, .. } = m.weights else {
+        unreachable!("int16 matvec called with float weights")
+    };
+    let row_dot: RowDot = match bits {
+        4 => row_dot_for::<4>(xq.span),
+        8 => row_dot_for::<8>(xq.span),
+        _ => unreachable!("avx512 int16 matvec called for {bits}-bit codes"),
     };
     matvec_rows(m, xq, sums, rows, out, row_dot);
 }
 
-/// The row kernel for `BITS`-bit codes and spans of `span` columns, unrolled for 32, 64, 128.
+/// The row kernel for `BITS`-bit codes and spans of `span` columns (32, 64, 128).
 fn row_dot_for<const BITS: usize>(span: usize) -> RowDot {
     match span {
         32 => row_dot::<BITS, 1>,
         64 => row_dot::<BITS, 2>,
-        128 => row_dot::<BITS, 4>,
-        _ => row_dot::<BITS, 0>,
+        _ => row_dot::<BITS, 4>,
     }
 }
 
-/// [`RowDot`] for 4- or 8-bit codes; `SPAN_BLOCKS` as in [`super::avx2`]'s `row_dot`.
+/// [`RowDot`] for 4- or 8-bit codes and spans of `SPAN_BLOCKS` 32-code blocks.
 ///
 /// # Safety
-/// As [`RowDot`], on a CPU with AVX-512F/BW, with `span_blocks == SPAN_BLOCKS` unless that is 0.
+/// As [`RowDot`], on a CPU with AVX-512F/BW.
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
 unsafe fn row_dot<const BITS: usize, const SPAN_BLOCKS: usize>(
     packed: &[u8],
     start: usize,
-    span_blocks: usize,
     factors: &[f32],
     xq: &[i16],
 ) -> f32 {
-    debug_assert!(SPAN_BLOCKS == 0 || span_blocks == SPAN_BLOCKS);
-    let blocks = if SPAN_BLOCKS == 0 {
-        span_blocks
-    } else {
-        SPAN_BLOCKS
-    };
+    let blocks = SPAN_BLOCKS;
     debug_assert!(start + factors.len() * blocks * 4 * BITS <= packed.len());
     debug_assert_eq!(xq.len(), factors.len() * blocks * 32);
     let mut at = start;
@@ -125,10 +113,9 @@ unsafe fn madd32<const BITS: usize>(packed: &[u8], at: usize, xp: *const i16) ->
     let p = packed.as_ptr().add(at);
     let codes = if BITS == 4 {
         // Reads bytes [at, at + 16): the block's 16 bytes.
-        let bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128(p.cast()));
-        let shifts = _mm512_loadu_si512(NIBBLE_SHIFTS.as_ptr().cast());
+        let bytes = _mm512_cvtepu8_epi16(_mm256_broadcastsi128_si256(_mm_loadu_si128(p.cast())));
         _mm512_and_si512(
-            _mm512_srlv_epi16(_mm512_cvtepu8_epi16(bytes), shifts),
+            _mm512_mask_srli_epi16::<4>(bytes, HIGH_LANES, bytes),
             _mm512_set1_epi16(0x0f),
         )
     } else {

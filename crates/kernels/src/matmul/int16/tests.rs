@@ -10,8 +10,12 @@
 //! - Accuracy against the exact f32 path on activations with outliers, for the bound of the
 //!   `matmul` module docs.
 //! - Spans of zeros, of tiny values and of non-finite values.
+//! - Small products at the best level against the scalar path at both precisions, sized to run
+//!   under Miri, which checks the unchecked loads and, given the target features, emulates a
+//!   SIMD level the CPU lacks ([`small_products_match_scalar_at_both_precisions`]).
 
 use super::span_columns;
+use crate::features::ActivationPrecision::F32;
 use crate::features::{cpu_level, ActivationPrecision, SimdLevel};
 use crate::matmul::tests::{
     affine_cases, fresh_seed, naive_code, naive_dequantize, naive_float, report, Rng, TestMatrix,
@@ -23,8 +27,8 @@ use crate::{FloatKind, Matrix, Weights};
 const INT16: ActivationPrecision = ActivationPrecision::Int16;
 
 /// Per output of one token `x`: `(T_o, E_o)`, with `T_o` the magnitude of the terms of the module
-/// docs and `E_o = Σ_i |s_g|·q_i·dx_j / 2` the most that rounding the activations can move the
-/// output (`dx_j` the step of `x_i`'s span).
+/// docs and `E_o = Σ_i |s_g|·|q_i − z|·dx_j / 2` the most that rounding the activations can move
+/// the output (`dx_j` the step of `x_i`'s span, `z` the centre code).
 fn magnitudes(m: &Matrix, x: &[f32]) -> Vec<(f64, f64)> {
     let Weights::Affine {
         bits,
@@ -39,6 +43,7 @@ fn magnitudes(m: &Matrix, x: &[f32]) -> Vec<(f64, f64)> {
     };
     let size = scale_kind.size_bytes();
     let span = span_columns(group_size);
+    let center = ((1u32 << bits) - 1) as f64 / 2.0;
     let steps: Vec<f64> = x
         .chunks_exact(span)
         .map(|s| s.iter().fold(0f64, |a, v| a.max(v.abs() as f64)) / 32767.0)
@@ -57,7 +62,7 @@ fn magnitudes(m: &Matrix, x: &[f32]) -> Vec<(f64, f64)> {
                 for i in g * group_size..(g + 1) * group_size {
                     let q = naive_code(packed, bits, (o * m.cols + i) * bits as usize) as f64;
                     terms += (s * q * x[i] as f64).abs();
-                    rounding += s.abs() * q * steps[i / span] / 2.0;
+                    rounding += s.abs() * (q - center).abs() * steps[i / span] / 2.0;
                     sum += x[i] as f64;
                 }
                 terms += (b * sum).abs();
@@ -113,7 +118,8 @@ fn compare_level_with_twin(level: SimdLevel, seed: u64) -> (usize, f64) {
     for (bits, gs, kind, rows, cols, _) in affine_cases().filter(|c| c.5 == 1).chain(extra) {
         let tm = TestMatrix::affine(&mut rng, bits, gs, kind, rows, cols);
         let x = rng.floats(cols);
-        let what = format!("{level:?} int16 {bits}-bit gs{gs} {kind:?} {rows}x{cols} (seed {seed})");
+        let what =
+            format!("{level:?} int16 {bits}-bit gs{gs} {kind:?} {rows}x{cols} (seed {seed})");
         worst = worst.max(compare_with_twin(level, &tm.matrix(), &x, &what));
         cases += 1;
     }
@@ -186,23 +192,24 @@ fn activations_with_outliers(rng: &mut Rng, cols: usize, outliers: usize, scale:
 }
 
 /// The accuracy of the int16 path against the exact f32 path, at the best level of this CPU:
-/// `|y_int16 − y_f32| ≤ 1e-4 · Σ_i |W[o,i]·x_i| + 1e-6` on activations with 50× outliers, and
-/// always within the rounding bound `E_o` of [`magnitudes`] (plus f32 rounding).
+/// `|y_int16 − y_f32| ≤ 1e-4 · Σ_i |W[o,i]·x_i| + 1e-6` on activations without outliers and with
+/// 4 or 32 outliers 50× larger than the rest, and always within the rounding bound `E_o` of
+/// [`magnitudes`] (plus f32 rounding). Reports the worst `|error| / Σ|w·x|` per case.
 #[test]
 fn int16_matches_f32_path_on_outliers() {
     let seed = fresh_seed();
     let mut rng = Rng::new(seed);
     let level = cpu_level();
     let (rows, cols) = (64, 2048);
-    let mut worst_overall = 0f64;
+    let cases = [(0, 1.0), (4, 50.0), (32, 50.0)];
+    let mut worst = [0f64; 3];
     for bits in BITS {
-        let mut worst = 0f64;
         for gs in [32, 64, 128] {
             for kind in KINDS {
                 let tm = TestMatrix::affine(&mut rng, bits, gs, kind, rows, cols);
                 let m = tm.matrix();
                 let w = naive_dequantize(&m);
-                for (outliers, scale) in [(0, 1.0), (4, 50.0), (32, 50.0)] {
+                for (case, (outliers, scale)) in cases.into_iter().enumerate() {
                     let x = activations_with_outliers(&mut rng, cols, outliers, scale);
                     let (mut got, mut want) = (vec![f32::NAN; rows], vec![f32::NAN; rows]);
                     matmul_with_precision(level, INT16, &m, &x, 1, &mut got);
@@ -225,18 +232,15 @@ fn int16_matches_f32_path_on_outliers() {
                         );
                         let bound = 1e-4 * a + 1e-6;
                         assert!(err <= bound, "{what}: error {err:e} > {bound:e}");
-                        worst = worst.max(err / a);
+                        worst[case] = worst[case].max(err / a);
                     }
                 }
             }
         }
-        report(&format!(
-            "int16 vs f32, {bits}-bit, 64x2048, outliers ×50: worst |error| / Σ|w·x| = {worst:.1e}"
-        ));
-        worst_overall = worst_overall.max(worst);
     }
     report(&format!(
-        "int16_matches_f32_path_on_outliers: worst |error| / Σ|w·x| = {worst_overall:.1e} (bound 1e-4)"
+        "int16_matches_f32_path_on_outliers ({rows}x{cols}, every bit width, gs 32/64/128): worst |error| / Σ|w·x| = {:.1e} without outliers, {:.1e} with 4 outliers ×50, {:.1e} with 32 (bound 1e-4)",
+        worst[0], worst[1], worst[2]
     ));
 }
 
@@ -293,7 +297,7 @@ fn spans_divide_groups_and_stay_short() {
     for (gs, span) in [
         (32, 32),
         (64, 64),
-        (96, 96),
+        (96, 32),
         (128, 128),
         (160, 32),
         (192, 64),
@@ -301,5 +305,59 @@ fn spans_divide_groups_and_stay_short() {
         (2048, 128),
     ] {
         assert_eq!(span_columns(gs), span, "group size {gs}");
+    }
+}
+
+/// A few small products of every affine bit width, both precisions, one and two tokens, at the
+/// best level this CPU (or Miri) has, against the scalar path at the same precision. Small
+/// enough for Miri, which checks every unchecked load of the kernels for bounds and alignment
+/// and, given target features, emulates a SIMD level this CPU lacks. On an AVX2-only machine:
+///
+/// ```text
+/// CARGO_TARGET_DIR=/tmp/miri RUSTFLAGS="-C target-feature=+avx512f,+avx512bw,+avx2,+fma,+f16c" \
+///   MIRIFLAGS="-Zmiri-disable-isolation -Zmiri-tree-borrows -Zmiri-ignore-leaks" \
+///   cargo +nightly miri test -p moestream-kernels --lib small_products
+/// ```
+///
+/// (the clock, for the seed; tree borrows and ignored leaks, for rayon's crossbeam-epoch; a few
+/// minutes per level).
+#[test]
+fn small_products_match_scalar_at_both_precisions() {
+    let level = cpu_level();
+    let mut rng = Rng::new(fresh_seed());
+    for bits in BITS {
+        for (gs, cols) in [(32, 96), (32, 128), (64, 128), (128, 256), (256, 256)] {
+            for kind in [FloatKind::BF16, FloatKind::F32] {
+                let tm = TestMatrix::affine(&mut rng, bits, gs, kind, 3, cols);
+                let m = tm.matrix();
+                let w = naive_dequantize(&m);
+                for (precision, n) in [(INT16, 1), (F32, 1), (F32, 2)] {
+                    let x = rng.floats(n * cols);
+                    let (mut got, mut want) = (vec![f32::NAN; 3 * n], vec![f32::NAN; 3 * n]);
+                    matmul_with_precision(level, precision, &m, &x, n, &mut got);
+                    matmul_with_precision(SimdLevel::Scalar, precision, &m, &x, n, &mut want);
+                    // The bounds of the twin test (int16) and of the f32 tests, per token.
+                    let bounds: Vec<f64> = x
+                        .chunks_exact(cols)
+                        .flat_map(|xt| match precision {
+                            INT16 => magnitudes(&m, xt)
+                                .into_iter()
+                                .map(|(terms, _)| 4e-6 * terms + 1e-7)
+                                .collect::<Vec<_>>(),
+                            F32 => abs_products(&w, xt, 3)
+                                .into_iter()
+                                .map(|a| 1e-5 * a + 1e-6)
+                                .collect(),
+                        })
+                        .collect();
+                    for ((g, e), bound) in got.iter().zip(&want).zip(bounds) {
+                        assert!(
+                            (*g as f64 - *e as f64).abs() <= bound,
+                            "{level:?} {precision:?} {bits}-bit gs{gs} {kind:?} 3x{cols} n={n}: {g} vs scalar {e}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }
