@@ -22,9 +22,12 @@
 //! width, group sizes 32/64/128 (the tests in `int16/tests.rs`, worst of 16 runs): 2.3e-6 for
 //! activations without outliers, 5.3e-5 with 4 or 32 activations 50 times larger than the rest
 //! (tested bound 1e-4). The error is relative to the largest activation of each group, so it
-//! grows where a group holds an outlier. Measured speed (`examples/matmul_speed.rs`, AVX2 on a 2-core Zen 3 VM,
-//! gs64, weights from memory): 4-bit decode 1.4-1.5 times the f32 path on one thread, at 66-84%
-//! of the memory bandwidth; 8-bit 1.1-1.2 times, at 75-95%.
+//! grows where a group holds an outlier.
+//!
+//! Measured speed (`examples/matmul_speed.rs`, AVX2 on a shared 2-core Zen 3 VM, gs64 with bf16
+//! scales, weights streamed from memory, three runs): 4-bit decode 1.40 to 1.56 times as fast as
+//! with f32 activations on one thread (58-74% of the measured memory bandwidth) and 1.36 to 1.42
+//! times on two threads for the lm_head (65-84%); 8-bit 1.05 to 1.19 times (68-95%).
 //!
 //! # Invariants the backends rely on
 //! - The matrix passed [`Matrix::validate`] and `x` holds `n_tokens * cols` values: checked on every
