@@ -183,10 +183,7 @@ fn hub_repository_ids_resolve_through_the_cache_and_fail_cleanly_offline() {
     std::fs::create_dir_all(&snap).unwrap();
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs").join("main"), "0123abcd").unwrap();
-    for f in std::fs::read_dir(&m).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, snap.join(f.file_name().unwrap())).unwrap();
-    }
+    copy_files(&m, &snap);
     let run = |id: &str| {
         std::process::Command::new(bin())
             .args(["score", "--model", id, "--tokens", "1 2 3"])
@@ -300,10 +297,7 @@ fn f16_and_bf16_checkpoints_agree_with_f32() {
         ] {
             let copy = t.path().join(format!("{arch}-{dtype:?}"));
             std::fs::create_dir_all(&copy).unwrap();
-            for f in std::fs::read_dir(&m).unwrap() {
-                let f = f.unwrap().path();
-                std::fs::copy(&f, copy.join(f.file_name().unwrap())).unwrap();
-            }
+            copy_files(&m, &copy);
             rewrite_safetensors(&copy.join("model.safetensors"), |_, _, s, b| {
                 Some((dtype, s, to_half(&b, bf16)))
             });
@@ -328,10 +322,7 @@ fn fused_transformers5_expert_layout_equals_per_expert_layout() {
     let m = synth(t.path(), "qwen3_moe", "hf-f32");
     let fused = t.path().join("fused");
     std::fs::create_dir_all(&fused).unwrap();
-    for f in std::fs::read_dir(&m).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, fused.join(f.file_name().unwrap())).unwrap();
-    }
+    copy_files(&m, &fused);
     let bytes = std::fs::read(m.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let mut out: Vec<(String, Vec<usize>, Vec<u8>)> = vec![];

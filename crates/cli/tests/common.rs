@@ -113,3 +113,11 @@ pub fn rewrite_safetensors(
         .collect();
     safetensors::serialize_to_file(views, None, path).unwrap();
 }
+
+/// Copies every file of model folder `from` into the existing folder `to`.
+pub fn copy_files(from: &Path, to: &Path) {
+    for f in std::fs::read_dir(from).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, to.join(f.file_name().unwrap())).unwrap();
+    }
+}
