@@ -1,13 +1,17 @@
-//! `moestream bench`: llama-bench-style throughput table, with the machine's memory bandwidth
-//! measured in the same run so decode speed can be stated against its floor:
+//! `moestream bench`: a llama-bench-style table, one row per test (prefill `ppN`, decode `tgN`)
+//! and active-expert count (`--top-k 8,6,4,2`), with what each row cost in expert traffic: disk
+//! bytes per token (the process's storage reads, what the page cache did not serve), prefetch hit
+//! rate, peak resident memory. The machine's memory bandwidth is measured in the same run so
+//! decode speed can be stated against its floor:
 //!
 //! ```text
 //! floor_seconds_per_token = bytes of weights one decode step reads / measured bandwidth
 //! ```
 //!
 //! Bytes read per decode step: every non-expert matrix except the embedding (one row of it is
-//! read), plus `top_k` experts per MoE layer.
-use crate::loaded::{human_bytes, Loaded};
+//! read), plus `top_k` experts per MoE layer. For reduced top-k rows, the quality cost is the mean
+//! KL divergence of the next-token distributions from the model's own top-k, over the prompt.
+use crate::loaded::{human_bytes, peak_rss_bytes, EngineArgs, Loaded, StreamArgs, Traffic};
 use anyhow::Result;
 use clap::Args;
 use moestream_engine::models::blocks::FeedForward;
@@ -31,15 +35,26 @@ pub struct BenchArgs {
     /// Repetitions of each test (after one warm-up run).
     #[arg(short = 'r', long, default_value_t = 3)]
     repetitions: usize,
+    /// Active experts per token to compare, comma-separated (default: the model's own).
+    #[arg(long = "top-k", value_delimiter = ',', value_name = "K,K,...")]
+    top_k: Vec<usize>,
+    /// Skip the warm-up run (cold-cache measurements: the first run is the one timed).
+    #[arg(long)]
+    no_warmup: bool,
+    /// Skip the memory-bandwidth measurement (it allocates 1 GiB, too much under a tight cap).
+    #[arg(long)]
+    no_bandwidth: bool,
     /// Print JSON lines instead of the table.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    stream: StreamArgs,
 }
 
 /// Bytes of weights one decode step reads.
 pub fn active_bytes_per_token(m: &Model) -> u64 {
     let mut b = m.lm_head.size_bytes() as u64;
-    for layer in &m.layers {
+    for (i, layer) in m.layers.iter().enumerate() {
         let a = &layer.self_attn;
         b += [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj]
             .iter()
@@ -48,9 +63,7 @@ pub fn active_bytes_per_token(m: &Model) -> u64 {
         b += match &layer.mlp {
             FeedForward::Dense(mlp) => mlp.size_bytes() as u64,
             FeedForward::Sparse(moe) => {
-                moe.router.size_bytes() as u64
-                    + moe.experts.first().map_or(0, |e| e.size_bytes() as u64)
-                        * moe.rule.top_k as u64
+                moe.router.size_bytes() as u64 + m.experts.expert_bytes(i) as u64 * m.top_k() as u64
             }
         };
     }
@@ -85,77 +98,203 @@ fn mean_std(x: &[f64]) -> (f64, f64) {
     (m, v.sqrt())
 }
 
+/// One table row.
+struct Row {
+    test: String,
+    top_k: usize,
+    mean: f64,
+    std: f64,
+    disk_bytes_per_token: Option<u64>,
+    read_bytes_per_token: u64,
+    prefetch_hit_rate: Option<f64>,
+    io_wait_fraction: f64,
+    peak_rss: Option<u64>,
+    kl: Option<f64>,
+}
+
 pub fn bench(a: BenchArgs) -> Result<()> {
-    let l = Loaded::open(&a.model)?;
-    let m = &l.model;
-    let active = active_bytes_per_token(m);
-    let bw = measure_memory_bandwidth();
+    let engine = EngineArgs {
+        top_k: None,
+        stream: a.stream.clone(),
+    };
+    let mut l = Loaded::open(&a.model, &engine)?;
+    let own_k = l.model.top_k();
+    let ks = if a.top_k.is_empty() {
+        vec![own_k]
+    } else {
+        a.top_k.clone()
+    };
+    let bw = if a.no_bandwidth {
+        None
+    } else {
+        Some(measure_memory_bandwidth())
+    };
     let threads = rayon::current_num_threads();
     let name = l
         .dir
         .file_name()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let vocab = m.config.vocab_size as u32;
+    let vocab = l.model.config.vocab_size as u32;
     let prompt = |n: usize| -> Vec<u32> {
         (0..n as u32)
             .map(|i| (i * 7919 + 13) % vocab.min(30000))
             .collect()
     };
-    let mut rows = vec![];
-    for &p in &a.n_prompt {
-        let ids = prompt(p);
-        let mut rates = vec![];
-        for rep in 0..=a.repetitions {
-            let mut cache = m.new_cache(p);
-            let t = Instant::now();
-            std::hint::black_box(m.forward(&ids, &mut cache, Logits::Last));
-            if rep > 0 {
-                rates.push(p as f64 / t.elapsed().as_secs_f64());
-            }
+    let v = l.model.config.vocab_size;
+    // Logits of the model's own top-k over the first prompt (the KL base).
+    let mut base_logprobs: Option<Vec<f32>> = None;
+    let mut rows: Vec<Row> = vec![];
+    let mut actives = vec![];
+    for &k in &ks {
+        if k != l.model.top_k() || l.model.top_k() != own_k {
+            l.model.set_top_k(k).map_err(anyhow::Error::msg)?;
         }
-        rows.push((format!("pp{p}"), mean_std(&rates)));
-    }
-    for &n in &a.n_gen {
-        let mut rates = vec![];
-        for rep in 0..=a.repetitions {
-            let mut cache = m.new_cache(n + 1);
-            let mut tok = 1u32;
-            let t = Instant::now();
-            for _ in 0..n {
-                let logits = m.forward(&[tok], &mut cache, Logits::Last);
-                tok = moestream_engine::generate::argmax(&logits);
+        let m = &l.model;
+        actives.push(active_bytes_per_token(m));
+        let warm = usize::from(!a.no_warmup);
+        // Quality against the model's own top-k, on the first prompt length.
+        let kl = if ks.len() > 1 {
+            let ids = prompt(a.n_prompt.first().copied().unwrap_or(64).max(2));
+            let mut cache = m.new_cache(ids.len());
+            let lp = m.forward(&ids, &mut cache, Logits::All)?;
+            if k == own_k {
+                base_logprobs = Some(lp);
+                Some(0.0)
+            } else {
+                base_logprobs.as_ref().map(|base| {
+                    let n = base.len() / v;
+                    base.chunks_exact(v)
+                        .zip(lp.chunks_exact(v))
+                        .map(|(p, q)| crate::kl::kl_divergence(p, q))
+                        .sum::<f64>()
+                        / n as f64
+                })
             }
-            if rep > 0 {
-                rates.push(n as f64 / t.elapsed().as_secs_f64());
+        } else {
+            None
+        };
+        let mut timed = |test: String, tokens: usize, run: &mut dyn FnMut() -> Result<()>| {
+            let mut rates = vec![];
+            let mut traffic = None;
+            for rep in 0..a.repetitions.max(1) + warm {
+                let before = Traffic::now(m);
+                let t = Instant::now();
+                run()?;
+                let dt = t.elapsed().as_secs_f64();
+                if rep >= warm {
+                    rates.push(tokens as f64 / dt);
+                    let after = Traffic::now(m);
+                    let s = after.store.since(&before.store);
+                    let disk = match (before.disk_read_bytes, after.disk_read_bytes) {
+                        (Some(x), Some(y)) => Some(y.saturating_sub(x)),
+                        _ => None,
+                    };
+                    let (d0, r0, h0, w0, t0) = traffic.unwrap_or((Some(0), 0, (0, 0), 0.0, 0.0));
+                    traffic = Some((
+                        d0.zip(disk).map(|(a, b): (u64, u64)| a + b),
+                        r0 + s.bytes_read,
+                        (h0.0 + s.prefetch_hits, h0.1 + s.prefetch_opportunities),
+                        w0 + s.wait_ns as f64 / 1e9,
+                        t0 + dt,
+                    ));
+                }
             }
+            let (mean, std) = mean_std(&rates);
+            let (disk, read, hits, wait, total) = traffic.expect("at least one timed run");
+            let n_tok = (tokens * rates.len()) as u64;
+            rows.push(Row {
+                test,
+                top_k: k,
+                mean,
+                std,
+                disk_bytes_per_token: disk.map(|d| d / n_tok),
+                read_bytes_per_token: read / n_tok,
+                prefetch_hit_rate: (hits.1 > 0).then(|| hits.0 as f64 / hits.1 as f64),
+                io_wait_fraction: wait / total,
+                peak_rss: peak_rss_bytes(),
+                kl,
+            });
+            Ok::<(), anyhow::Error>(())
+        };
+        for &p in &a.n_prompt {
+            let ids = prompt(p);
+            timed(format!("pp{p}"), p, &mut || {
+                let mut cache = m.new_cache(p);
+                std::hint::black_box(m.forward(&ids, &mut cache, Logits::Last)?);
+                Ok(())
+            })?;
         }
-        rows.push((format!("tg{n}"), mean_std(&rates)));
+        for &n in &a.n_gen {
+            timed(format!("tg{n}"), n, &mut || {
+                let mut cache = m.new_cache(n + 1);
+                let mut tok = 1u32;
+                for _ in 0..n {
+                    let logits = m.forward(&[tok], &mut cache, Logits::Last)?;
+                    tok = moestream_engine::generate::argmax(&logits);
+                }
+                Ok(())
+            })?;
+        }
     }
-    let floor_tps = bw / active as f64;
+    let m = &l.model;
+    let streamed = m.experts.is_streamed();
+    let mode = if streamed {
+        format!("stream ({})", m.experts.io_backend().unwrap_or("?"))
+    } else {
+        "mmap".to_string()
+    };
+    let floor = |k: usize| {
+        let i = ks.iter().position(|&x| x == k).unwrap_or(0);
+        bw.map(|bw| bw / actives[i] as f64)
+    };
     if a.json {
-        for (test, (mean, std)) in &rows {
+        for r in &rows {
             println!(
                 "{}",
-                json!({"model": name, "arch": m.config.arch.model_type(), "threads": threads, "test": test,
-                "tokens_per_second": mean, "std": std, "active_bytes_per_token": active, "memory_bandwidth_bytes_per_second": bw,
-                "bandwidth_floor_tokens_per_second": floor_tps})
+                json!({"model": name, "arch": m.config.arch.model_type(), "threads": threads,
+                "experts": mode, "top_k": r.top_k, "test": r.test,
+                "tokens_per_second": r.mean, "std": r.std,
+                "disk_bytes_per_token": r.disk_bytes_per_token,
+                "expert_bytes_read_per_token": r.read_bytes_per_token,
+                "prefetch_hit_rate": r.prefetch_hit_rate, "io_wait_fraction": r.io_wait_fraction,
+                "peak_rss_bytes": r.peak_rss, "kl_divergence": r.kl,
+                "memory_bandwidth_bytes_per_second": bw,
+                "bandwidth_floor_tokens_per_second": floor(r.top_k)})
             );
         }
         return Ok(());
     }
-    println!("memory bandwidth (all threads, 1 GiB read): {:.2} GB/s; weights read per decode token: {}; floor: {:.2} tok/s", bw / 1e9, human_bytes(active), floor_tps);
-    println!("| model | arch | threads | test | t/s | vs floor |");
-    println!("| --- | --- | ---: | --- | ---: | ---: |");
-    for (test, (mean, std)) in &rows {
-        let vs = if test.starts_with("tg") {
-            format!("{:.2}x", floor_tps / mean)
-        } else {
-            "".into()
+    if let Some(bw) = bw {
+        println!(
+            "memory bandwidth (all threads, 1 GiB read): {:.2} GB/s; weights read per decode token at top-k {}: {}",
+            bw / 1e9,
+            ks[0],
+            human_bytes(actives[0])
+        );
+    }
+    println!("| model | experts | threads | top-k | test | t/s | disk/tok | prefetch hit | I/O wait | peak RSS | KL vs own top-k | vs mem floor |");
+    println!("| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for r in &rows {
+        let vs = match (r.test.starts_with("tg"), floor(r.top_k)) {
+            (true, Some(f)) => format!("{:.2}x", f / r.mean),
+            _ => String::new(),
         };
         println!(
-            "| {name} | {} | {threads} | {test} | {mean:.2} ± {std:.2} | {vs} |",
-            m.config.arch.model_type()
+            "| {name} | {mode} | {threads} | {} | {} | {:.2} ± {:.2} | {} | {} | {:.0}% | {} | {} | {vs} |",
+            r.top_k,
+            r.test,
+            r.mean,
+            r.std,
+            r.disk_bytes_per_token
+                .map(human_bytes)
+                .unwrap_or_else(|| "?".into()),
+            r.prefetch_hit_rate
+                .map(|h| format!("{:.0}%", h * 100.0))
+                .unwrap_or_else(|| "-".into()),
+            r.io_wait_fraction * 100.0,
+            r.peak_rss.map(human_bytes).unwrap_or_else(|| "?".into()),
+            r.kl.map(|k| format!("{k:.4}")).unwrap_or_else(|| "-".into()),
         );
     }
     Ok(())

@@ -1,5 +1,6 @@
 //! The subcommands.
-use crate::loaded::{human_bytes, peak_rss_bytes, Loaded};
+use crate::kl;
+use crate::loaded::{human_bytes, peak_rss_bytes, EngineArgs, Loaded, Traffic};
 use crate::synth::{self, SynthFormat};
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -16,8 +17,8 @@ pub struct SamplingArgs {
     /// Sampling temperature (0 = greedy). Default: the model's generation_config.json, else 0.7.
     #[arg(long)]
     temperature: Option<f32>,
-    /// Top-k cutoff (0 = off).
-    #[arg(long)]
+    /// Sampling top-k cutoff (0 = off). (`--top-k` sets the number of active experts.)
+    #[arg(long = "sample-top-k", value_name = "K")]
     top_k: Option<usize>,
     /// Nucleus sampling mass (1 = off).
     #[arg(long)]
@@ -86,6 +87,8 @@ pub struct RunArgs {
     json: bool,
     #[command(flatten)]
     sampling: SamplingArgs,
+    #[command(flatten)]
+    engine: EngineArgs,
 }
 
 fn parse_ids(s: &str) -> Result<Vec<u32>> {
@@ -120,7 +123,7 @@ fn demo_model_dir() -> Result<PathBuf> {
     Ok(dir)
 }
 
-fn print_stats(s: &GenerationStats) {
+fn print_stats(s: &GenerationStats, l: &Loaded, before: &Traffic) {
     let rate = |n: usize, t: f64| if t > 0.0 { n as f64 / t } else { 0.0 };
     let decode_tokens = s.generated_tokens.saturating_sub(1);
     eprintln!(
@@ -131,6 +134,23 @@ fn print_stats(s: &GenerationStats) {
         rate(decode_tokens, s.decode_seconds),
         peak_rss_bytes().map(human_bytes).unwrap_or_else(|| "?".into())
     );
+    if has_moe(l) {
+        eprintln!(
+            "{}",
+            before.report_since(
+                &l.model,
+                s.prompt_tokens + s.generated_tokens,
+                s.prefill_seconds + s.decode_seconds
+            )
+        );
+    }
+}
+
+fn has_moe(l: &Loaded) -> bool {
+    l.model
+        .layers
+        .iter()
+        .any(|x| matches!(x.mlp, FeedForward::Sparse(_)))
 }
 
 pub fn run(a: RunArgs) -> Result<()> {
@@ -138,7 +158,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         Some(d) => d.clone(),
         None => demo_model_dir()?,
     };
-    let l = Loaded::open(&dir)?;
+    let l = Loaded::open(&dir, &a.engine)?;
     let mut sampling = a.sampling.params(&l);
     if a.json && a.sampling.temperature.is_none() {
         sampling.temperature = 0.0;
@@ -158,6 +178,7 @@ pub fn run(a: RunArgs) -> Result<()> {
             stop_strings: a.stop.clone(),
         };
         let mut cache = l.model.new_cache(prompt.len() + a.max_tokens);
+        let before = Traffic::now(&l.model);
         let mut text = String::new();
         let mut out = std::io::stdout().lock();
         let stats = generate(&l.model, l.tokenizer.as_ref(), &mut cache, &req, |piece| {
@@ -179,7 +200,7 @@ pub fn run(a: RunArgs) -> Result<()> {
             writeln!(out)?;
         }
         drop(out);
-        print_stats(&stats);
+        print_stats(&stats, &l, &before);
         Ok(())
     };
     if let Some(ids) = &a.prompt_tokens {
@@ -269,6 +290,7 @@ fn chat(
             stop_strings: a.stop.clone(),
         };
         let mut reply = String::new();
+        let before = Traffic::now(&l.model);
         let mut out = std::io::stdout().lock();
         let stats = generate(&l.model, Some(tok), &mut cache, &req, |piece| {
             reply.push_str(piece);
@@ -279,7 +301,7 @@ fn chat(
         .map_err(anyhow::Error::msg)?;
         writeln!(out)?;
         drop(out);
-        print_stats(&stats);
+        print_stats(&stats, l, &before);
         cached = ids;
         cached.extend(&stats.tokens);
         cache.truncate(cached.len());
@@ -298,30 +320,20 @@ pub struct ScoreArgs {
     /// Text to tokenize (with the tokenizer's special tokens, e.g. BOS).
     #[arg(long)]
     text: Option<String>,
+    #[command(flatten)]
+    engine: EngineArgs,
 }
 
 /// Chunk of tokens run per forward call when scoring: bounds the logits buffer.
 const SCORE_CHUNK: usize = 256;
 
-/// ln p(tokens[i+1] | tokens[..=i]) for every i, computed over `cache` (assumed empty).
-fn logprobs(l: &Loaded, tokens: &[u32]) -> Vec<f64> {
-    let v = l.model.config.vocab_size;
-    let mut cache = l.model.new_cache(tokens.len());
-    let mut out = Vec::with_capacity(tokens.len().saturating_sub(1));
-    for (c, chunk) in tokens.chunks(SCORE_CHUNK).enumerate() {
-        let logits = l.model.forward(chunk, &mut cache, Logits::All);
-        for (j, row) in logits.chunks_exact(v).enumerate() {
-            let i = c * SCORE_CHUNK + j;
-            if i + 1 < tokens.len() {
-                out.push(log_softmax_at(row, tokens[i + 1] as usize));
-            }
-        }
-    }
-    out
+/// ln p(tokens[i+1] | tokens[..=i]) for every i, computed from an empty cache.
+fn logprobs(l: &Loaded, tokens: &[u32]) -> Result<Vec<f64>> {
+    logprobs_visiting(l, tokens, usize::MAX, |_, _| Ok(()))
 }
 
 pub fn score(a: ScoreArgs) -> Result<()> {
-    let l = Loaded::open(&a.model)?;
+    let l = Loaded::open(&a.model, &a.engine)?;
     let tokens = match (&a.tokens, &a.text) {
         (Some(t), _) => parse_ids(t)?,
         (None, Some(text)) => l.tokenizer()?.encode(text, true)?,
@@ -338,7 +350,7 @@ pub fn score(a: ScoreArgs) -> Result<()> {
             tokens.len()
         );
     }
-    let lp = logprobs(&l, &tokens);
+    let lp = logprobs(&l, &tokens)?;
     println!("{}", json!({"tokens": tokens, "logprobs": lp}));
     Ok(())
 }
@@ -357,13 +369,54 @@ pub struct PerplexityArgs {
     /// Evaluate at most this many chunks.
     #[arg(long)]
     chunks: Option<usize>,
+    /// Write the model's next-token distribution at every scored position to FILE (the base
+    /// for --kl-divergence); with --kl-divergence, read it instead.
+    #[arg(long, value_name = "FILE")]
+    kl_divergence_base: Option<PathBuf>,
+    /// Compare with the distributions in --kl-divergence-base FILE (same text and --ctx): KL
+    /// divergence, same top token, Δp of the correct token, both perplexities.
+    #[arg(long, requires = "kl_divergence_base")]
+    kl_divergence: bool,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+/// [`logprobs`], also handing `visit` the logits rows at positions `from..` after each forward
+/// pass, with the tokens that follow them (the KL-divergence modes).
+fn logprobs_visiting(
+    l: &Loaded,
+    tokens: &[u32],
+    from: usize,
+    mut visit: impl FnMut(&[&[f32]], &[u32]) -> Result<()>,
+) -> Result<Vec<f64>> {
+    let v = l.model.config.vocab_size;
+    let mut cache = l.model.new_cache(tokens.len());
+    let mut out = Vec::with_capacity(tokens.len().saturating_sub(1));
+    for (c, chunk) in tokens.chunks(SCORE_CHUNK).enumerate() {
+        let logits = l.model.forward(chunk, &mut cache, Logits::All)?;
+        let (mut rows, mut next) = (vec![], vec![]);
+        for (j, row) in logits.chunks_exact(v).enumerate() {
+            let i = c * SCORE_CHUNK + j;
+            if i + 1 < tokens.len() {
+                out.push(log_softmax_at(row, tokens[i + 1] as usize));
+                if i >= from {
+                    rows.push(row);
+                    next.push(tokens[i + 1]);
+                }
+            }
+        }
+        if !rows.is_empty() {
+            visit(&rows, &next)?;
+        }
+    }
+    Ok(out)
 }
 
 /// llama-perplexity's method: split the tokenized file into chunks of `ctx` tokens (the first of
 /// each replaced by BOS when the tokenizer adds one), run each chunk from an empty cache, and score
 /// only the second half of each chunk, so every scored token has at least ctx/2 tokens of context.
 pub fn perplexity(a: PerplexityArgs) -> Result<()> {
-    let l = Loaded::open(&a.model)?;
+    let l = Loaded::open(&a.model, &a.engine)?;
     let text = std::fs::read_to_string(&a.file)
         .with_context(|| format!("reading {}", a.file.display()))?;
     let tok = l.tokenizer()?;
@@ -379,6 +432,26 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
         );
     }
     let mut n_chunks = tokens.len() / a.ctx;
+    // --kl-divergence: the base file holds the chunks to evaluate (at most --chunks of them).
+    let base = match (&a.kl_divergence_base, a.kl_divergence) {
+        (Some(f), true) => Some(kl::BaseReader::open(f)?),
+        _ => None,
+    };
+    if let Some(b) = &base {
+        b.check(l.model.config.vocab_size, a.ctx, a.ctx / 2)?;
+        if n_chunks < b.header.chunks && a.chunks.unwrap_or(usize::MAX) > n_chunks {
+            bail!(
+                "{}: {} tokens make {n_chunks} chunks of --ctx {}; the base file {} holds {} \
+                 (not the text it was computed from?)",
+                a.file.display(),
+                tokens.len(),
+                a.ctx,
+                b.path().display(),
+                b.header.chunks
+            );
+        }
+        n_chunks = n_chunks.min(b.header.chunks);
+    }
     if let Some(c) = a.chunks {
         n_chunks = n_chunks.min(c);
     }
@@ -397,6 +470,31 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
         None
     };
     let first = a.ctx / 2;
+    // The evaluated tokens, chunk after chunk, the first of each replaced by BOS.
+    let mut eval = tokens[..n_chunks * a.ctx].to_vec();
+    if let Some(b) = bos {
+        eval.iter_mut().step_by(a.ctx).for_each(|t| *t = b);
+    }
+    let vocab = l.model.config.vocab_size;
+    let mut kl = match (base, &a.kl_divergence_base) {
+        (Some(b), _) => {
+            b.check_tokens(&eval)?;
+            Some(kl::KlMode::Compare(b, kl::KlStats::default()))
+        }
+        (None, Some(f)) => {
+            l.model.check_tokens(&eval).map_err(anyhow::Error::msg)?;
+            let header = kl::BaseHeader {
+                vocab,
+                ctx: a.ctx,
+                chunks: n_chunks,
+                first,
+                model: l.dir.display().to_string(),
+                tokens: eval.clone(),
+            };
+            Some(kl::KlMode::Write(kl::BaseWriter::create(f, header)?))
+        }
+        (None, None) => None,
+    };
     let (mut nll, mut nll2, mut count) = (0f64, 0f64, 0usize);
     let t0 = std::time::Instant::now();
     eprintln!(
@@ -405,11 +503,11 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
         a.ctx
     );
     for c in 0..n_chunks {
-        let mut chunk = tokens[c * a.ctx..(c + 1) * a.ctx].to_vec();
-        if let Some(b) = bos {
-            chunk[0] = b;
-        }
-        let lp = logprobs(&l, &chunk);
+        let chunk = &eval[c * a.ctx..(c + 1) * a.ctx];
+        let lp = logprobs_visiting(&l, chunk, first - 1, |rows, next| match kl.as_mut() {
+            Some(k) => k.visit(rows, next),
+            None => Ok(()),
+        })?;
         for &x in &lp[first - 1..] {
             nll -= x;
             nll2 += x * x;
@@ -427,6 +525,9 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
         "[{count} tokens scored in {:.1} s]",
         t0.elapsed().as_secs_f64()
     );
+    if let Some(k) = kl {
+        k.finish()?;
+    }
     Ok(())
 }
 
@@ -441,7 +542,10 @@ pub struct InspectArgs {
 }
 
 pub fn inspect(a: InspectArgs) -> Result<()> {
-    let l = Loaded::open(&a.model)?;
+    // Inspect describes the checkpoint as mapped; it never streams.
+    let mut engine = EngineArgs::default();
+    engine.stream.stream_experts = moestream_engine::store::StreamMode::Off;
+    let l = Loaded::open(&a.model, &engine)?;
     let m = &l.model;
     let c = &m.config;
     let (mut expert_bytes, mut expert_params) = (0u64, 0u64);
@@ -465,7 +569,7 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
         add_linear(&m.lm_head, false);
     }
     let mut norm_params = c.hidden_size as u64;
-    for layer in &m.layers {
+    for (li, layer) in m.layers.iter().enumerate() {
         let at = &layer.self_attn;
         for lin in [&at.q_proj, &at.k_proj, &at.v_proj, &at.o_proj] {
             add_linear(lin, false);
@@ -484,12 +588,13 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
             }
             FeedForward::Sparse(moe) => {
                 add_linear(&moe.router, false);
-                for e in &moe.experts {
+                let experts = m.experts.resident_experts(li).unwrap_or(&[]);
+                for e in experts {
                     for lin in [&e.gate_proj, &e.up_proj, &e.down_proj] {
                         add_linear(lin, true);
                     }
                 }
-                if let Some(e) = moe.experts.first() {
+                if let Some(e) = experts.first() {
                     active_expert_bytes += (e.size_bytes() * moe.rule.top_k) as u64;
                 }
             }

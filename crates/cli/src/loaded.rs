@@ -1,9 +1,118 @@
-//! A model folder loaded for the commands: weights, tokenizer, chat template, generation defaults.
+//! A model folder loaded for the commands: weights, tokenizer, chat template, generation
+//! defaults, and the engine options every model-running command shares (expert streaming, the
+//! active-expert override).
 use anyhow::{Context, Result};
+use clap::Args;
 use moestream_engine::config::GenerationConfig;
 use moestream_engine::models::Model;
+use moestream_engine::store::io::IoBackend;
+use moestream_engine::store::{self, Prefetch, StoreOptions, StoreStats, StreamMode};
 use moestream_engine::text::{ChatTemplate, Tokenizer};
 use std::path::{Path, PathBuf};
+
+/// How the engine runs a model: shared by `run`, `score` and `perplexity`.
+#[derive(Args, Clone, Debug, Default)]
+pub struct EngineArgs {
+    /// Experts each token uses (1 to the model's own): fewer is faster and less exact. Also
+    /// MOESTREAM_TOP_K.
+    #[arg(long = "top-k", env = "MOESTREAM_TOP_K", value_name = "N")]
+    pub top_k: Option<usize>,
+    #[command(flatten)]
+    pub stream: StreamArgs,
+}
+
+/// Where expert weights come from (`bench` takes these without `--top-k`, which it sweeps).
+#[derive(Args, Clone, Debug)]
+pub struct StreamArgs {
+    /// Stream expert weights from disk instead of mapping them: auto (when the model does not
+    /// fit in available memory), on, off.
+    #[arg(long, default_value = "auto", value_name = "auto|on|off")]
+    pub stream_experts: StreamMode,
+    /// Read expert weights with O_DIRECT, bypassing the page cache (when streaming).
+    #[arg(long)]
+    pub direct_io: bool,
+    /// An in-process expert cache of this size (e.g. 2G, 512M) on top of the minimal buffer pool
+    /// (when streaming). Default 0: the page cache does the caching.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "0")]
+    pub expert_cache: u64,
+    /// Expert reads in flight at most (when streaming).
+    #[arg(long, default_value_t = 32, value_name = "N")]
+    pub queue_depth: usize,
+    /// Read backend: auto (io_uring where the kernel allows it), io_uring, threads.
+    #[arg(long, default_value = "auto", value_name = "auto|io_uring|threads")]
+    pub io_backend: IoBackend,
+    /// How the next layer's experts are predicted and read ahead: router (the next layer's
+    /// router on the current hidden state), previous (the previous token's choice), none.
+    #[arg(long, default_value = "router", value_name = "router|previous|none")]
+    pub prefetch: Prefetch,
+}
+
+impl Default for StreamArgs {
+    fn default() -> Self {
+        let o = StoreOptions::default();
+        StreamArgs {
+            stream_experts: o.stream,
+            direct_io: o.direct_io,
+            expert_cache: o.cache_bytes,
+            queue_depth: o.queue_depth,
+            io_backend: o.io,
+            prefetch: o.prefetch,
+        }
+    }
+}
+
+impl StreamArgs {
+    /// The expert store's options.
+    pub fn store_options(&self) -> Result<StoreOptions> {
+        let fail_read = match std::env::var("MOESTREAM_FAIL_READ") {
+            Ok(v) => Some(
+                v.parse::<u64>()
+                    .with_context(|| format!("MOESTREAM_FAIL_READ={v:?} is not a number"))?,
+            ),
+            Err(_) => None,
+        };
+        if self.queue_depth == 0 || self.queue_depth > 4096 {
+            anyhow::bail!("--queue-depth must be between 1 and 4096");
+        }
+        Ok(StoreOptions {
+            stream: self.stream_experts,
+            io: self.io_backend,
+            queue_depth: self.queue_depth,
+            direct_io: self.direct_io,
+            cache_bytes: self.expert_cache,
+            prefetch: self.prefetch,
+            fail_read,
+        })
+    }
+}
+
+/// `123`, `512K`, `64M`, `2G`, `1.5G` (binary units) in bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => {
+            let unit = t[i..].to_ascii_uppercase();
+            let m: u64 = match unit.trim_end_matches("IB").trim_end_matches('B') {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1 << 40,
+                _ => return Err(format!("unknown size unit in {s:?} (use K, M, G, T)")),
+            };
+            (&t[..i], m)
+        }
+        None => (t, 1),
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 512M, 2G)"))?;
+    if !(v >= 0.0 && v.is_finite()) {
+        return Err(format!("{s:?} is not a size"));
+    }
+    Ok((v * mult as f64) as u64)
+}
 
 /// Everything `run`/`score`/`perplexity` need from a model folder.
 pub struct Loaded {
@@ -16,12 +125,15 @@ pub struct Loaded {
 
 impl Loaded {
     /// Opens a local folder or a Hugging Face repository id (see [`crate::hub`]).
-    pub fn open(spec: &Path) -> Result<Loaded> {
+    pub fn open(spec: &Path, engine: &EngineArgs) -> Result<Loaded> {
         let dir = &crate::hub::resolve_model(spec)?;
         if !dir.is_dir() {
             anyhow::bail!("{}: not a model folder", dir.display());
         }
-        let model = Model::load(dir)?;
+        let mut model = Model::load_with(dir, &engine.stream.store_options()?)?;
+        if let Some(k) = engine.top_k {
+            model.set_top_k(k).map_err(anyhow::Error::msg)?;
+        }
         let tokenizer = if dir.join("tokenizer.json").is_file() {
             Some(Tokenizer::from_dir(dir)?)
         } else {
@@ -76,4 +188,60 @@ pub fn human_bytes(b: u64) -> String {
         u += 1;
     }
     format!("{v:.2} {}", units[u])
+}
+
+/// Expert traffic and disk reads at one moment, to report an interval's difference.
+#[derive(Clone, Copy, Debug)]
+pub struct Traffic {
+    pub store: StoreStats,
+    pub disk_read_bytes: Option<u64>,
+}
+
+impl Traffic {
+    pub fn now(model: &Model) -> Traffic {
+        Traffic {
+            store: model.experts.stats(),
+            disk_read_bytes: store::disk_read_bytes(),
+        }
+    }
+
+    /// One line describing the expert traffic since `self`, over `tokens` tokens.
+    pub fn report_since(&self, model: &Model, tokens: usize, seconds: f64) -> String {
+        let now = Traffic::now(model);
+        let s = now.store.since(&self.store);
+        let per = |b: u64| human_bytes(b / tokens.max(1) as u64);
+        let mut parts = vec![format!(
+            "experts: {} (top-k {})",
+            if model.experts.is_streamed() {
+                format!("streamed via {}", model.experts.io_backend().unwrap_or("?"))
+            } else {
+                "memory-mapped".to_string()
+            },
+            model.top_k()
+        )];
+        parts.push(format!("{}/tok requested", per(s.bytes_needed)));
+        if model.experts.is_streamed() {
+            parts.push(format!("{}/tok read", per(s.bytes_read)));
+        }
+        if let (Some(a), Some(b)) = (self.disk_read_bytes, now.disk_read_bytes) {
+            let disk = b.saturating_sub(a);
+            parts.push(format!(
+                "{}/tok from disk ({}/s)",
+                per(disk),
+                human_bytes((disk as f64 / seconds.max(1e-9)) as u64)
+            ));
+        }
+        if let Some(r) = s.prefetch_hit_rate() {
+            parts.push(format!("prefetch hit {:.0}%", r * 100.0));
+        }
+        if model.experts.is_streamed() {
+            parts.push(format!(
+                "I/O wait {:.0}% / expert compute {:.0}% of {:.2} s",
+                s.wait_ns as f64 / 1e9 / seconds.max(1e-9) * 100.0,
+                s.compute_ns as f64 / 1e9 / seconds.max(1e-9) * 100.0,
+                seconds
+            ));
+        }
+        format!("[{}]", parts.join(" | "))
+    }
 }

@@ -6,6 +6,7 @@
 mod bench;
 mod commands;
 mod hub;
+mod kl;
 mod loaded;
 mod synth;
 

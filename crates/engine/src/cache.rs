@@ -53,6 +53,14 @@ impl KvCache {
         self.len += n;
     }
 
+    /// Drops keys and values some layers appended in a forward pass that did not finish.
+    pub(crate) fn drop_uncommitted(&mut self) {
+        for l in &mut self.layers {
+            l.k.truncate(self.len * self.kv_width);
+            l.v.truncate(self.len * self.kv_width);
+        }
+    }
+
     /// Forgets every token after the first `len`.
     pub fn truncate(&mut self, len: usize) {
         if len < self.len {

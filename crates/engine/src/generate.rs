@@ -258,7 +258,9 @@ pub fn generate(
     let mut decoder = IncrementalDecoder::with_context(&req.prompt, true);
     let mut history = req.prompt.clone();
     let t0 = Instant::now();
-    let mut logits = model.forward(&req.prompt, cache, Logits::Last);
+    let mut logits = model
+        .forward(&req.prompt, cache, Logits::Last)
+        .map_err(|e| e.to_string())?;
     let prefill_seconds = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let mut tokens = Vec::new();
@@ -286,7 +288,9 @@ pub fn generate(
         if tokens.len() == req.max_tokens || cache.len() >= ctx {
             break;
         }
-        logits = model.forward(&[next], cache, Logits::Last);
+        logits = model
+            .forward(&[next], cache, Logits::Last)
+            .map_err(|e| e.to_string())?;
     }
     if let (Some(tok), FinishReason::Length) = (tokenizer, finish) {
         let rest = decoder.flush(tok).map_err(|e| e.to_string())?;

@@ -1,14 +1,16 @@
 //! The moestream engine: model code, per-sequence state, generation, tokenizer and chat templates.
 //!
 //! [`models::Model::load`] reads a checkpoint folder (config.json + safetensors, Hugging Face float
-//! or MLX-quantized) into a model whose weights stay in the memory map; [`models::Model::forward`]
-//! runs tokens through it with a [`cache::KvCache`]. [`generate`] turns logits into text.
+//! or MLX-quantized) into a model whose weights stay in the memory map, or whose experts stream
+//! from disk through the [`store`] when the model does not fit in memory;
+//! [`models::Model::forward`] runs tokens through it with a [`cache::KvCache`]. [`generate`]
+//! turns logits into text.
 //!
 //! ```no_run
 //! use moestream_engine::models::{Logits, Model};
 //! let model = Model::load(std::path::Path::new("my-model")).unwrap();
 //! let mut cache = model.new_cache(64);
-//! let logits = model.forward(&[1, 2, 3], &mut cache, Logits::Last);
+//! let logits = model.forward(&[1, 2, 3], &mut cache, Logits::Last).unwrap();
 //! ```
 #![deny(missing_docs)]
 
@@ -16,5 +18,6 @@ pub mod cache;
 pub mod config;
 pub mod generate;
 pub mod models;
+pub mod store;
 pub mod text;
 pub mod weights;

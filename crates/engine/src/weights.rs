@@ -12,10 +12,19 @@ use moestream_formats::{DType, FormatError, MappedFile, SafetensorsIndex, Tensor
 use moestream_kernels::{FloatKind, Matrix, Weights};
 use std::sync::Arc;
 
-/// A byte range of a mapped weight file.
+/// What a [`Bytes`] range points into.
+#[derive(Clone, Debug)]
+enum Backing {
+    /// A memory-mapped weight file.
+    Mapped(Arc<MappedFile>),
+    /// A private copy in process memory (non-expert weights of a streamed model).
+    Owned(Arc<[u8]>),
+}
+
+/// A byte range of a mapped weight file, or of a private copy of one.
 #[derive(Clone, Debug)]
 pub struct Bytes {
-    file: Arc<MappedFile>,
+    backing: Backing,
     offset: usize,
     len: usize,
 }
@@ -23,20 +32,24 @@ pub struct Bytes {
 impl Bytes {
     fn of(t: &TensorLocation) -> Bytes {
         Bytes {
-            file: t.file.clone(),
+            backing: Backing::Mapped(t.file.clone()),
             offset: t.offset,
             len: t.len,
         }
     }
     /// The bytes.
     pub fn as_slice(&self) -> &[u8] {
-        &self.file.bytes()[self.offset..self.offset + self.len]
+        let all = match &self.backing {
+            Backing::Mapped(f) => f.bytes(),
+            Backing::Owned(b) => b,
+        };
+        &all[self.offset..self.offset + self.len]
     }
     /// Sub-range `[start, start + len)` relative to this one.
     fn slice(&self, start: usize, len: usize) -> Bytes {
         debug_assert!(start + len <= self.len);
         Bytes {
-            file: self.file.clone(),
+            backing: self.backing.clone(),
             offset: self.offset + start,
             len,
         }
@@ -49,9 +62,21 @@ impl Bytes {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
-    /// The file and absolute offset (for the expert store).
-    pub fn location(&self) -> (&Arc<MappedFile>, usize) {
-        (&self.file, self.offset)
+    /// The mapped file and absolute offset, for ranges that are still file-backed (the expert
+    /// store reads these itself).
+    pub fn location(&self) -> Option<(&Arc<MappedFile>, usize)> {
+        match &self.backing {
+            Backing::Mapped(f) => Some((f, self.offset)),
+            Backing::Owned(_) => None,
+        }
+    }
+    /// A private copy of the bytes, so that they no longer depend on the file or the page cache.
+    fn to_owned_copy(&self) -> Bytes {
+        Bytes {
+            backing: Backing::Owned(Arc::from(self.as_slice())),
+            offset: 0,
+            len: self.len,
+        }
     }
 }
 
@@ -139,6 +164,38 @@ impl Linear {
                 biases,
                 ..
             } => packed.len() + scales.len() + biases.len(),
+        }
+    }
+
+    /// The same matrix with its bytes copied into process memory. A model whose experts stream
+    /// keeps everything else this way: resident whatever the page cache does, and immune to the
+    /// file changing under it.
+    pub fn to_resident(&self) -> Linear {
+        let storage = match &self.storage {
+            Storage::Float { kind, data } => Storage::Float {
+                kind: *kind,
+                data: data.to_owned_copy(),
+            },
+            Storage::Affine {
+                bits,
+                group_size,
+                packed,
+                scales,
+                biases,
+                scale_kind,
+            } => Storage::Affine {
+                bits: *bits,
+                group_size: *group_size,
+                packed: packed.to_owned_copy(),
+                scales: scales.to_owned_copy(),
+                biases: biases.to_owned_copy(),
+                scale_kind: *scale_kind,
+            },
+        };
+        Linear {
+            rows: self.rows,
+            cols: self.cols,
+            storage,
         }
     }
 

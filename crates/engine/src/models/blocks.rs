@@ -4,9 +4,9 @@
 //! Activations are f32 row-major `[n_tokens, width]`; every block processes a batch of tokens at
 //! once (prefill) or one (decode) through the same code.
 use crate::cache::LayerKv;
+use crate::store::{ExpertStore, ExpertWeights, StoreError};
 use crate::weights::Linear;
 use moestream_kernels::ops::{self, AttentionShape, Rope};
-use rayon::prelude::*;
 
 /// `y = w * x / rms(x)`.
 #[derive(Clone, Debug)]
@@ -46,6 +46,19 @@ pub struct Attention {
 }
 
 impl Attention {
+    /// The same attention with its weights copied into process memory.
+    pub fn to_resident(&self) -> Attention {
+        Attention {
+            q_proj: self.q_proj.to_resident(),
+            k_proj: self.k_proj.to_resident(),
+            v_proj: self.v_proj.to_resident(),
+            o_proj: self.o_proj.to_resident(),
+            q_norm: self.q_norm.clone(),
+            k_norm: self.k_norm.clone(),
+            shape: self.shape,
+        }
+    }
+
     /// `out = o_proj(softmax(q kᵀ / sqrt(D)) v)` for `n` tokens at positions `start..start + n`,
     /// appending their keys and values to `kv`.
     pub fn forward(
@@ -101,38 +114,50 @@ pub struct Mlp {
 }
 
 impl Mlp {
+    /// Kernel views of the three projections.
+    pub fn weights(&self) -> ExpertWeights<'_> {
+        ExpertWeights {
+            gate: self.gate_proj.matrix(),
+            up: self.up_proj.matrix(),
+            down: self.down_proj.matrix(),
+        }
+    }
+
     /// Applies the MLP to `n` rows of `x`.
     pub fn forward(&self, x: &[f32], n: usize, out: &mut [f32]) {
-        let f = self.gate_proj.rows;
-        let mut g = vec![0f32; n * f];
-        let mut u = vec![0f32; n * f];
-        self.gate_proj.forward(x, n, &mut g);
-        self.up_proj.forward(x, n, &mut u);
-        ops::silu_mul(&mut g, &u);
-        self.down_proj.forward(&g, n, out);
+        self.weights().forward(x, n, out)
     }
 
     /// Bytes of weights.
     pub fn size_bytes(&self) -> usize {
         self.gate_proj.size_bytes() + self.up_proj.size_bytes() + self.down_proj.size_bytes()
     }
+
+    /// The same MLP with its weights copied into process memory.
+    pub fn to_resident(&self) -> Mlp {
+        Mlp {
+            gate_proj: self.gate_proj.to_resident(),
+            up_proj: self.up_proj.to_resident(),
+            down_proj: self.down_proj.to_resident(),
+        }
+    }
 }
 
 /// How router probabilities become expert weights.
 #[derive(Clone, Copy, Debug)]
 pub struct RouterRule {
-    /// Experts per token.
+    /// Experts per token (the model's own; `Model::set_top_k` overrides it at run time).
     pub top_k: usize,
     /// Divide the chosen probabilities by their sum.
     pub renormalize: bool,
 }
 
-/// Sparse mixture of experts: `y = Σ_{e ∈ topk(softmax(router(x)))} w_e · Expert_e(x)`.
+/// The router of a sparse mixture-of-experts block:
+/// `y = Σ_{e ∈ topk(softmax(router(x)))} w_e · Expert_e(x)`. The experts themselves live in the
+/// [`ExpertStore`], which decides where their bytes come from.
 pub struct SparseMoe {
     /// Router `[E, H]`.
     pub router: Linear,
-    /// The routed experts.
-    pub experts: Vec<Mlp>,
     /// Top-k and normalisation.
     pub rule: RouterRule,
 }
@@ -161,33 +186,44 @@ impl SparseMoe {
             .collect()
     }
 
-    /// Applies the block to `n` rows of `x`. Each chosen expert runs once over all tokens that
-    /// chose it (a matrix-matrix product in prefill); outputs are summed in ascending expert order.
-    pub fn forward(&self, x: &[f32], n: usize, out: &mut [f32]) {
+    /// Applies layer `layer`'s experts, as `routing` chose them, to `n` rows of `x`. Each chosen
+    /// expert runs once over all tokens that chose it (a matrix-matrix product in prefill);
+    /// outputs are summed in ascending expert order, however the store delivers them.
+    /// `prefetch` is passed on to the store.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        layer: usize,
+        store: &ExpertStore,
+        x: &[f32],
+        n: usize,
+        routing: &[Routing],
+        prefetch: Option<(usize, &[usize])>,
+        out: &mut [f32],
+    ) -> Result<(), StoreError> {
         let h = self.router.cols;
-        let routing = self.route(x, n, self.rule.top_k);
-        let mut users: Vec<Vec<(usize, f32)>> = vec![vec![]; self.experts.len()];
+        let mut users: Vec<Vec<(usize, f32)>> = vec![vec![]; self.router.rows];
         for (t, r) in routing.iter().enumerate() {
             for &(e, w) in r {
                 users[e].push((t, w));
             }
         }
-        let active: Vec<usize> = (0..self.experts.len())
-            .filter(|&e| !users[e].is_empty())
-            .collect();
-        let results: Vec<Vec<f32>> = active
-            .par_iter()
-            .map(|&e| {
-                let tokens = &users[e];
-                let mut xs = Vec::with_capacity(tokens.len() * h);
-                for &(t, _) in tokens {
-                    xs.extend_from_slice(&x[t * h..(t + 1) * h]);
-                }
-                let mut y = vec![0f32; tokens.len() * h];
-                self.experts[e].forward(&xs, tokens.len(), &mut y);
-                y
-            })
-            .collect();
+        let active: Vec<usize> = (0..users.len()).filter(|&e| !users[e].is_empty()).collect();
+        let mut last_token: Vec<usize> = routing
+            .last()
+            .map(|r| r.iter().map(|c| c.0).collect())
+            .unwrap_or_default();
+        last_token.sort_unstable();
+        let results = store.with_experts(layer, &active, &last_token, prefetch, |i, w| {
+            let tokens = &users[active[i]];
+            let mut xs = Vec::with_capacity(tokens.len() * h);
+            for &(t, _) in tokens {
+                xs.extend_from_slice(&x[t * h..(t + 1) * h]);
+            }
+            let mut y = vec![0f32; tokens.len() * h];
+            w.forward(&xs, tokens.len(), &mut y);
+            y
+        })?;
         out[..n * h].fill(0.0);
         for (&e, y) in active.iter().zip(&results) {
             for (j, &(t, w)) in users[e].iter().enumerate() {
@@ -199,23 +235,15 @@ impl SparseMoe {
                 }
             }
         }
+        Ok(())
     }
 }
 
 /// The feed-forward half of a decoder layer.
+#[allow(clippy::large_enum_variant)] // one per layer; boxing would only add an indirection
 pub enum FeedForward {
     /// Dense SwiGLU MLP.
     Dense(Mlp),
     /// Routed experts.
     Sparse(SparseMoe),
-}
-
-impl FeedForward {
-    /// Applies it to `n` rows.
-    pub fn forward(&self, x: &[f32], n: usize, out: &mut [f32]) {
-        match self {
-            FeedForward::Dense(m) => m.forward(x, n, out),
-            FeedForward::Sparse(m) => m.forward(x, n, out),
-        }
-    }
 }

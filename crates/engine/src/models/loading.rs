@@ -3,6 +3,7 @@
 use super::blocks::{Attention, Mlp, RmsNorm};
 use super::Model;
 use crate::config::{Arch, ConfigError, ModelConfig};
+use crate::store::{StoreError, StoreOptions, StreamMode};
 use crate::weights::{Linear, WeightLoader};
 use moestream_formats::{FormatError, SafetensorsIndex};
 use moestream_kernels::ops::AttentionShape;
@@ -17,27 +18,42 @@ pub enum LoadError {
     /// Weight file problem.
     #[error(transparent)]
     Format(#[from] FormatError),
+    /// The expert store could not be set up.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
-pub(super) fn load(dir: &Path) -> Result<Model, LoadError> {
+pub(super) fn load(dir: &Path, options: &StoreOptions) -> Result<Model, LoadError> {
     let config = ModelConfig::from_dir(dir)?;
-    // A model that fits in memory is mapped with every page faulted in at load: otherwise each
-    // token's first touch of an expert costs a page fault per 4 KiB, which showed up as a third
-    // of decode time. Models that do not fit are mapped lazily (the expert store streams them).
-    let populate = match (
+    let fits = match (
         moestream_formats::weight_files_bytes(dir),
         available_memory_bytes(),
     ) {
         (Ok(size), Some(avail)) => size < avail / 10 * 9,
         _ => false,
     };
+    let stream = config.num_experts > 0
+        && match options.stream {
+            StreamMode::On => true,
+            StreamMode::Off => false,
+            StreamMode::Auto => !fits,
+        };
+    // A model that fits in memory is mapped with every page faulted in at load: otherwise each
+    // token's first touch of an expert costs a page fault per 4 KiB, which showed up as a third
+    // of decode time. A streamed model is mapped lazily: only its non-expert weights are read,
+    // once, into process memory; the expert store reads experts itself.
+    let populate = fits && !stream;
     let index = SafetensorsIndex::open_with(dir, populate)?;
     let loader = WeightLoader { index: &index };
     let model = match config.arch {
         Arch::Qwen3Moe | Arch::Qwen3 => super::qwen3_moe::load(config, &loader)?,
         Arch::Mixtral => super::mixtral::load(config, &loader)?,
     };
-    Ok(model)
+    if stream {
+        Ok(model.stream_experts(options)?)
+    } else {
+        Ok(model)
+    }
 }
 
 pub(super) fn norm(
@@ -168,9 +184,37 @@ pub(super) fn lm_head(
     }
 }
 
-/// `MemAvailable` from /proc/meminfo (Linux), in bytes.
+/// Memory this process can still use, in bytes: `MemAvailable` from /proc/meminfo, lowered by
+/// any cgroup v2 memory limit above this process (limit minus usage, page cache included, which
+/// is how a container or `with-memory-limit` caps a model larger than memory).
 pub fn available_memory_bytes() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+    let mut avail = line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024;
+    if let Some(cg) = cgroup_headroom_bytes() {
+        avail = avail.min(cg);
+    }
+    Some(avail)
+}
+
+/// The smallest `memory.max - memory.current` over this process's cgroup and its ancestors.
+fn cgroup_headroom_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let rel = s.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let mut dir = std::path::PathBuf::from("/sys/fs/cgroup");
+    dir.push(rel.trim_start_matches('/'));
+    let mut best: Option<u64> = None;
+    loop {
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
+        if let (Some(max), Some(cur)) = (read("memory.max"), read("memory.current")) {
+            if let (Ok(max), Ok(cur)) = (max.trim().parse::<u64>(), cur.trim().parse::<u64>()) {
+                let room = max.saturating_sub(cur);
+                best = Some(best.map_or(room, |b| b.min(room)));
+            }
+        }
+        if dir == std::path::Path::new("/sys/fs/cgroup") || !dir.pop() {
+            break;
+        }
+    }
+    best
 }

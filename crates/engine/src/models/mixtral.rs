@@ -7,6 +7,7 @@ use super::blocks::{FeedForward, RouterRule, SparseMoe};
 use super::loading::{attention, experts, lm_head, norm};
 use super::{DecoderLayer, Model};
 use crate::config::ModelConfig;
+use crate::store::ExpertStore;
 use crate::weights::WeightLoader;
 use moestream_formats::FormatError;
 
@@ -17,6 +18,7 @@ pub fn load(c: ModelConfig, l: &WeightLoader) -> Result<Model, FormatError> {
     let (h, eps) = (c.hidden_size, c.rms_norm_eps);
     let embed = l.linear("model.embed_tokens", c.vocab_size, h)?;
     let mut layers = Vec::with_capacity(c.num_hidden_layers);
+    let mut layer_experts = Vec::with_capacity(c.num_hidden_layers);
     for i in 0..c.num_hidden_layers {
         let p = format!("model.layers.{i}");
         let fused = l.has(&format!("{p}.mlp.experts.gate_up_proj"))
@@ -31,6 +33,7 @@ pub fn load(c: ModelConfig, l: &WeightLoader) -> Result<Model, FormatError> {
         } else {
             EXPERT_NAMES
         };
+        layer_experts.push(experts(l, &moe, names, &c)?);
         layers.push(DecoderLayer {
             input_layernorm: norm(l, &format!("{p}.input_layernorm.weight"), h, eps)?,
             self_attn: attention(l, &format!("{p}.self_attn"), &c, false)?,
@@ -42,7 +45,6 @@ pub fn load(c: ModelConfig, l: &WeightLoader) -> Result<Model, FormatError> {
             )?,
             mlp: FeedForward::Sparse(SparseMoe {
                 router: l.linear(&format!("{moe}.gate"), c.num_experts, h)?,
-                experts: experts(l, &moe, names, &c)?,
                 rule: RouterRule {
                     top_k: c.num_experts_per_tok,
                     renormalize: true,
@@ -52,5 +54,12 @@ pub fn load(c: ModelConfig, l: &WeightLoader) -> Result<Model, FormatError> {
     }
     let final_norm = norm(l, "model.norm.weight", h, eps)?;
     let head = lm_head(l, &c, &embed)?;
-    Ok(Model::new(c, embed, layers, final_norm, head))
+    Ok(Model::new(
+        c,
+        embed,
+        layers,
+        ExpertStore::resident(layer_experts),
+        final_norm,
+        head,
+    ))
 }

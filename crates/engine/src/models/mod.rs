@@ -13,11 +13,12 @@ pub mod qwen3_moe;
 
 use crate::cache::KvCache;
 use crate::config::{Arch, ModelConfig};
+use crate::store::{ExpertStore, Prefetch, StoreError, StoreOptions};
 use crate::weights::Linear;
 use blocks::{Attention, FeedForward, RmsNorm};
 use moestream_kernels::ops::Rope;
 
-pub use loading::LoadError;
+pub use loading::{available_memory_bytes, LoadError};
 
 /// One decoder layer.
 pub struct DecoderLayer {
@@ -27,29 +28,24 @@ pub struct DecoderLayer {
     pub self_attn: Attention,
     /// Norm before the feed-forward block.
     pub post_attention_layernorm: RmsNorm,
-    /// Dense MLP or MoE.
+    /// Dense MLP or MoE (whose experts live in the model's [`ExpertStore`]).
     pub mlp: FeedForward,
 }
 
 impl DecoderLayer {
-    /// Updates the residual stream `x` (`[n, H]`) in place.
-    fn forward(
-        &self,
-        x: &mut [f32],
-        n: usize,
-        start: usize,
-        rope: &Rope,
-        kv: &mut crate::cache::LayerKv,
-    ) {
-        let mut normed = vec![0f32; x.len()];
-        let mut delta = vec![0f32; x.len()];
-        self.input_layernorm.forward(x, &mut normed);
-        self.self_attn
-            .forward(&normed, n, start, rope, kv, &mut delta);
-        add_into(x, &delta);
-        self.post_attention_layernorm.forward(x, &mut normed);
-        self.mlp.forward(&normed, n, &mut delta);
-        add_into(x, &delta);
+    fn to_resident(&self) -> DecoderLayer {
+        DecoderLayer {
+            input_layernorm: self.input_layernorm.clone(),
+            self_attn: self.self_attn.to_resident(),
+            post_attention_layernorm: self.post_attention_layernorm.clone(),
+            mlp: match &self.mlp {
+                FeedForward::Dense(m) => FeedForward::Dense(m.to_resident()),
+                FeedForward::Sparse(m) => FeedForward::Sparse(blocks::SparseMoe {
+                    router: m.router.to_resident(),
+                    rule: m.rule,
+                }),
+            },
+        }
     }
 }
 
@@ -76,11 +72,16 @@ pub struct Model {
     pub embed_tokens: Linear,
     /// Decoder layers.
     pub layers: Vec<DecoderLayer>,
+    /// Where the routed experts' weights come from.
+    pub experts: ExpertStore,
     /// Final norm.
     pub norm: RmsNorm,
     /// `[V, H]` output projection (the embedding itself when tied).
     pub lm_head: Linear,
     rope: Rope,
+    /// Experts per token in use (the model's own unless overridden).
+    top_k: usize,
+    prefetch: Prefetch,
 }
 
 impl Model {
@@ -89,23 +90,74 @@ impl Model {
         config: ModelConfig,
         embed_tokens: Linear,
         layers: Vec<DecoderLayer>,
+        experts: ExpertStore,
         norm: RmsNorm,
         lm_head: Linear,
     ) -> Model {
         let rope = Rope::new(config.head_dim, config.rope_theta);
+        let top_k = config.num_experts_per_tok;
         Model {
             config,
             embed_tokens,
             layers,
+            experts,
             norm,
             lm_head,
             rope,
+            top_k,
+            prefetch: Prefetch::default(),
         }
     }
 
-    /// Loads the model in `dir` (config.json + safetensors).
+    /// Loads the model in `dir` (config.json + safetensors), streaming experts when it does not
+    /// fit in memory.
     pub fn load(dir: &std::path::Path) -> Result<Model, LoadError> {
-        loading::load(dir)
+        loading::load(dir, &StoreOptions::default())
+    }
+
+    /// Loads the model in `dir` with the expert store set up as `options` say.
+    pub fn load_with(dir: &std::path::Path, options: &StoreOptions) -> Result<Model, LoadError> {
+        loading::load(dir, options)
+    }
+
+    /// Streams the experts from disk from now on; every other weight is copied into process
+    /// memory, so that nothing reads the memory map any more.
+    pub fn stream_experts(mut self, options: &StoreOptions) -> Result<Model, StoreError> {
+        if self.experts.is_streamed() {
+            return Ok(self);
+        }
+        self.embed_tokens = self.embed_tokens.to_resident();
+        self.lm_head = self.lm_head.to_resident();
+        self.layers = self.layers.iter().map(DecoderLayer::to_resident).collect();
+        let store = std::mem::replace(&mut self.experts, ExpertStore::resident(Vec::new()));
+        self.experts = store.into_streamed(self.config.num_experts_per_tok, options)?;
+        self.prefetch = options.prefetch;
+        Ok(self)
+    }
+
+    /// Overrides the number of experts each token uses (1 to the model's own); the chosen
+    /// weights are renormalised as the model's router does.
+    pub fn set_top_k(&mut self, k: usize) -> Result<(), String> {
+        let own = self.config.num_experts_per_tok;
+        if !self
+            .layers
+            .iter()
+            .any(|l| matches!(l.mlp, FeedForward::Sparse(_)))
+        {
+            return Err("--top-k applies to mixture-of-experts models; this one is dense".into());
+        }
+        if k == 0 || k > own {
+            return Err(format!(
+                "top-k {k} is out of range: this model uses 1 to {own} experts per token"
+            ));
+        }
+        self.top_k = k;
+        Ok(())
+    }
+
+    /// Experts per token in use.
+    pub fn top_k(&self) -> usize {
+        self.top_k
     }
 
     /// An empty KV cache sized for this model.
@@ -120,8 +172,14 @@ impl Model {
 
     /// Runs `tokens` after what `cache` holds; returns logits `[rows, V]` for the positions asked.
     /// Token ids must be below `vocab_size` (checked by callers that take outside input:
-    /// [`Model::check_tokens`]).
-    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, want: Logits) -> Vec<f32> {
+    /// [`Model::check_tokens`]). An error (a failed expert read) leaves `cache` as it was.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        want: Logits,
+    ) -> Result<Vec<f32>, StoreError> {
+        self.experts.check_files()?;
         let h = self.config.hidden_size;
         let n = tokens.len();
         let start = cache.len();
@@ -133,8 +191,32 @@ impl Model {
                 &mut x[t * h..(t + 1) * h],
             );
         }
-        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            layer.forward(&mut x, n, start, &self.rope, kv);
+        let mut normed = vec![0f32; n * h];
+        let mut delta = vec![0f32; n * h];
+        for (l, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+            // h = x + Attention(RMSNorm(x))
+            layer.input_layernorm.forward(&x, &mut normed);
+            layer
+                .self_attn
+                .forward(&normed, n, start, &self.rope, kv, &mut delta);
+            add_into(&mut x, &delta);
+            // out = h + FeedForward(RMSNorm(h))
+            layer.post_attention_layernorm.forward(&x, &mut normed);
+            match &layer.mlp {
+                FeedForward::Dense(m) => m.forward(&normed, n, &mut delta),
+                FeedForward::Sparse(moe) => {
+                    let routing = moe.route(&normed, n, self.top_k);
+                    let prediction = self.predict_next(l, &x, n);
+                    let prefetch = prediction.as_ref().map(|(l, e)| (*l, e.as_slice()));
+                    if let Err(e) =
+                        moe.forward(l, &self.experts, &normed, n, &routing, prefetch, &mut delta)
+                    {
+                        cache.drop_uncommitted();
+                        return Err(e);
+                    }
+                }
+            }
+            add_into(&mut x, &delta);
         }
         cache.advance(n);
         let rows: &[f32] = match want {
@@ -146,7 +228,44 @@ impl Model {
         self.norm.forward(rows, &mut normed);
         let mut logits = vec![0f32; m * self.config.vocab_size];
         self.lm_head.forward(&normed, m, &mut logits);
-        logits
+        Ok(logits)
+    }
+
+    /// The next sparse layer after `layer` and the experts it is expected to use, for the expert
+    /// store to start reading while `layer` computes. `x` is the residual stream after `layer`'s
+    /// attention. The router predictor applies the next layer's norm and router to it: the
+    /// residual stream changes little from one layer to the next, so its top-k is a good guess.
+    fn predict_next(&self, layer: usize, x: &[f32], n: usize) -> Option<(usize, Vec<usize>)> {
+        if !self.experts.is_streamed() || self.prefetch == Prefetch::None {
+            return None;
+        }
+        let (next, moe) =
+            self.layers
+                .iter()
+                .enumerate()
+                .skip(layer + 1)
+                .find_map(|(i, l)| match &l.mlp {
+                    FeedForward::Sparse(m) => Some((i, m)),
+                    FeedForward::Dense(_) => None,
+                })?;
+        let mut ids: Vec<usize> = match self.prefetch {
+            Prefetch::Router => {
+                let mut normed = vec![0f32; x.len()];
+                self.layers[next]
+                    .post_attention_layernorm
+                    .forward(x, &mut normed);
+                moe.route(&normed, n, self.top_k)
+                    .iter()
+                    .flatten()
+                    .map(|c| c.0)
+                    .collect()
+            }
+            Prefetch::Previous => self.experts.previous_choice(next),
+            Prefetch::None => Vec::new(),
+        };
+        ids.sort_unstable();
+        ids.dedup();
+        Some((next, ids))
     }
 
     /// Errors if any token id is outside the vocabulary.

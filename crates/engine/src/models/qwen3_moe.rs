@@ -7,6 +7,7 @@ use super::blocks::{FeedForward, RouterRule, SparseMoe};
 use super::loading::{attention, experts, lm_head, mlp, norm};
 use super::{DecoderLayer, Model};
 use crate::config::ModelConfig;
+use crate::store::ExpertStore;
 use crate::weights::WeightLoader;
 use moestream_formats::FormatError;
 
@@ -17,18 +18,20 @@ pub fn load(c: ModelConfig, l: &WeightLoader) -> Result<Model, FormatError> {
     let (h, eps) = (c.hidden_size, c.rms_norm_eps);
     let embed = l.linear("model.embed_tokens", c.vocab_size, h)?;
     let mut layers = Vec::with_capacity(c.num_hidden_layers);
+    let mut layer_experts = Vec::with_capacity(c.num_hidden_layers);
     for i in 0..c.num_hidden_layers {
         let p = format!("model.layers.{i}");
         let ffn = if c.is_moe_layer(i) {
+            layer_experts.push(experts(l, &format!("{p}.mlp"), MLP_NAMES, &c)?);
             FeedForward::Sparse(SparseMoe {
                 router: l.linear(&format!("{p}.mlp.gate"), c.num_experts, h)?,
-                experts: experts(l, &format!("{p}.mlp"), MLP_NAMES, &c)?,
                 rule: RouterRule {
                     top_k: c.num_experts_per_tok,
                     renormalize: c.norm_topk_prob,
                 },
             })
         } else {
+            layer_experts.push(Vec::new());
             FeedForward::Dense(mlp(
                 l,
                 &format!("{p}.mlp"),
@@ -51,5 +54,12 @@ pub fn load(c: ModelConfig, l: &WeightLoader) -> Result<Model, FormatError> {
     }
     let final_norm = norm(l, "model.norm.weight", h, eps)?;
     let head = lm_head(l, &c, &embed)?;
-    Ok(Model::new(c, embed, layers, final_norm, head))
+    Ok(Model::new(
+        c,
+        embed,
+        layers,
+        ExpertStore::resident(layer_experts),
+        final_norm,
+        head,
+    ))
 }
