@@ -411,14 +411,18 @@ fn decode_row(raw: &[u8], vocab: usize) -> std::result::Result<DecodedRow, Strin
 }
 
 /// Writes a base file: [`BaseWriter::create`], rows in order, [`BaseWriter::finish`]. The file
-/// is written under a temporary name and renamed when complete.
+/// is written under a temporary name (`FILE.partial`, removed if the run fails) and renamed when
+/// complete.
 pub struct BaseWriter {
     path: PathBuf,
     tmp: PathBuf,
-    w: BufWriter<File>,
+    /// None once finished.
+    w: Option<BufWriter<File>>,
     header: BaseHeader,
     rows_left: u64,
     bytes: u64,
+    /// Renamed into place.
+    done: bool,
 }
 
 impl BaseWriter {
@@ -474,9 +478,10 @@ impl BaseWriter {
         Ok(BaseWriter {
             path: path.to_path_buf(),
             tmp,
-            w,
+            w: Some(w),
             rows_left: header.positions(),
             bytes: head.len() as u64,
+            done: false,
             header,
         })
     }
@@ -501,6 +506,8 @@ impl BaseWriter {
                 Ok(())
             })?;
         self.w
+            .as_mut()
+            .context("the base file is already complete")?
             .write_all(&buf)
             .with_context(|| format!("writing {}", self.tmp.display()))?;
         self.rows_left -= rows.len() as u64;
@@ -517,14 +524,25 @@ impl BaseWriter {
                 self.rows_left
             );
         }
-        self.w
-            .flush()
-            .with_context(|| format!("writing {}", self.tmp.display()))?;
-        drop(self.w);
+        if let Some(mut w) = self.w.take() {
+            w.flush()
+                .with_context(|| format!("writing {}", self.tmp.display()))?;
+        }
         std::fs::rename(&self.tmp, &self.path).with_context(|| {
             format!("renaming {} to {}", self.tmp.display(), self.path.display())
         })?;
-        Ok((self.path, self.bytes))
+        self.done = true;
+        Ok((self.path.clone(), self.bytes))
+    }
+}
+
+impl Drop for BaseWriter {
+    /// An unfinished file (the run failed) is removed.
+    fn drop(&mut self) {
+        if !self.done {
+            drop(self.w.take());
+            let _ = std::fs::remove_file(&self.tmp);
+        }
     }
 }
 
@@ -1025,6 +1043,19 @@ mod tests {
             assert_eq!(p.logprob, log_softmax_at(row, t as usize));
         }
         assert!(r.compare(&refs[..1], &toks[..1]).is_err(), "past the end");
+    }
+
+    #[test]
+    fn an_unfinished_file_is_removed() {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("base.kld");
+        let mut w = BaseWriter::create(&path, header(40, 8, 2)).unwrap();
+        let row = vec![0f32; 40];
+        w.write_rows(&[&row], &[1]).unwrap();
+        assert!(t.path().join("base.kld.partial").exists());
+        let e = format!("{:#}", w.finish().err().unwrap());
+        assert!(e.contains("7 rows were never written"), "{e}");
+        assert!(std::fs::read_dir(t.path()).unwrap().next().is_none());
     }
 
     #[test]

@@ -6,7 +6,9 @@ use clap::Args;
 use moestream_engine::config::GenerationConfig;
 use moestream_engine::models::Model;
 use moestream_engine::store::io::IoBackend;
-use moestream_engine::store::{self, Prefetch, StoreOptions, StoreStats, StreamMode};
+use moestream_engine::store::{
+    self, CacheSize, Prefetch, ReadMode, StoreOptions, StoreStats, StreamMode,
+};
 use moestream_engine::text::{ChatTemplate, Tokenizer};
 use std::path::{Path, PathBuf};
 
@@ -28,13 +30,19 @@ pub struct StreamArgs {
     /// fit in available memory), on, off.
     #[arg(long, default_value = "auto", value_name = "auto|on|off")]
     pub stream_experts: StreamMode,
-    /// Read expert weights with O_DIRECT, bypassing the page cache (when streaming).
+    /// How streamed experts reach the kernels: copy (io_uring or pread into the engine's own
+    /// buffers) or map (reader threads fault the expert's pages of the file mapping in, and the
+    /// kernels use the page cache in place; no --direct-io).
+    #[arg(long, default_value = "copy", value_name = "copy|map")]
+    pub stream_reads: ReadMode,
+    /// Read expert weights with O_DIRECT, bypassing the page cache (implies --stream-reads copy).
     #[arg(long)]
     pub direct_io: bool,
-    /// An in-process expert cache of this size (e.g. 2G, 512M) on top of the minimal buffer pool
-    /// (when streaming). Default 0: the page cache does the caching.
-    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "0")]
-    pub expert_cache: u64,
+    /// An in-process expert cache of this size (e.g. 2G, 512M, or auto: the memory available
+    /// after loading, less 1 GiB) on top of the minimal buffer pool (when streaming). Default 0:
+    /// the page cache does the caching. Fastest with --direct-io (see BENCHMARKS.md).
+    #[arg(long, value_name = "SIZE|auto", value_parser = parse_cache_size, default_value = "0")]
+    pub expert_cache: CacheSize,
     /// Expert reads in flight at most (when streaming).
     #[arg(long, default_value_t = 32, value_name = "N")]
     pub queue_depth: usize,
@@ -52,8 +60,9 @@ impl Default for StreamArgs {
         let o = StoreOptions::default();
         StreamArgs {
             stream_experts: o.stream,
+            stream_reads: o.reads,
             direct_io: o.direct_io,
-            expert_cache: o.cache_bytes,
+            expert_cache: o.cache,
             queue_depth: o.queue_depth,
             io_backend: o.io,
             prefetch: o.prefetch,
@@ -78,11 +87,24 @@ impl StreamArgs {
             stream: self.stream_experts,
             io: self.io_backend,
             queue_depth: self.queue_depth,
+            reads: if self.direct_io {
+                ReadMode::Copy
+            } else {
+                self.stream_reads
+            },
             direct_io: self.direct_io,
-            cache_bytes: self.expert_cache,
+            cache: self.expert_cache,
             prefetch: self.prefetch,
             fail_read,
         })
+    }
+}
+
+fn parse_cache_size(s: &str) -> Result<CacheSize, String> {
+    if s == "auto" {
+        Ok(CacheSize::Auto)
+    } else {
+        parse_size(s).map(CacheSize::Bytes)
     }
 }
 
@@ -213,7 +235,14 @@ impl Traffic {
         let mut parts = vec![format!(
             "experts: {} (top-k {})",
             if model.experts.is_streamed() {
-                format!("streamed via {}", model.experts.io_backend().unwrap_or("?"))
+                format!(
+                    "streamed, {} via {}",
+                    match model.experts.read_mode() {
+                        Some(ReadMode::Map) => "mapped",
+                        _ => "copied",
+                    },
+                    model.experts.io_backend().unwrap_or("?")
+                )
             } else {
                 "memory-mapped".to_string()
             },

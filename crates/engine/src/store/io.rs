@@ -10,6 +10,11 @@
 //!   missing or disabled (`/proc/sys/kernel/io_uring_disabled`, seccomp in containers).
 //!
 //! [`open_queue`] picks io_uring when a ring can be created and falls back to the pool otherwise.
+//!
+//! Besides reads into our buffers, the pool runs *populate* operations: `MADV_WILLNEED` then
+//! `MADV_POPULATE_READ` over a range of a file mapping, which reads whatever is missing into the
+//! page cache and maps it, so the kernels can use page-cache pages in place (no copy). That is the
+//! `map` streaming mode; io_uring has no populate operation, so it always uses the pool.
 //! Short reads are continued where they stopped; a read that hits the end of the file before the
 //! bytes it needs, or fails, completes with an error that names the file and offset.
 use std::collections::VecDeque;
@@ -20,10 +25,21 @@ use std::path::PathBuf;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 
+/// What an operation does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpKind {
+    /// Copy file bytes into the buffer at `dst`.
+    Read,
+    /// Make the mapped range at `dst` (page-aligned) resident and mapped.
+    Populate,
+}
+
 /// One read: `len` bytes of `file` at `offset` into `dst`. At least `need` bytes must arrive (an
 /// O_DIRECT window rounded up past the end of the file legitimately comes back short).
 #[derive(Clone, Copy, Debug)]
 pub struct ReadOp {
+    /// Read or populate.
+    pub kind: OpKind,
     /// Index of the file in the queue's file table.
     pub file: usize,
     /// Byte offset in the file.
@@ -202,6 +218,7 @@ impl ReadQueue for UringQueue {
     }
 
     fn push(&mut self, op: ReadOp) {
+        debug_assert_eq!(op.kind, OpKind::Read, "io_uring cannot populate mappings");
         self.backlog.push_back(op);
         self.fill();
         let _ = self.ring.submit();
@@ -337,20 +354,42 @@ fn reader_thread(work: &Work, files: &[Arc<File>], tx: &Sender<Completion>) {
         let buf = unsafe { std::slice::from_raw_parts_mut(op.dst, op.len) };
         let file = &files[op.file];
         let mut done = 0;
-        let result = loop {
-            if done >= op.len {
-                break Ok(());
-            }
-            match file.read_at(&mut buf[done..], op.offset + done as u64) {
-                Ok(0) if done >= op.need => break Ok(()),
-                Ok(0) => break Err(ReadFailure::Short { got: done }),
-                Ok(n) => done += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => break Err(ReadFailure::Io(e)),
+        let result = if op.kind == OpKind::Populate {
+            populate(op.dst, op.len)
+        } else {
+            loop {
+                if done >= op.len {
+                    break Ok(());
+                }
+                match file.read_at(&mut buf[done..], op.offset + done as u64) {
+                    Ok(0) if done >= op.need => break Ok(()),
+                    Ok(0) => break Err(ReadFailure::Short { got: done }),
+                    Ok(n) => done += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => break Err(ReadFailure::Io(e)),
+                }
             }
         };
         if tx.send(Completion { op, result }).is_err() {
             return;
+        }
+    }
+}
+
+/// Reads the mapped range `[addr, addr + len)` into the page cache (asynchronously first, for
+/// the whole range at once) and maps it. Fails with EFAULT where the file no longer covers it.
+fn populate(addr: *mut u8, len: usize) -> Result<(), ReadFailure> {
+    // SAFETY: advisory calls on a range of a live mapping the store owns; they do not write.
+    unsafe {
+        libc::madvise(addr.cast(), len, libc::MADV_WILLNEED);
+        loop {
+            if libc::madvise(addr.cast(), len, libc::MADV_POPULATE_READ) == 0 {
+                return Ok(());
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(ReadFailure::Io(e));
+            }
         }
     }
 }
@@ -495,6 +534,7 @@ mod tests {
         }
         for (i, (buf, &(off, len))) in bufs.iter_mut().zip(&ops).enumerate() {
             q.push(ReadOp {
+                kind: OpKind::Read,
                 file: 0,
                 offset: off,
                 len,
@@ -521,6 +561,7 @@ mod tests {
     fn read_past_end(q: &mut dyn ReadQueue, data_len: usize) {
         let mut buf = vec![0u8; 100];
         q.push(ReadOp {
+            kind: OpKind::Read,
             file: 0,
             offset: data_len as u64 - 40,
             len: 100,
@@ -535,6 +576,7 @@ mod tests {
         assert!(matches!(out[0].result, Err(ReadFailure::Short { got: 40 })));
         // A window rounded past the end is fine when the needed bytes arrived.
         q.push(ReadOp {
+            kind: OpKind::Read,
             file: 0,
             offset: data_len as u64 - 40,
             len: 100,

@@ -20,13 +20,14 @@ mod layout;
 
 use crate::models::blocks::Mlp;
 use crate::weights::Bytes;
-use io::{Completion, IoBackend, ModelFile, ReadFailure, ReadOp, ReadQueue};
+use io::{Completion, IoBackend, ModelFile, OpKind, ReadFailure, ReadOp, ReadQueue};
 use layout::ExpertLayout;
+use moestream_formats::MappedFile;
 use moestream_kernels::Matrix;
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// Whether expert weights are streamed from disk.
@@ -77,6 +78,46 @@ impl std::str::FromStr for Prefetch {
     }
 }
 
+/// How streamed expert bytes reach the kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ReadMode {
+    /// Positional reads into the store's own slot buffers (io_uring or pread; O_DIRECT with
+    /// `direct_io`). A page-cache hit still costs a copy.
+    Copy,
+    /// Reader threads populate the expert's range of the file mapping (`MADV_WILLNEED` +
+    /// `MADV_POPULATE_READ`): missing pages are read into the page cache, cached ones are only
+    /// mapped, and the kernels read the page cache in place, with no copy.
+    #[default]
+    Map,
+}
+
+impl std::str::FromStr for ReadMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "copy" => Ok(ReadMode::Copy),
+            "map" => Ok(ReadMode::Map),
+            _ => Err(format!("expected copy or map, not {s:?}")),
+        }
+    }
+}
+
+/// Size of the in-process expert cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheSize {
+    /// This many bytes.
+    Bytes(u64),
+    /// What is available once the resident weights are loaded, less 1 GiB for the KV cache,
+    /// activations and the page cache of everything else.
+    Auto,
+}
+
+impl Default for CacheSize {
+    fn default() -> Self {
+        CacheSize::Bytes(0)
+    }
+}
+
 /// How the store is set up.
 #[derive(Clone, Debug)]
 pub struct StoreOptions {
@@ -86,10 +127,12 @@ pub struct StoreOptions {
     pub io: IoBackend,
     /// Reads in flight at most.
     pub queue_depth: usize,
-    /// Read with O_DIRECT, bypassing the page cache.
+    /// Copy into our buffers, or populate the file mapping.
+    pub reads: ReadMode,
+    /// Read with O_DIRECT, bypassing the page cache (copy mode only).
     pub direct_io: bool,
-    /// Bytes of slot buffers beyond the minimum pool, kept as an in-process expert cache.
-    pub cache_bytes: u64,
+    /// Slot buffers beyond the minimum pool, kept as an in-process expert cache.
+    pub cache: CacheSize,
     /// Next-layer prediction.
     pub prefetch: Prefetch,
     /// Fault injection for tests: the read with this number (1-based, counted from load) fails.
@@ -102,8 +145,9 @@ impl Default for StoreOptions {
             stream: StreamMode::Auto,
             io: IoBackend::Auto,
             queue_depth: 32,
+            reads: ReadMode::default(),
             direct_io: false,
-            cache_bytes: 0,
+            cache: CacheSize::default(),
             prefetch: Prefetch::Router,
             fail_read: None,
         }
@@ -133,6 +177,9 @@ pub enum StoreError {
         /// How it changed.
         reason: String,
     },
+    /// The options contradict each other.
+    #[error("{0}")]
+    Options(String),
     /// The files could not be opened for streaming.
     #[error("cannot stream experts from {path}: {reason}")]
     Open {
@@ -262,14 +309,30 @@ impl ExpertStore {
             Policy::Resident(e) => e,
             Policy::Streamed(_) => return Ok(self),
         };
-        let align = if options.direct_io { 4096 } else { 1 };
+        let map = options.reads == ReadMode::Map;
+        if map && options.direct_io {
+            return Err(StoreError::Options(
+                "--direct-io reads into the engine's buffers: use it with --stream-reads copy"
+                    .into(),
+            ));
+        }
+        if map && options.io == IoBackend::Uring {
+            return Err(StoreError::Options(
+                "io_uring cannot populate mappings: use --stream-reads copy, or the threads backend"
+                    .into(),
+            ));
+        }
+        // Mapped pages and O_DIRECT both want page-aligned ranges.
+        let align = if options.direct_io || map { 4096 } else { 1 };
         let mut paths: Vec<PathBuf> = Vec::new();
+        let mut maps: Vec<Arc<MappedFile>> = Vec::new();
         let mut by_path: HashMap<PathBuf, usize> = HashMap::new();
         let mut file_index = |b: &Bytes| {
             let (f, _) = b.location().expect("expert weights are file-backed");
             let p = f.path().to_path_buf();
             *by_path.entry(p.clone()).or_insert_with(|| {
                 paths.push(p);
+                maps.push(f.clone());
                 paths.len() - 1
             })
         };
@@ -282,7 +345,14 @@ impl ExpertStore {
             })
             .collect();
         let n_experts = experts.iter().map(Vec::len).collect();
-        drop(experts);
+        // Copy mode reads through its own descriptors: the mappings can go. Map mode computes on
+        // them.
+        let (mapped, maps) = if map {
+            (Some(experts), maps)
+        } else {
+            drop(experts);
+            (None, Vec::new())
+        };
         let files = paths
             .into_iter()
             .map(|p| {
@@ -297,7 +367,7 @@ impl ExpertStore {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let queue = io::open_queue(
-            options.io,
+            if map { IoBackend::Threads } else { options.io },
             files.iter().map(|f| f.file.clone()).collect(),
             options.queue_depth,
         )
@@ -305,18 +375,38 @@ impl ExpertStore {
             path: files.first().map(|f| f.path.clone()).unwrap_or_default(),
             reason: format!("cannot start the {:?} read queue: {e}", options.io),
         })?;
-        let slot_len = layouts
+        let slot_len = if map {
+            0
+        } else {
+            layouts
+                .iter()
+                .flatten()
+                .map(|l| l.slot_len)
+                .max()
+                .unwrap_or(0)
+                .next_multiple_of(4096)
+                .max(4096)
+        };
+        let expert_len = layouts
             .iter()
             .flatten()
             .map(|l| l.slot_len)
             .max()
-            .unwrap_or(0)
-            .next_multiple_of(4096)
-            .max(4096);
+            .unwrap_or(1)
+            .max(1);
         // The minimum pool: this layer's experts plus the next layer's predictions, with room
         // to spare so that prefill waves keep reads in flight while earlier experts compute.
         let minimum = (2 * top_k + 4).max(8);
-        let extra = (options.cache_bytes / slot_len as u64) as usize;
+        let cache_bytes = match options.cache {
+            CacheSize::Bytes(b) => b,
+            CacheSize::Auto => crate::models::available_memory_bytes()
+                .unwrap_or(0)
+                .saturating_sub(1 << 30),
+        };
+        let extra = (cache_bytes / expert_len as u64) as usize;
+        // Never more slots than experts.
+        let total: usize = layouts.iter().map(Vec::len).sum();
+        let extra = extra.min(total.saturating_sub(minimum));
         let slots = (0..minimum + extra)
             .map(|_| Slot {
                 buf: AlignedBuf::new(slot_len),
@@ -333,6 +423,8 @@ impl ExpertStore {
             policy: Policy::Streamed(Box::new(Mutex::new(Streamer {
                 files,
                 layouts,
+                mapped,
+                maps,
                 queue,
                 slots,
                 index: HashMap::new(),
@@ -356,6 +448,18 @@ impl ExpertStore {
         match &self.policy {
             Policy::Resident(_) => None,
             Policy::Streamed(s) => Some(lock(s).queue.name()),
+        }
+    }
+
+    /// `copy` or `map`, when streaming.
+    pub fn read_mode(&self) -> Option<ReadMode> {
+        match &self.policy {
+            Policy::Resident(_) => None,
+            Policy::Streamed(s) => Some(if lock(s).mapped.is_some() {
+                ReadMode::Map
+            } else {
+                ReadMode::Copy
+            }),
         }
     }
 
@@ -551,6 +655,10 @@ struct Slot {
 struct Streamer {
     files: Vec<ModelFile>,
     layouts: Vec<Vec<ExpertLayout>>,
+    /// Map mode: the experts as views of the file mappings (None in copy mode).
+    mapped: Option<Vec<Vec<Mlp>>>,
+    /// Map mode: the mapping of each file.
+    maps: Vec<Arc<MappedFile>>,
     queue: Box<dyn ReadQueue>,
     slots: Vec<Slot>,
     index: HashMap<(usize, usize), usize>,
@@ -607,6 +715,7 @@ impl Streamer {
         self.index.insert((layer, e), s);
         stats.experts_read += 1;
         let base = slot.buf.ptr.as_ptr();
+        let map = self.mapped.is_some();
         for w in &layout.windows {
             self.reads_started += 1;
             stats.reads += 1;
@@ -621,13 +730,22 @@ impl Streamer {
                 continue;
             }
             slot.loading += 1;
+            let (kind, dst) = if map {
+                // SAFETY: the window lies inside the file's mapping (page-aligned offsets, ends
+                // within the page holding the file's last byte).
+                let at = unsafe { self.maps[w.file].bytes().as_ptr().add(w.offset as usize) };
+                (OpKind::Populate, at.cast_mut())
+            } else {
+                // SAFETY: the window lies inside the slot (layout.slot_len <= buffer length).
+                (OpKind::Read, unsafe { base.add(w.slot_offset) })
+            };
             self.queue.push(ReadOp {
+                kind,
                 file: w.file,
                 offset: w.offset,
                 len: w.len,
                 need: w.need,
-                // SAFETY: the window lies inside the slot (layout.slot_len <= buffer length).
-                dst: unsafe { base.add(w.slot_offset) },
+                dst,
                 tag: s as u64,
             });
         }
@@ -680,6 +798,7 @@ impl Streamer {
         stats: &mut StoreStats,
     ) -> Result<Vec<R>, StoreError> {
         self.clock += 1;
+        tracing::trace!(layer, ?needed, "experts needed");
         if self.previous.len() <= layer {
             self.previous.resize(layer + 1, Vec::new());
         }
@@ -704,6 +823,12 @@ impl Streamer {
                 }
             }
             slot_of.push(s);
+        }
+        // Predictions for this layer that it did not use are now ordinary cached experts.
+        for slot in &mut self.slots {
+            if slot.prefetched && slot.holds.is_some_and(|h| h.0 == layer) {
+                slot.prefetched = false;
+            }
         }
         if self.predicted.get(layer).copied().unwrap_or(false) {
             stats.prefetch_opportunities += needed.len() as u64;
@@ -740,21 +865,33 @@ impl Streamer {
                     results[i].is_none() && slot_of[i].is_some_and(|s| self.slots[s].loading == 0)
                 })
                 .collect();
-            if let Some(err) = ready.iter().find_map(|&i| {
-                let s = slot_of[i].expect("ready experts have slots");
-                self.slots[s].failure.take()
-            }) {
+            if let Some(s) = ready
+                .iter()
+                .map(|&i| slot_of[i].expect("ready experts have slots"))
+                .find(|&s| self.slots[s].failure.is_some())
+            {
+                // The slot's bytes are incomplete: it must not be found as a hit again.
+                let slot = &mut self.slots[s];
+                let err = slot.failure.take().expect("found a failure");
+                if let Some(key) = slot.holds.take() {
+                    self.index.remove(&key);
+                }
                 break Err(err);
             }
             if !ready.is_empty() {
                 let t = Instant::now();
                 let slots = &self.slots;
                 let layouts = &self.layouts[layer];
+                let mapped = self.mapped.as_ref().map(|m| &m[layer]);
                 let computed: Vec<R> = ready
                     .par_iter()
                     .map(|&i| {
+                        let e = needed[i];
+                        if let Some(m) = mapped {
+                            return f(i, &m[e].weights());
+                        }
                         let s = slot_of[i].expect("ready experts have slots");
-                        let [gate, up, down] = layouts[needed[i]].matrices(slots[s].buf.as_slice());
+                        let [gate, up, down] = layouts[e].matrices(slots[s].buf.as_slice());
                         f(i, &ExpertWeights { gate, up, down })
                     })
                     .collect();
