@@ -197,22 +197,33 @@ pub fn available_memory_bytes() -> Option<u64> {
     Some(avail)
 }
 
-/// The smallest `memory.max - memory.current` over this process's cgroup and its ancestors.
+/// The smallest `limit - usage` over this process's memory cgroup and its ancestors: cgroup v2
+/// (`memory.max`, `memory.current`) or v1 (`memory.limit_in_bytes`, `memory.usage_in_bytes` of
+/// the memory controller's hierarchy). Usage includes page cache, so this is conservative.
 fn cgroup_headroom_bytes() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    let rel = s.lines().find_map(|l| l.strip_prefix("0::"))?;
-    let mut dir = std::path::PathBuf::from("/sys/fs/cgroup");
-    dir.push(rel.trim_start_matches('/'));
+    let (root, rel, files) = if let Some(rel) = s
+        .lines()
+        .find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_string()))
+    {
+        ("/sys/fs/cgroup/memory", rel, ["memory.limit_in_bytes", "memory.usage_in_bytes"])
+    } else {
+        let rel = s.lines().find_map(|l| l.strip_prefix("0::"))?.to_string();
+        ("/sys/fs/cgroup", rel, ["memory.max", "memory.current"])
+    };
+    let root = std::path::Path::new(root);
+    let mut dir = root.join(rel.trim_start_matches('/'));
     let mut best: Option<u64> = None;
     loop {
         let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
-        if let (Some(max), Some(cur)) = (read("memory.max"), read("memory.current")) {
+        if let (Some(max), Some(cur)) = (read(files[0]), read(files[1])) {
             if let (Ok(max), Ok(cur)) = (max.trim().parse::<u64>(), cur.trim().parse::<u64>()) {
+                // v1 reports "no limit" as a huge number; it never wins the minimum.
                 let room = max.saturating_sub(cur);
                 best = Some(best.map_or(room, |b| b.min(room)));
             }
         }
-        if dir == std::path::Path::new("/sys/fs/cgroup") || !dir.pop() {
+        if dir == root || !dir.pop() {
             break;
         }
     }
