@@ -107,6 +107,33 @@ pub enum Storage {
     },
 }
 
+impl Storage {
+    /// The same format with every byte range replaced by `f(range)`.
+    fn map_bytes(&self, f: impl Fn(&Bytes) -> Bytes) -> Storage {
+        match self {
+            Storage::Float { kind, data } => Storage::Float {
+                kind: *kind,
+                data: f(data),
+            },
+            Storage::Affine {
+                bits,
+                group_size,
+                packed,
+                scales,
+                biases,
+                scale_kind,
+            } => Storage::Affine {
+                bits: *bits,
+                group_size: *group_size,
+                packed: f(packed),
+                scales: f(scales),
+                biases: f(biases),
+                scale_kind: *scale_kind,
+            },
+        }
+    }
+}
+
 /// A `[rows, cols]` weight matrix (`y = W x`).
 #[derive(Clone, Debug)]
 pub struct Linear {
@@ -171,31 +198,10 @@ impl Linear {
     /// keeps everything else this way: resident whatever the page cache does, and immune to the
     /// file changing under it.
     pub fn to_resident(&self) -> Linear {
-        let storage = match &self.storage {
-            Storage::Float { kind, data } => Storage::Float {
-                kind: *kind,
-                data: data.to_owned_copy(),
-            },
-            Storage::Affine {
-                bits,
-                group_size,
-                packed,
-                scales,
-                biases,
-                scale_kind,
-            } => Storage::Affine {
-                bits: *bits,
-                group_size: *group_size,
-                packed: packed.to_owned_copy(),
-                scales: scales.to_owned_copy(),
-                biases: biases.to_owned_copy(),
-                scale_kind: *scale_kind,
-            },
-        };
         Linear {
             rows: self.rows,
             cols: self.cols,
-            storage,
+            storage: self.storage.map_bytes(|b| b.to_owned_copy()),
         }
     }
 

@@ -206,7 +206,11 @@ fn cgroup_headroom_bytes() -> Option<u64> {
         .lines()
         .find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_string()))
     {
-        ("/sys/fs/cgroup/memory", rel, ["memory.limit_in_bytes", "memory.usage_in_bytes"])
+        (
+            "/sys/fs/cgroup/memory",
+            rel,
+            ["memory.limit_in_bytes", "memory.usage_in_bytes"],
+        )
     } else {
         let rel = s.lines().find_map(|l| l.strip_prefix("0::"))?.to_string();
         ("/sys/fs/cgroup", rel, ["memory.max", "memory.current"])
