@@ -4,6 +4,7 @@
 # at the read size and queue depth moestream uses, all in one run.
 #
 # Usage: scripts/bench/streaming.sh MODEL_DIR [CAPS]      (CAPS default "12G 8G 4G"; needs root)
+# Environment: MLX_TIMEOUT, MMAP_TIMEOUT (seconds), TOPK_CAPS (caps of the top-k sweep, "8G 4G").
 # The model: moestream synth --arch qwen3_moe --preset qwen3-30b-a3b --format mlx4 MODEL_DIR
 set -uo pipefail
 model=${1:?model folder}
@@ -13,6 +14,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 wml=${WML:-$here/../../../shared/tools/with-memory-limit}
 mlx_timeout=${MLX_TIMEOUT:-300}
 mmap_timeout=${MMAP_TIMEOUT:-300}
+topk_caps=${TOPK_CAPS:-8G 4G}
 
 echo "== machine: $(nproc) cores, $(awk '/MemTotal/{printf "%.1f GiB", $2/1048576}' /proc/meminfo),$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2); kernel $(uname -r)"
 echo "== moestream $(git rev-parse --short HEAD 2>/dev/null || echo '?'); model $model: $(du -sh "$model" | cut -f1)"
@@ -34,12 +36,15 @@ echo "== in memory (no cap, warm page cache): the compute floor"
 
 for cap in $caps; do
   echo
-  echo "== cap $cap: streamed, page cache (the default)"
+  echo "== cap $cap: streamed, default (expert cache auto, O_DIRECT, LFU eviction)"
   "$wml" "$cap" --drop-caches -- "$bin" bench --model "$model" --stream-experts on \
     -p 32 -n 32 -r 1 --no-bandwidth
-  echo "== cap $cap: streamed, O_DIRECT + in-process expert cache (--direct-io --expert-cache auto)"
+  echo "== cap $cap: streamed, expert cache with LRU eviction (--expert-eviction lru)"
   "$wml" "$cap" --drop-caches -- "$bin" bench --model "$model" --stream-experts on \
-    --direct-io --expert-cache auto -p 32 -n 32 -r 1 --no-bandwidth
+    --expert-eviction lru -p 32 -n 32 -r 1 --no-bandwidth
+  echo "== cap $cap: streamed, page cache only (--expert-cache 0)"
+  "$wml" "$cap" --drop-caches -- "$bin" bench --model "$model" --stream-experts on \
+    --expert-cache 0 -p 32 -n 32 -r 1 --no-bandwidth
   echo "== cap $cap: streamed, mapped page cache (--stream-reads map)"
   "$wml" "$cap" --drop-caches -- "$bin" bench --model "$model" --stream-experts on \
     --stream-reads map -p 32 -n 32 -r 1 --no-bandwidth
@@ -52,6 +57,8 @@ for cap in $caps; do
 done
 
 echo
-echo "== top-k sweep under 8G, O_DIRECT + expert cache: speed and KL divergence from top-k 8"
-"$wml" 8G --drop-caches -- "$bin" bench --model "$model" --stream-experts on --direct-io \
-  --expert-cache auto --top-k 8,6,4,2 -p 32 -n 32 -r 1 --no-bandwidth
+for cap in $topk_caps; do
+  echo "== top-k sweep under $cap (default streaming): speed and KL divergence from top-k 8"
+  "$wml" "$cap" --drop-caches -- "$bin" bench --model "$model" --stream-experts on \
+    --top-k 8,6,4,2 -p 32 -n 32 -r 1 --no-bandwidth
+done

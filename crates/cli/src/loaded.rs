@@ -7,7 +7,7 @@ use moestream_engine::config::GenerationConfig;
 use moestream_engine::models::Model;
 use moestream_engine::store::io::IoBackend;
 use moestream_engine::store::{
-    self, CacheSize, Prefetch, ReadMode, StoreOptions, StoreStats, StreamMode,
+    self, CacheSize, DirectIo, Eviction, Prefetch, ReadMode, StoreOptions, StoreStats, StreamMode,
 };
 use moestream_engine::text::{ChatTemplate, Tokenizer};
 use std::path::{Path, PathBuf};
@@ -35,14 +35,27 @@ pub struct StreamArgs {
     /// kernels use the page cache in place; no --direct-io).
     #[arg(long, default_value = "copy", value_name = "copy|map")]
     pub stream_reads: ReadMode,
-    /// Read expert weights with O_DIRECT, bypassing the page cache (implies --stream-reads copy).
-    #[arg(long)]
-    pub direct_io: bool,
-    /// An in-process expert cache of this size (e.g. 2G, 512M, or auto: the memory available
-    /// after loading, less 1 GiB) on top of the minimal buffer pool (when streaming). Default 0:
-    /// the page cache does the caching. Fastest with --direct-io (see BENCHMARKS.md).
-    #[arg(long, value_name = "SIZE|auto", value_parser = parse_cache_size, default_value = "0")]
+    /// Read expert weights with O_DIRECT, bypassing the page cache: auto (when the expert cache
+    /// is not empty and the file system allows it), on (`--direct-io` alone), off.
+    #[arg(
+        long,
+        default_value = "auto",
+        value_name = "auto|on|off",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "on"
+    )]
+    pub direct_io: DirectIo,
+    /// The in-process expert cache (when streaming with --stream-reads copy): a size (2G, 512M;
+    /// 0 leaves caching to the page cache) or auto, the memory available after loading less
+    /// 768 MiB. It replaces the page cache rather than doubling it (see --direct-io and
+    /// BENCHMARKS.md).
+    #[arg(long, value_name = "SIZE|auto", value_parser = parse_cache_size, default_value = "auto")]
     pub expert_cache: CacheSize,
+    /// Which cached expert a new one replaces: lfu (least frequently used over recent tokens)
+    /// or lru (least recently used).
+    #[arg(long, default_value = "lfu", value_name = "lfu|lru")]
+    pub expert_eviction: Eviction,
     /// Expert reads in flight at most (when streaming).
     #[arg(long, default_value_t = 32, value_name = "N")]
     pub queue_depth: usize,
@@ -63,6 +76,7 @@ impl Default for StreamArgs {
             stream_reads: o.reads,
             direct_io: o.direct_io,
             expert_cache: o.cache,
+            expert_eviction: o.eviction,
             queue_depth: o.queue_depth,
             io_backend: o.io,
             prefetch: o.prefetch,
@@ -87,13 +101,14 @@ impl StreamArgs {
             stream: self.stream_experts,
             io: self.io_backend,
             queue_depth: self.queue_depth,
-            reads: if self.direct_io {
+            reads: if self.direct_io == DirectIo::On {
                 ReadMode::Copy
             } else {
                 self.stream_reads
             },
             direct_io: self.direct_io,
             cache: self.expert_cache,
+            eviction: self.expert_eviction,
             prefetch: self.prefetch,
             fail_read,
         })

@@ -49,12 +49,24 @@ fn score_raw(model: &Path, tokens: &str, extra: &[&str]) -> String {
     stdout(&o)
 }
 
+/// Streaming configurations checked against the memory map. The default (an expert cache of
+/// what memory allows, O_DIRECT where the file system has it) holds every expert of a fixture;
+/// the others make the pool evict: `--expert-cache 0` leaves only the minimum pool.
 const VARIANTS: &[&[&str]] = &[
-    &["--io-backend", "io_uring"],
-    &["--io-backend", "threads"],
-    &["--direct-io"],
+    &[],
+    &["--io-backend", "io_uring", "--expert-cache", "0"],
+    &["--io-backend", "threads", "--expert-cache", "0"],
+    &["--direct-io", "--expert-cache", "0"],
+    &["--direct-io=off", "--expert-cache", "1G"],
     &["--stream-reads", "map"],
-    &["--expert-cache", "64K", "--prefetch", "previous"],
+    &[
+        "--expert-cache",
+        "64K",
+        "--prefetch",
+        "previous",
+        "--expert-eviction",
+        "lru",
+    ],
     &["--expert-cache", "1G", "--queue-depth", "1"],
     &[
         "--prefetch",
@@ -143,7 +155,7 @@ fn streamed_scores_are_exact_under_a_memory_cap() {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/qwen3_moe_a_mlx4");
     let tokens = fixture_tokens(&model);
     let mapped = score_raw(&model, &tokens, &["--stream-experts", "off"]);
-    for extra in [&[][..], &["--direct-io"][..]] {
+    for extra in [&[][..], &["--direct-io"][..], &["--expert-cache", "0"][..]] {
         let mut cmd = std::process::Command::new("bash");
         cmd.arg(&tool)
             .args(["64M", "--drop-caches", "--"])

@@ -185,8 +185,9 @@ pub(super) fn lm_head(
 }
 
 /// Memory this process can still use, in bytes: `MemAvailable` from /proc/meminfo, lowered by
-/// any cgroup v2 memory limit above this process (limit minus usage, page cache included, which
-/// is how a container or `with-memory-limit` caps a model larger than memory).
+/// any cgroup (v1 or v2) memory limit above this process: limit minus what the group uses
+/// besides reclaimable page cache. A container or `with-memory-limit` caps a model larger than
+/// memory that way.
 pub fn available_memory_bytes() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
@@ -199,10 +200,11 @@ pub fn available_memory_bytes() -> Option<u64> {
 
 /// The smallest `limit - usage` over this process's memory cgroup and its ancestors: cgroup v2
 /// (`memory.max`, `memory.current`) or v1 (`memory.limit_in_bytes`, `memory.usage_in_bytes` of
-/// the memory controller's hierarchy). Usage includes page cache, so this is conservative.
+/// the memory controller's hierarchy). File pages on the LRU lists (`memory.stat`) are not
+/// counted as used: the kernel reclaims them before it runs out, as `MemAvailable` assumes.
 fn cgroup_headroom_bytes() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    let (root, rel, files) = if let Some(rel) = s
+    let (root, rel, files, file_stats) = if let Some(rel) = s
         .lines()
         .find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_string()))
     {
@@ -210,10 +212,16 @@ fn cgroup_headroom_bytes() -> Option<u64> {
             "/sys/fs/cgroup/memory",
             rel,
             ["memory.limit_in_bytes", "memory.usage_in_bytes"],
+            ["total_inactive_file", "total_active_file"],
         )
     } else {
         let rel = s.lines().find_map(|l| l.strip_prefix("0::"))?.to_string();
-        ("/sys/fs/cgroup", rel, ["memory.max", "memory.current"])
+        (
+            "/sys/fs/cgroup",
+            rel,
+            ["memory.max", "memory.current"],
+            ["inactive_file", "active_file"],
+        )
     };
     let root = std::path::Path::new(root);
     let mut dir = root.join(rel.trim_start_matches('/'));
@@ -222,8 +230,17 @@ fn cgroup_headroom_bytes() -> Option<u64> {
         let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
         if let (Some(max), Some(cur)) = (read(files[0]), read(files[1])) {
             if let (Ok(max), Ok(cur)) = (max.trim().parse::<u64>(), cur.trim().parse::<u64>()) {
+                let reclaimable: u64 = read("memory.stat")
+                    .map(|stat| {
+                        stat.lines()
+                            .filter_map(|l| l.split_once(' '))
+                            .filter(|(k, _)| file_stats.contains(k))
+                            .filter_map(|(_, v)| v.trim().parse::<u64>().ok())
+                            .sum()
+                    })
+                    .unwrap_or(0);
                 // v1 reports "no limit" as a huge number; it never wins the minimum.
-                let room = max.saturating_sub(cur);
+                let room = max.saturating_sub(cur.saturating_sub(reclaimable));
                 best = Some(best.map_or(room, |b| b.min(room)));
             }
         }

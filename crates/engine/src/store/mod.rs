@@ -83,11 +83,11 @@ impl std::str::FromStr for Prefetch {
 pub enum ReadMode {
     /// Positional reads into the store's own slot buffers (io_uring or pread; O_DIRECT with
     /// `direct_io`). A page-cache hit still costs a copy.
+    #[default]
     Copy,
     /// Reader threads populate the expert's range of the file mapping (`MADV_WILLNEED` +
     /// `MADV_POPULATE_READ`): missing pages are read into the page cache, cached ones are only
     /// mapped, and the kernels read the page cache in place, with no copy.
-    #[default]
     Map,
 }
 
@@ -103,18 +103,72 @@ impl std::str::FromStr for ReadMode {
 }
 
 /// Size of the in-process expert cache.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum CacheSize {
     /// This many bytes.
     Bytes(u64),
-    /// What is available once the resident weights are loaded, less 1 GiB for the KV cache,
-    /// activations and the page cache of everything else.
+    /// The memory available once the resident weights are loaded (page cache counts as
+    /// available: with O_DIRECT the cache takes its place), less [`CacheSize::AUTO_RESERVE`].
+    #[default]
     Auto,
 }
 
-impl Default for CacheSize {
-    fn default() -> Self {
-        CacheSize::Bytes(0)
+impl CacheSize {
+    /// Memory `Auto` leaves for the KV cache, activations, the slot pool and the page cache of
+    /// everything that is not an expert.
+    pub const AUTO_RESERVE: u64 = 768 << 20;
+}
+
+/// Whether streamed reads bypass the page cache (O_DIRECT).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DirectIo {
+    /// On when the in-process expert cache is not empty (then the page cache would only hold a
+    /// second copy of what the expert cache holds), and the file system allows it.
+    #[default]
+    Auto,
+    /// Always (an error where the file system refuses O_DIRECT).
+    On,
+    /// Never: reads go through the page cache.
+    Off,
+}
+
+impl std::str::FromStr for DirectIo {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(DirectIo::Auto),
+            "on" | "true" | "1" => Ok(DirectIo::On),
+            "off" | "false" | "0" => Ok(DirectIo::Off),
+            _ => Err(format!("expected auto, on or off, not {s:?}")),
+        }
+    }
+}
+
+/// Which cached expert a new one replaces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Eviction {
+    /// The least recently used.
+    Lru,
+    /// The least frequently used (uses per forward pass, halved every [`Eviction::HALF_LIFE`]
+    /// passes so that the counts follow the text), ties broken by recency. A prefill pass
+    /// counts once per expert, so it cannot flush the experts decode keeps using.
+    #[default]
+    Lfu,
+}
+
+impl Eviction {
+    /// Forward passes after which use counts halve.
+    pub const HALF_LIFE: u64 = 64;
+}
+
+impl std::str::FromStr for Eviction {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "lru" => Ok(Eviction::Lru),
+            "lfu" => Ok(Eviction::Lfu),
+            _ => Err(format!("expected lru or lfu, not {s:?}")),
+        }
     }
 }
 
@@ -130,9 +184,11 @@ pub struct StoreOptions {
     /// Copy into our buffers, or populate the file mapping.
     pub reads: ReadMode,
     /// Read with O_DIRECT, bypassing the page cache (copy mode only).
-    pub direct_io: bool,
-    /// Slot buffers beyond the minimum pool, kept as an in-process expert cache.
+    pub direct_io: DirectIo,
+    /// Slot buffers beyond the minimum pool, kept as an in-process expert cache (copy mode only).
     pub cache: CacheSize,
+    /// Which cached expert a new one replaces.
+    pub eviction: Eviction,
     /// Next-layer prediction.
     pub prefetch: Prefetch,
     /// Fault injection for tests: the read with this number (1-based, counted from load) fails.
@@ -146,8 +202,9 @@ impl Default for StoreOptions {
             io: IoBackend::Auto,
             queue_depth: 32,
             reads: ReadMode::default(),
-            direct_io: false,
+            direct_io: DirectIo::default(),
             cache: CacheSize::default(),
+            eviction: Eviction::default(),
             prefetch: Prefetch::Router,
             fail_read: None,
         }
@@ -310,7 +367,7 @@ impl ExpertStore {
             Policy::Streamed(_) => return Ok(self),
         };
         let map = options.reads == ReadMode::Map;
-        if map && options.direct_io {
+        if map && options.direct_io == DirectIo::On {
             return Err(StoreError::Options(
                 "--direct-io reads into the engine's buffers: use it with --stream-reads copy"
                     .into(),
@@ -322,29 +379,48 @@ impl ExpertStore {
                     .into(),
             ));
         }
-        // Mapped pages and O_DIRECT both want page-aligned ranges.
-        let align = if options.direct_io || map { 4096 } else { 1 };
-        let mut paths: Vec<PathBuf> = Vec::new();
-        let mut maps: Vec<Arc<MappedFile>> = Vec::new();
-        let mut by_path: HashMap<PathBuf, usize> = HashMap::new();
-        let mut file_index = |b: &Bytes| {
-            let (f, _) = b.location().expect("expert weights are file-backed");
-            let p = f.path().to_path_buf();
-            *by_path.entry(p.clone()).or_insert_with(|| {
-                paths.push(p);
-                maps.push(f.clone());
-                paths.len() - 1
-            })
+        // The minimum pool: this layer's experts plus the next layer's predictions, with room
+        // to spare so that prefill waves keep reads in flight while earlier experts compute.
+        let minimum = (2 * top_k + 4).max(8);
+        let total: usize = experts.iter().map(Vec::len).sum();
+        // The expert cache is sized first: whether there is one decides automatic O_DIRECT.
+        // Map mode computes on the page cache and has no use for one.
+        let cache_bytes = match (map, options.cache) {
+            (true, _) => 0,
+            (false, CacheSize::Bytes(b)) => b,
+            (false, CacheSize::Auto) => crate::models::available_memory_bytes()
+                .unwrap_or(0)
+                .saturating_sub(CacheSize::AUTO_RESERVE),
         };
-        let layouts: Vec<Vec<ExpertLayout>> = experts
+        let largest = experts
             .iter()
-            .map(|l| {
-                l.iter()
-                    .map(|m| ExpertLayout::new(m, align, &mut file_index))
-                    .collect()
-            })
-            .collect();
-        let n_experts = experts.iter().map(Vec::len).collect();
+            .flatten()
+            .map(Mlp::size_bytes)
+            .max()
+            .unwrap_or(0);
+        let caching = total > minimum && largest > 0 && cache_bytes >= largest as u64;
+        let mut direct = match options.direct_io {
+            DirectIo::On => true,
+            DirectIo::Off => false,
+            DirectIo::Auto => !map && caching,
+        };
+        // Mapped pages and O_DIRECT both want page-aligned ranges.
+        let align = |direct: bool| if direct || map { 4096 } else { 1 };
+        let mut plan = ReadPlan::new(&experts, align(direct));
+        let files = match plan.open(direct) {
+            Ok(files) => files,
+            Err(e) if direct && options.direct_io == DirectIo::Auto => {
+                tracing::info!("{e}; reading through the page cache instead");
+                direct = false;
+                plan = ReadPlan::new(&experts, align(false));
+                plan.open(false)?
+            }
+            Err(e) => return Err(e),
+        };
+        let ReadPlan {
+            layouts, maps, ..
+        } = plan;
+        let n_experts_per_layer: Vec<usize> = experts.iter().map(Vec::len).collect();
         // Copy mode reads through its own descriptors: the mappings can go. Map mode computes on
         // them.
         let (mapped, maps) = if map {
@@ -353,19 +429,6 @@ impl ExpertStore {
             drop(experts);
             (None, Vec::new())
         };
-        let files = paths
-            .into_iter()
-            .map(|p| {
-                ModelFile::open(p.clone(), options.direct_io).map_err(|e| StoreError::Open {
-                    path: p,
-                    reason: if options.direct_io {
-                        format!("{e} (O_DIRECT: the file system may not support --direct-io)")
-                    } else {
-                        e.to_string()
-                    },
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
         let queue = io::open_queue(
             if map { IoBackend::Threads } else { options.io },
             files.iter().map(|f| f.file.clone()).collect(),
@@ -387,26 +450,19 @@ impl ExpertStore {
                 .next_multiple_of(4096)
                 .max(4096)
         };
-        let expert_len = layouts
-            .iter()
-            .flatten()
-            .map(|l| l.slot_len)
-            .max()
-            .unwrap_or(1)
-            .max(1);
-        // The minimum pool: this layer's experts plus the next layer's predictions, with room
-        // to spare so that prefill waves keep reads in flight while earlier experts compute.
-        let minimum = (2 * top_k + 4).max(8);
-        let cache_bytes = match options.cache {
-            CacheSize::Bytes(b) => b,
-            CacheSize::Auto => crate::models::available_memory_bytes()
-                .unwrap_or(0)
-                .saturating_sub(1 << 30),
+        let extra = if caching {
+            (cache_bytes / slot_len.max(1) as u64) as usize
+        } else {
+            0
         };
-        let extra = (cache_bytes / expert_len as u64) as usize;
         // Never more slots than experts.
-        let total: usize = layouts.iter().map(Vec::len).sum();
         let extra = extra.min(total.saturating_sub(minimum));
+        tracing::info!(
+            slots = minimum + extra,
+            cache_bytes = extra as u64 * slot_len as u64,
+            direct,
+            "expert store"
+        );
         let slots = (0..minimum + extra)
             .map(|_| Slot {
                 buf: AlignedBuf::new(slot_len),
@@ -419,7 +475,7 @@ impl ExpertStore {
             })
             .collect();
         Ok(ExpertStore {
-            n_experts,
+            n_experts: n_experts_per_layer.clone(),
             policy: Policy::Streamed(Box::new(Mutex::new(Streamer {
                 files,
                 layouts,
@@ -428,6 +484,8 @@ impl ExpertStore {
                 queue,
                 slots,
                 index: HashMap::new(),
+                eviction: options.eviction,
+                uses: n_experts_per_layer.iter().map(|&n| vec![0; n]).collect(),
                 previous: Vec::new(),
                 predicted: Vec::new(),
                 clock: 0,
@@ -596,6 +654,61 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Every expert's byte ranges and the files they lie in.
+struct ReadPlan {
+    layouts: Vec<Vec<ExpertLayout>>,
+    paths: Vec<PathBuf>,
+    /// The mapping of each file (map mode computes on them).
+    maps: Vec<Arc<MappedFile>>,
+}
+
+impl ReadPlan {
+    fn new(experts: &[Vec<Mlp>], align: usize) -> ReadPlan {
+        let mut paths: Vec<PathBuf> = Vec::new();
+        let mut maps: Vec<Arc<MappedFile>> = Vec::new();
+        let mut by_path: HashMap<PathBuf, usize> = HashMap::new();
+        let mut file_index = |b: &Bytes| {
+            let (f, _) = b.location().expect("expert weights are file-backed");
+            let p = f.path().to_path_buf();
+            *by_path.entry(p.clone()).or_insert_with(|| {
+                paths.push(p);
+                maps.push(f.clone());
+                paths.len() - 1
+            })
+        };
+        let layouts = experts
+            .iter()
+            .map(|l| {
+                l.iter()
+                    .map(|m| ExpertLayout::new(m, align, &mut file_index))
+                    .collect()
+            })
+            .collect();
+        ReadPlan {
+            layouts,
+            paths,
+            maps,
+        }
+    }
+
+    /// Opens the files for reading (with O_DIRECT when `direct`).
+    fn open(&self, direct: bool) -> Result<Vec<ModelFile>, StoreError> {
+        self.paths
+            .iter()
+            .map(|p| {
+                ModelFile::open(p.clone(), direct).map_err(|e| StoreError::Open {
+                    path: p.clone(),
+                    reason: if direct {
+                        format!("{e} (O_DIRECT: the file system may not support --direct-io)")
+                    } else {
+                        e.to_string()
+                    },
+                })
+            })
+            .collect()
+    }
+}
+
 /// A zeroed, 4 KiB-aligned heap buffer (O_DIRECT needs aligned destinations).
 struct AlignedBuf {
     ptr: std::ptr::NonNull<u8>,
@@ -662,6 +775,9 @@ struct Streamer {
     queue: Box<dyn ReadQueue>,
     slots: Vec<Slot>,
     index: HashMap<(usize, usize), usize>,
+    eviction: Eviction,
+    /// Decayed use counts per `(layer, expert)` (the frequency of [`Eviction::Lfu`]).
+    uses: Vec<Vec<u32>>,
     previous: Vec<Vec<usize>>,
     /// Layers for which a prediction was made since they last ran.
     predicted: Vec<bool>,
@@ -671,19 +787,29 @@ struct Streamer {
 }
 
 impl Streamer {
-    /// A slot to load into: an empty one, else the least recently used idle one. Slots holding
-    /// a prefetch not yet used are taken last, and not at all when `for_prefetch`.
+    /// A slot to load into: an empty one, else the idle one the eviction policy gives up.
+    /// Slots holding a prefetch not yet used are taken last, and not at all when `for_prefetch`.
     fn take_slot(&mut self, for_prefetch: bool) -> Option<usize> {
         let idle = |s: &Slot| !s.pinned && s.loading == 0;
         if let Some(i) = self.slots.iter().position(|s| s.holds.is_none() && idle(s)) {
             return Some(i);
         }
+        let uses = &self.uses;
+        let lfu = self.eviction == Eviction::Lfu;
+        // Lower keeps less.
+        let worth = |s: &Slot| {
+            let freq = match (lfu, s.holds) {
+                (true, Some((l, e))) => uses[l][e],
+                _ => 0,
+            };
+            (freq, s.last_used)
+        };
         let pick = self
             .slots
             .iter()
             .enumerate()
             .filter(|(_, s)| idle(s) && !s.prefetched)
-            .min_by_key(|(_, s)| s.last_used)
+            .min_by_key(|(_, s)| worth(s))
             .map(|(i, _)| i);
         let pick = match (pick, for_prefetch) {
             (Some(i), _) => Some(i),
@@ -703,6 +829,20 @@ impl Streamer {
             self.slots[i].prefetched = false;
         }
         pick
+    }
+
+    /// Counts this pass's uses of `layer`'s experts, halving every count once per
+    /// [`Eviction::HALF_LIFE`] passes.
+    fn count_uses(&mut self, layer: usize, needed: &[usize]) {
+        let sparse_layers = self.uses.iter().filter(|u| !u.is_empty()).count() as u64;
+        if self.clock % (Eviction::HALF_LIFE * sparse_layers.max(1)) == 0 {
+            for c in self.uses.iter_mut().flatten() {
+                *c /= 2;
+            }
+        }
+        for &e in needed {
+            self.uses[layer][e] = self.uses[layer][e].saturating_add(1);
+        }
     }
 
     /// Starts reading expert `(layer, e)` into slot `s`.
@@ -799,6 +939,7 @@ impl Streamer {
     ) -> Result<Vec<R>, StoreError> {
         self.clock += 1;
         tracing::trace!(layer, ?needed, "experts needed");
+        self.count_uses(layer, needed);
         if self.previous.len() <= layer {
             self.previous.resize(layer + 1, Vec::new());
         }
