@@ -6,16 +6,25 @@ Writes OUT/<name>/{config.json, model.safetensors, generation_config.json, refer
   qwen3_moe_b  qwen3_moe, 16 experts top-4, no norm_topk_prob, decoder_sparse_step=2, tied, fused TF-5 layout
   qwen3_dense  qwen3, tied
   mixtral      mixtral, 8 experts top-2, per-expert layout (block_sparse_moe.experts.N.w1/w2/w3)
+  qwen3_5_moe_a  qwen3_5_moe (Gated DeltaNet + gated attention, 8 layers), VLM class/layout (model.language_model.*,
+                 tiny model.visual.* tower), fused experts, shared expert, + random mtp.* tensors added after saving
+  qwen3_5_dense  qwen3_5 text-only CausalLM (model_type qwen3_5_text, model.* prefix), dense MLP, tied
+  qwen3_next_a   qwen3_next, fused in_proj_qkvz/in_proj_ba, MoE + shared expert on layers 1, 3, 7, dense MLP elsewhere,
+                 per-expert layout
 
 reference.json: tokens (80), logprobs[i] = ln p(tokens[i+1] | tokens[..=i]), greedy {prompt (10), generated (16,
 argmax, KV cache, no EOS stop)}, router_margin_min = min over MoE layers/positions of both runs of p_(k) - p_(k+1).
 Tokens are chosen position by position (random candidates, first whose router margins all exceed 1e-3 is kept),
 so top-k routing is unambiguous; weights are random with larger-than-default scales so log-probs spread out.
+Hybrid fixtures (the qwen3_5* / qwen3_next ones) use 100 tokens (more than TF's 64-token chunk of the chunked gated
+delta rule), a 70-token greedy prompt, and add decode_logprobs: tokens[:70] prefilled with the cache, then
+tokens[70..] fed one at a time (the recurrent single-token path); those log-probs must equal the full-sequence ones.
 
 Needs torch + transformers 5.x (runs on CPU).  python3 make_hf_fixtures.py --out DIR [--seed 1234] [--only a,b]
 """
 
 import argparse
+import copy
 import json
 import math
 import sys
@@ -34,6 +43,11 @@ N_TOKENS, N_PROMPT, N_GEN = 80, 10, 16
 GREEDY_TRIES = 40   # greedy prompts tried (first with clear margins and MIN_DISTINCT kept, else the best)
 MIN_DISTINCT = 7    # wanted number of distinct tokens among the 16 generated
 VOCAB = 512
+
+# Hybrid models (Gated DeltaNet): sequences longer than the 64-token chunk of TF's chunked delta rule.
+HYB_N_TOKENS, HYB_N_PROMPT, HYB_N_GEN = 100, 70, 16
+HYB_GREEDY_TRIES = 24
+A_MIN, A_MAX = 0.02, 16.0   # A = exp(A_log) log-uniform in [A_MIN, A_MAX]: per-token decay from ~0.99 to ~0
 
 COMMON = dict(vocab_size=VOCAB, hidden_size=128, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
               pad_token_id=None, attention_bias=False, hidden_act="silu")
@@ -67,6 +81,50 @@ FIXTURES = {
                  sliding_window=None)),
 }
 
+# Shared trunk of the hybrid fixtures: 3 linear (Gated DeltaNet) + 1 full (gated) attention layers, twice.
+# head_dim 64 != H/heads (32); value heads = 2 x key heads (grouped GQA-like mapping); dk 32 != dv 48.
+LAYER_TYPES_8 = (["linear_attention"] * 3 + ["full_attention"]) * 2
+HYB_TRUNK = dict(vocab_size=VOCAB, hidden_size=128, num_hidden_layers=8, layer_types=LAYER_TYPES_8,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                 linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=48,
+                 linear_conv_kernel_dim=4, rms_norm_eps=1e-6, max_position_embeddings=4096, bos_token_id=1,
+                 eos_token_id=2, pad_token_id=None, attention_bias=False, hidden_act="silu")
+
+
+def hyb_rope(theta, mrope):
+    rp = {"rope_type": "default", "rope_theta": theta, "partial_rotary_factor": 0.25}   # rot = 64 * 0.25 = 16 dims
+    if mrope:   # Qwen3.5 carries an (interleaved) mRoPE section; for text all three position streams are equal
+        rp.update(mrope_section=[2, 3, 3], mrope_interleaved=True)
+    return rp
+
+
+FIXTURES.update({
+    "qwen3_5_moe_a": dict(
+        arch="qwen3_5_moe_vlm", fused=True, hybrid=True, mtp=True,
+        layout="hf-vlm-fused: model.language_model.* + model.visual.* (tiny vision tower) + lm_head, fused experts "
+               "(save_original_format=False), mtp.* added after saving",
+        cfg=dict(tie_word_embeddings=False,
+                 text_config=dict(HYB_TRUNK, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
+                                  shared_expert_intermediate_size=96, tie_word_embeddings=False,
+                                  mtp_num_hidden_layers=1, mtp_use_dedicated_embeddings=False,
+                                  rope_parameters=hyb_rope(10000000.0, True)),
+                 vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3,
+                                    patch_size=4, temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=128,
+                                    num_position_embeddings=16))),
+    "qwen3_5_dense": dict(
+        arch="qwen3_5_text", fused=False, hybrid=True,
+        layout="hf-causallm: model.* prefix (Qwen3_5ForCausalLM, model_type qwen3_5_text), tied",
+        cfg=dict(HYB_TRUNK, intermediate_size=256, tie_word_embeddings=True, rope_parameters=hyb_rope(1000000.0, True))),
+    "qwen3_next_a": dict(
+        arch="qwen3_next", fused=False, hybrid=True,
+        layout="hf-per-expert (default save_pretrained)",
+        # MoE where (i+1) % 2 == 0 and i not in mlp_only_layers: layers 1, 3, 7; dense MLP (F 256) on 0, 2, 4, 5, 6
+        cfg=dict(HYB_TRUNK, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
+                 shared_expert_intermediate_size=128, intermediate_size=256, norm_topk_prob=True,
+                 decoder_sparse_step=2, mlp_only_layers=[5], tie_word_embeddings=False,
+                 rope_parameters=hyb_rope(5000000.0, False))),
+})
+
 
 def classes(arch):
     if arch == "qwen3_moe":
@@ -75,6 +133,12 @@ def classes(arch):
         return transformers.Qwen3Config, transformers.Qwen3ForCausalLM
     if arch == "mixtral":
         return transformers.MixtralConfig, transformers.MixtralForCausalLM
+    if arch == "qwen3_5_moe_vlm":
+        return transformers.Qwen3_5MoeConfig, transformers.Qwen3_5MoeForConditionalGeneration
+    if arch == "qwen3_5_text":
+        return transformers.Qwen3_5TextConfig, transformers.Qwen3_5ForCausalLM
+    if arch == "qwen3_next":
+        return transformers.Qwen3NextConfig, transformers.Qwen3NextForCausalLM
     raise ValueError(arch)
 
 
@@ -82,19 +146,34 @@ def is_router(name):
     return name.endswith("mlp.gate.weight") or name.endswith("block_sparse_moe.gate.weight")
 
 
-def init_params(model, seed, tied):
+def init_params(model, seed, tied, hybrid=False):
     """norms 1+0.2N, router 0.2N, lm_head (or the tied embedding) 0.2*sqrt(128/H)N, everything else 0.1N
-    (transformers' default init is 0.02N with norms 1, which gives near-uniform routing and log-probs)."""
+    (transformers' default init is 0.02N with norms 1, which gives near-uniform routing and log-probs).
+    Hybrid models: the zero-centred norms (stored w, computed 1+w) 0.2N, the gated linear_attn.norm (plain w) 1+0.2N,
+    A_log = log(A) with A log-uniform in [A_MIN, A_MAX], dt_bias 0.1N, conv1d 0.3N; the vision tower keeps its init."""
     g = torch.Generator().manual_seed(seed)
-    lm_std = 0.2 * math.sqrt(128 / model.config.hidden_size)
+    lm_std = 0.2 * math.sqrt(128 / model.config.get_text_config().hidden_size)
     with torch.no_grad():
         for name, p in model.named_parameters():
+            if hybrid and name.startswith("model.visual."):
+                continue
             r = torch.randn(p.shape, generator=g, dtype=torch.float64)
-            if name.endswith("norm.weight"):
+            if hybrid and name.endswith("linear_attn.norm.weight"):
                 v = 1.0 + 0.2 * r
+            elif hybrid and name.endswith("norm.weight"):
+                v = 0.2 * r
+            elif name.endswith("norm.weight"):
+                v = 1.0 + 0.2 * r
+            elif hybrid and name.endswith("A_log"):
+                u = torch.rand(p.shape, generator=g, dtype=torch.float64)
+                v = math.log(A_MIN) + u * (math.log(A_MAX) - math.log(A_MIN))
+            elif hybrid and name.endswith("dt_bias"):
+                v = 0.1 * r
+            elif hybrid and name.endswith("conv1d.weight"):
+                v = 0.3 * r
             elif is_router(name):
                 v = 0.2 * r
-            elif name == "lm_head.weight" or (tied and name == "model.embed_tokens.weight"):
+            elif name == "lm_head.weight" or (tied and name.endswith("embed_tokens.weight")):
                 v = lm_std * r
             else:
                 v = 0.1 * r
@@ -174,21 +253,128 @@ def greedy(model, tap, prompt, n):
     return gen, float(min(margins)), min(gaps)
 
 
+def build_tokens_fast(model, tap, n, rng, batch=8, max_tries=64):
+    """Same acceptance rule as build_tokens (each position's router margins, given its prefix, exceed THR) with far
+    fewer forward passes, for the long hybrid sequences: draw all n tokens, run the whole sequence, and replace the
+    first failing position by the first acceptable of batches of random candidates; repeat until none fails."""
+    toks = [int(t) for t in rng.integers(0, VOCAB, size=n)]
+    for _ in range(8 * n):
+        _, m = forward(model, tap, [toks])
+        bad = np.nonzero(~(m[0] > THR))[0]
+        if not len(bad):
+            return toks
+        t = int(bad[0])
+        for _ in range(max_tries):
+            cands = rng.integers(0, VOCAB, size=batch)
+            _, mc = forward(model, tap, [toks[:t] + [int(c)] for c in cands])
+            ok = np.nonzero(mc[:, -1] > THR)[0]
+            if len(ok):
+                toks[t] = int(cands[ok[0]])
+                break
+        else:
+            raise RuntimeError(f"no token with router margin > {THR} at position {t}")
+    raise RuntimeError("build_tokens_fast did not converge")
+
+
+def decode_logprobs(model, tap, tokens, n_prefill, describe_cache=False):
+    """tokens[:n_prefill] in one cached forward (chunked delta rule), then tokens[n_prefill:-1] one at a time with the
+    cache (recurrent delta rule, conv-state update). Returns ([ln p(tokens[t] | tokens[..t-1]) for t in
+    n_prefill..len-1], min router margin over all those steps)."""
+    tap.logits.clear()
+    lps, margins = [], []
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([tokens[:n_prefill]], dtype=torch.long), use_cache=True)
+        margins.append(tap.margins(1, n_prefill).min())
+        if describe_cache:
+            try:
+                cache = out.past_key_values
+                for li, layer in enumerate(cache.layers):
+                    d = {k: tuple(v.shape) for k, v in vars(layer).items() if isinstance(v, torch.Tensor)}
+                    for k in ("conv_states", "recurrent_states"):
+                        st = getattr(layer, k, None)
+                        if isinstance(st, dict):
+                            d[k] = {i: (tuple(x.shape) if isinstance(x, torch.Tensor) else x) for i, x in st.items()}
+                    print(f"   cache layer {li} {type(layer).__name__}: {d}")
+            except Exception as e:  # noqa: BLE001
+                print(f"   (cache layout not printed: {e!r})")
+        for t in range(n_prefill, len(tokens)):
+            lsm = torch.log_softmax(out.logits[0, -1].to(torch.float64), dim=-1)
+            lps.append(float(lsm[tokens[t]]))
+            if t == len(tokens) - 1:
+                break
+            out = model(input_ids=torch.tensor([[tokens[t]]], dtype=torch.long), past_key_values=out.past_key_values,
+                        use_cache=True)
+            margins.append(tap.margins(1, 1).min())
+    return lps, float(min(margins))
+
+
+def add_mtp_tensors(path, text_cfg, seed):
+    """Append random mtp.* tensors (MODELS.md 5.5: one full-attention MoE decoder layer, per-expert MTP experts as in
+    the official Qwen3.5 checkpoints) to a saved model.safetensors; transformers drops them on load."""
+    from safetensors.torch import load_file, save_file
+    with safe_open(str(path), framework="pt") as st:
+        meta = st.metadata()
+    sd = load_file(str(path))
+    g = torch.Generator().manual_seed(seed + 5555)
+    H, nh, nkv, D = text_cfg.hidden_size, text_cfg.num_attention_heads, text_cfg.num_key_value_heads, text_cfg.head_dim
+    E, I, Is = text_cfg.num_experts, text_cfg.moe_intermediate_size, text_cfg.shared_expert_intermediate_size
+    spec = [("mtp.pre_fc_norm_embedding.weight", [H], 0.2), ("mtp.pre_fc_norm_hidden.weight", [H], 0.2),
+            ("mtp.fc.weight", [H, 2 * H], 0.1)]
+    L = "mtp.layers.0."
+    spec += [(L + "input_layernorm.weight", [H], 0.2), (L + "post_attention_layernorm.weight", [H], 0.2),
+             (L + "self_attn.q_proj.weight", [nh * 2 * D, H], 0.1), (L + "self_attn.k_proj.weight", [nkv * D, H], 0.1),
+             (L + "self_attn.v_proj.weight", [nkv * D, H], 0.1), (L + "self_attn.o_proj.weight", [H, nh * D], 0.1),
+             (L + "self_attn.q_norm.weight", [D], 0.2), (L + "self_attn.k_norm.weight", [D], 0.2),
+             (L + "mlp.gate.weight", [E, H], 0.2)]
+    for e in range(E):
+        spec += [(L + f"mlp.experts.{e}.gate_proj.weight", [I, H], 0.1), (L + f"mlp.experts.{e}.up_proj.weight", [I, H], 0.1),
+                 (L + f"mlp.experts.{e}.down_proj.weight", [H, I], 0.1)]
+    spec += [(L + "mlp.shared_expert.gate_proj.weight", [Is, H], 0.1), (L + "mlp.shared_expert.up_proj.weight", [Is, H], 0.1),
+             (L + "mlp.shared_expert.down_proj.weight", [H, Is], 0.1), (L + "mlp.shared_expert_gate.weight", [1, H], 0.1),
+             ("mtp.norm.weight", [H], 0.2)]
+    for name, shape, std in spec:
+        assert name not in sd, name
+        sd[name] = (std * torch.randn(shape, generator=g, dtype=torch.float64)).to(torch.float32).contiguous()
+    save_file(sd, str(path), metadata=meta)
+    return [[n, list(sh)] for n, sh, _ in spec]
+
+
+def make_config(spec):
+    """The config object; returns (config, whether the extra MTP keys were accepted by the config class)."""
+    cfg_cls, _ = classes(spec["arch"])
+    cfg = copy.deepcopy(spec["cfg"])
+    try:
+        return cfg_cls(**cfg, attn_implementation="eager", experts_implementation="eager"), bool(spec.get("mtp"))
+    except TypeError as e:
+        if not spec.get("mtp"):
+            raise
+        print(f"   config class rejected the MTP keys ({e}); building it without them", flush=True)
+        for k in ("mtp_num_hidden_layers", "mtp_use_dedicated_embeddings"):
+            cfg["text_config"].pop(k, None)
+        return cfg_cls(**cfg, attn_implementation="eager", experts_implementation="eager"), False
+
+
 def build_model(spec, seed):
-    cfg_cls, model_cls = classes(spec["arch"])
-    cfg = dict(spec["cfg"])
-    config = cfg_cls(**cfg, attn_implementation="eager", experts_implementation="eager")
+    _, model_cls = classes(spec["arch"])
+    config, _ = make_config(spec)
     torch.manual_seed(seed)
     model = model_cls(config).to(torch.float32)
-    init_params(model, seed, cfg["tie_word_embeddings"])
+    init_params(model, seed, config.get_text_config().tie_word_embeddings, spec.get("hybrid", False))
     model.eval()
     return model
 
 
-def patch_config(path, arch):
-    """Add Hub-style keys mlx-lm needs (top-level rope_theta, num_experts); TF 5 writes rope_parameters."""
+def patch_config(path, arch, mtp=False):
+    """Add Hub-style keys mlx-lm needs (top-level rope_theta, num_experts; qwen3_next: partial_rotary_factor);
+    TF 5 writes rope_parameters. mtp: make sure text_config says mtp_num_hidden_layers 1 (the mtp.* tensors exist)."""
     cfg = json.load(open(path))
     added = []
+    if mtp and "mtp_num_hidden_layers" not in cfg["text_config"]:
+        cfg["text_config"]["mtp_num_hidden_layers"] = 1
+        added.append("text_config.mtp_num_hidden_layers")
+    if arch == "qwen3_next" and "partial_rotary_factor" not in cfg:
+        cfg["partial_rotary_factor"] = cfg["rope_parameters"]["partial_rotary_factor"]
+        added.append("partial_rotary_factor")
     rp = cfg.get("rope_parameters") or {}
     if "rope_theta" not in cfg and "rope_theta" in rp:
         cfg["rope_theta"] = rp["rope_theta"]
@@ -207,7 +393,11 @@ def patch_config(path, arch):
 
 def make_one(name, spec, out_root, seed):
     t0 = time.time()
-    tied = spec["cfg"]["tie_word_embeddings"]
+    hybrid = spec.get("hybrid", False)
+    n_tokens, n_prompt, n_gen = (HYB_N_TOKENS, HYB_N_PROMPT, HYB_N_GEN) if hybrid else (N_TOKENS, N_PROMPT, N_GEN)
+    builder = build_tokens_fast if hybrid else build_tokens
+    greedy_tries = HYB_GREEDY_TRIES if hybrid else GREEDY_TRIES
+    dec = None
     for attempt in range(10):
         s = seed + 1000 * attempt
         model = build_model(spec, s)
@@ -215,16 +405,21 @@ def make_one(name, spec, out_root, seed):
         is_moe = tap.top_k > 0
         rng = np.random.default_rng(s)
         try:
-            tokens = build_tokens(model, tap, N_TOKENS, rng) if is_moe else \
-                [int(t) for t in rng.integers(0, VOCAB, size=N_TOKENS)]
+            tokens = builder(model, tap, n_tokens, rng) if is_moe else \
+                [int(t) for t in rng.integers(0, VOCAB, size=n_tokens)]
             lp, m_score = score(model, tap, tokens)
             if is_moe and not m_score > THR:
                 raise RuntimeError(f"score router margin {m_score}")
+            if hybrid:   # prefill n_prompt tokens, then one token at a time with the cache
+                dec, m_dec = decode_logprobs(model, tap, tokens, n_prompt, describe_cache=attempt == 0)
+                if is_moe and not m_dec > THR:
+                    raise RuntimeError(f"decode router margin {m_dec}")
+                m_score = min(m_score, m_dec)
             best = None   # prefer greedy runs that do not collapse into repeating one token
-            for _ in range(GREEDY_TRIES):
-                prompt = build_tokens(model, tap, N_PROMPT, rng) if is_moe else \
-                    [int(t) for t in rng.integers(0, VOCAB, size=N_PROMPT)]
-                gen, m_gen, g_gap = greedy(model, tap, prompt, N_GEN)
+            for _ in range(greedy_tries):
+                prompt = builder(model, tap, n_prompt, rng) if is_moe else \
+                    [int(t) for t in rng.integers(0, VOCAB, size=n_prompt)]
+                gen, m_gen, g_gap = greedy(model, tap, prompt, n_gen)
                 if (not is_moe or m_gen > THR) and g_gap > GREEDY_THR:
                     if best is None or len(set(gen)) > len(set(best[1])):
                         best = (prompt, gen, m_gen, g_gap)
@@ -249,7 +444,10 @@ def make_one(name, spec, out_root, seed):
         model.save_pretrained(out, save_original_format=False)
     else:
         model.save_pretrained(out)
-    added = patch_config(out / "config.json", spec["arch"])
+    mtp_tensors = None
+    if spec.get("mtp"):
+        mtp_tensors = add_mtp_tensors(out / "model.safetensors", model.config.get_text_config(), s)
+    added = patch_config(out / "config.json", spec["arch"], mtp=spec.get("mtp", False))
     with open(out / "generation_config.json", "w") as f:
         json.dump({"bos_token_id": 1, "eos_token_id": 2, "do_sample": False,
                    "transformers_version": transformers.__version__}, f, indent=2)
@@ -261,7 +459,7 @@ def make_one(name, spec, out_root, seed):
                                          experts_implementation="eager").eval()
     re_tap = RouterTap(re_model)
     lp2, _ = score(re_model, re_tap, tokens)
-    gen2, _, _ = greedy(re_model, re_tap, prompt, N_GEN)
+    gen2, _, _ = greedy(re_model, re_tap, prompt, n_gen)
     roundtrip = float(np.max(np.abs(np.array(lp2) - np.array(lp))))
     assert roundtrip < 1e-6 and gen2 == gen, (roundtrip, gen2, gen)
     # The same weights in float64: shows how far float32 rounding alone moves the log-probs.
@@ -269,7 +467,7 @@ def make_one(name, spec, out_root, seed):
                                     experts_implementation="eager").eval()
     tap64 = RouterTap(m64)
     lp64, _ = score(m64, tap64, tokens)
-    gen64, _, _ = greedy(m64, tap64, prompt, N_GEN)
+    gen64, _, _ = greedy(m64, tap64, prompt, n_gen)
     f32_vs_f64 = float(np.max(np.abs(np.array(lp64) - np.array(lp))))
 
     lpa = np.array(lp)
@@ -288,10 +486,33 @@ def make_one(name, spec, out_root, seed):
         "logprob_stats": {"min": float(lpa.min()), "max": float(lpa.max()), "mean": float(lpa.mean()),
                           "std": float(lpa.std())},
         "seed": s,
-        "layout": "hf-fused" if spec["fused"] else "hf-per-expert",
+        "layout": spec.get("layout") or ("hf-fused" if spec["fused"] else "hf-per-expert"),
         "attn_implementation": "eager",
         "experts_implementation": "eager",
     }
+    if hybrid:
+        dec64, _ = decode_logprobs(m64, tap64, tokens, n_prompt)
+        full = np.array(lp[n_prompt - 1:])
+        dec_diff = float(np.max(np.abs(np.array(dec) - full)))
+        ref["decode_logprobs"] = {
+            "prefill": n_prompt, "first_index": n_prompt - 1, "logprobs": dec,
+            "max_abs_diff_vs_logprobs": dec_diff,
+            "float64_max_abs_diff_vs_logprobs_float64": float(np.max(np.abs(np.array(dec64) - np.array(lp64[n_prompt - 1:])))),
+            "definition": "tokens[:prefill] in one cached forward, then tokens[prefill], tokens[prefill+1], ... fed one "
+                          "at a time with the cache; logprobs[j] = ln p(tokens[prefill+j] | tokens[..prefill+j-1]) from "
+                          "those steps = logprobs[first_index+j] of the full-sequence run up to float32 noise"}
+        ref["gdn_chunk_size"] = 64
+        ref["init"] = {"norms_zero_centred_1_plus_w": "0.2N", "linear_attn.norm": "1+0.2N",
+                       "A_log": f"log(A), A log-uniform in [{A_MIN}, {A_MAX}]", "dt_bias": "0.1N", "conv1d": "0.3N",
+                       "router": "0.2N", "lm_head_or_tied_embedding": "0.2N", "other": "0.1N"}
+        ref["transformers_class"] = model_cls.__name__
+    if mtp_tensors is not None:
+        _, mtp_ok = make_config(spec)
+        ref["mtp"] = {"tensors": mtp_tensors, "count": len(mtp_tensors),
+                      "mtp_num_hidden_layers_accepted_by_config_class": mtp_ok,
+                      "note": "random values added to model.safetensors after save_pretrained (transformers drops mtp.* on "
+                              "load and never computes them): norms 0.2N (1+w), router 0.2N, others 0.1N; experts "
+                              "per-expert as in the official Qwen3.5 checkpoints; no reference outputs for the MTP head"}
     with open(out / "reference.json", "w") as f:
         json.dump(ref, f, indent=1)
         f.write("\n")
@@ -300,6 +521,11 @@ def make_one(name, spec, out_root, seed):
           f"logprobs min {lpa.min():.3f} max {lpa.max():.3f} mean {lpa.mean():.3f} std {lpa.std():.3f}, "
           f"-ln(V) = {-math.log(VOCAB):.3f}, roundtrip diff {roundtrip:.2e}, f32-vs-f64 {f32_vs_f64:.2e} (greedy same: {gen64 == gen}), config keys added {added}, "
           f"{time.time() - t0:.1f}s", flush=True)
+    if hybrid:
+        d = ref["decode_logprobs"]
+        print(f"   decode_logprobs: max |incremental - full| {d['max_abs_diff_vs_logprobs']:.2e} (float64 "
+              f"{d['float64_max_abs_diff_vs_logprobs_float64']:.2e}); attn impl "
+              f"{model.config.get_text_config()._attn_implementation}", flush=True)
     print(f"   greedy prompt {prompt} -> {gen}")
     for f in sorted(out.iterdir()):
         print(f"   {f.name} {f.stat().st_size} bytes")
@@ -322,7 +548,8 @@ def main():
           f"python {sys.version.split()[0]}", flush=True)
     names = args.only.split(",") if args.only else list(FIXTURES)
     failed = []
-    for i, name in enumerate(names):
+    for name in names:
+        i = list(FIXTURES).index(name)   # seed from the position in FIXTURES, so --only reproduces a full run
         try:
             make_one(name, FIXTURES[name], args.out, args.seed + 17 * i)
         except Exception:  # noqa: BLE001

@@ -55,15 +55,18 @@ pub struct BenchArgs {
 pub fn active_bytes_per_token(m: &Model) -> u64 {
     let mut b = m.lm_head.size_bytes() as u64;
     for (i, layer) in m.layers.iter().enumerate() {
-        let a = &layer.self_attn;
-        b += [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj]
+        b += layer
+            .mixer
+            .linears()
             .iter()
             .map(|l| l.size_bytes() as u64)
             .sum::<u64>();
         b += match &layer.mlp {
             FeedForward::Dense(mlp) => mlp.size_bytes() as u64,
             FeedForward::Sparse(moe) => {
-                moe.router.size_bytes() as u64 + m.experts.expert_bytes(i) as u64 * m.top_k() as u64
+                moe.router.size_bytes() as u64
+                    + moe.shared.as_ref().map_or(0, |s| s.mlp.size_bytes() as u64)
+                    + m.experts.expert_bytes(i) as u64 * m.top_k() as u64
             }
         };
     }

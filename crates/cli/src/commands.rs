@@ -275,13 +275,17 @@ fn chat(
                 ids.len()
             );
         }
-        let common = cached
+        let mut common = cached
             .iter()
             .zip(&ids)
             .take_while(|(x, y)| x == y)
             .count()
             .min(ids.len() - 1);
-        cache.truncate(common);
+        if !cache.truncate(common) {
+            // A recurrent (hybrid) state cannot be cut back: run the conversation from the start.
+            let _ = cache.truncate(0);
+            common = 0;
+        }
         let req = GenerationRequest {
             prompt: ids[common..].to_vec(),
             max_tokens: a.max_tokens,
@@ -304,7 +308,8 @@ fn chat(
         print_stats(&stats, l, &before);
         cached = ids;
         cached.extend(&stats.tokens);
-        cache.truncate(cached.len());
+        // A hybrid state that cannot be cut is reset at the next turn (see above).
+        let _ = cache.truncate(cached.len());
         messages.push(json!({"role": "assistant", "content": reply}));
     }
 }
@@ -570,16 +575,10 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
     }
     let mut norm_params = c.hidden_size as u64;
     for (li, layer) in m.layers.iter().enumerate() {
-        let at = &layer.self_attn;
-        for lin in [&at.q_proj, &at.k_proj, &at.v_proj, &at.o_proj] {
+        for lin in layer.mixer.linears() {
             add_linear(lin, false);
         }
-        norm_params += 2 * c.hidden_size as u64
-            + if at.q_norm.is_some() {
-                2 * c.head_dim as u64
-            } else {
-                0
-            };
+        norm_params += 2 * c.hidden_size as u64 + layer.mixer.vector_params() as u64;
         match &layer.mlp {
             FeedForward::Dense(mlp) => {
                 for lin in [&mlp.gate_proj, &mlp.up_proj, &mlp.down_proj] {
@@ -588,6 +587,11 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
             }
             FeedForward::Sparse(moe) => {
                 add_linear(&moe.router, false);
+                if let Some(s) = &moe.shared {
+                    for lin in [&s.mlp.gate_proj, &s.mlp.up_proj, &s.mlp.down_proj, &s.gate] {
+                        add_linear(lin, false);
+                    }
+                }
                 let experts = m.experts.resident_experts(li).unwrap_or(&[]);
                 for e in experts {
                     for lin in [&e.gate_proj, &e.up_proj, &e.down_proj] {
@@ -608,6 +612,11 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
     let moe_layers = (0..c.num_hidden_layers)
         .filter(|&i| c.is_moe_layer(i))
         .count();
+    let linear_layers = c
+        .layer_types
+        .iter()
+        .filter(|&&t| t == moestream_engine::config::LayerKind::LinearAttention)
+        .count();
     let quant = match &c.quantization {
         Some(q) => format!(
             "MLX affine {}-bit, group size {} ({} per-module overrides)",
@@ -626,6 +635,11 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
         "quantization": quant, "bytes_by_format": formats, "expert_bytes": expert_bytes, "non_expert_bytes": dense_bytes,
         "active_expert_bytes_per_token": active_expert_bytes, "file_bytes": files,
         "tokenizer": l.tokenizer.is_some(), "chat_template": l.template.is_some(), "eos_token_ids": l.eos_ids(),
+        "linear_attention_layers": linear_layers, "linear_attention": c.linear.map(|g| json!({
+            "key_heads": g.num_key_heads, "value_heads": g.num_value_heads, "key_head_dim": g.key_head_dim,
+            "value_head_dim": g.value_head_dim, "conv_kernel": g.conv_kernel})),
+        "rotary_dim": c.rotary_dim, "shared_expert_intermediate_size": c.shared_expert_intermediate_size,
+        "mtp_tensors": m.mtp_tensors,
     });
     if a.json {
         println!("{v}");
@@ -642,10 +656,30 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
         "geometry        hidden {}, heads {}/{} x {}, vocab {}",
         c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.vocab_size
     );
+    if let Some(g) = &c.linear {
+        println!(
+            "linear attn     {linear_layers} Gated DeltaNet layers: {}/{} q-k/v heads x {}/{}, conv {}; rotary {} of {} dims",
+            g.num_key_heads, g.num_value_heads, g.key_head_dim, g.value_head_dim, g.conv_kernel,
+            c.rotary_dim, c.head_dim
+        );
+    }
     if c.num_experts > 0 {
         println!(
             "experts         {} per layer, {} active, width {}",
             c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size
+        );
+        if c.shared_expert_intermediate_size > 0 {
+            println!(
+                "shared expert   width {}",
+                c.shared_expert_intermediate_size
+            );
+        }
+    }
+    if !m.mtp_tensors.is_empty() {
+        println!(
+            "mtp             {} tensors (multi-token prediction head): {}",
+            m.mtp_tensors.len(),
+            m.mtp_tensors.join(", ")
         );
     }
     println!(

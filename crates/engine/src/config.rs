@@ -14,10 +14,24 @@ pub enum Arch {
     Qwen3,
     /// `mixtral`: Mixtral-8x7B and kin.
     Mixtral,
+    /// `qwen3_next`: Qwen3-Next-80B-A3B (hybrid Gated DeltaNet + gated attention, MoE with a
+    /// shared expert, fused linear-attention projections).
+    Qwen3Next,
+    /// `qwen3_5`: dense Qwen3.5 (hybrid; the draft models of Qwen3.5-MoE).
+    Qwen35,
+    /// `qwen3_5_moe`: Qwen3.5-35B-A3B, -122B-A10B, -397B-A17B.
+    Qwen35Moe,
 }
 
 /// The `model_type` strings accepted, for error messages.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["qwen3_moe", "qwen3", "mixtral"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
+    "qwen3_moe",
+    "qwen3",
+    "mixtral",
+    "qwen3_next",
+    "qwen3_5",
+    "qwen3_5_moe",
+];
 
 impl Arch {
     /// From a `model_type` string.
@@ -26,6 +40,9 @@ impl Arch {
             "qwen3_moe" => Some(Arch::Qwen3Moe),
             "qwen3" => Some(Arch::Qwen3),
             "mixtral" => Some(Arch::Mixtral),
+            "qwen3_next" => Some(Arch::Qwen3Next),
+            "qwen3_5" | "qwen3_5_text" => Some(Arch::Qwen35),
+            "qwen3_5_moe" | "qwen3_5_moe_text" => Some(Arch::Qwen35Moe),
             _ => None,
         }
     }
@@ -36,7 +53,51 @@ impl Arch {
             Arch::Qwen3Moe => "qwen3_moe",
             Arch::Qwen3 => "qwen3",
             Arch::Mixtral => "mixtral",
+            Arch::Qwen3Next => "qwen3_next",
+            Arch::Qwen35 => "qwen3_5",
+            Arch::Qwen35Moe => "qwen3_5_moe",
         }
+    }
+
+    /// Hybrid: Gated DeltaNet layers between gated full-attention layers, zero-centred norms.
+    pub fn is_hybrid(self) -> bool {
+        matches!(self, Arch::Qwen3Next | Arch::Qwen35 | Arch::Qwen35Moe)
+    }
+
+    /// Has routed experts.
+    pub fn is_moe(self) -> bool {
+        !matches!(self, Arch::Qwen3 | Arch::Qwen35)
+    }
+}
+
+/// The token mixer of a decoder layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayerKind {
+    /// Softmax attention over a KV cache.
+    FullAttention,
+    /// Gated DeltaNet: a recurrent state instead of a KV cache.
+    LinearAttention,
+}
+
+/// Geometry of the Gated DeltaNet layers (`linear_*` fields of the config).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinearAttentionConfig {
+    /// Query/key heads `nk`.
+    pub num_key_heads: usize,
+    /// Value heads `nv` (a multiple of `nk`).
+    pub num_value_heads: usize,
+    /// Query/key width `dk`.
+    pub key_head_dim: usize,
+    /// Value width `dv`.
+    pub value_head_dim: usize,
+    /// Causal convolution taps `K`.
+    pub conv_kernel: usize,
+}
+
+impl LinearAttentionConfig {
+    /// Channels through the convolution: `2·nk·dk + nv·dv` (queries, keys, values).
+    pub fn conv_channels(&self) -> usize {
+        2 * self.num_key_heads * self.key_head_dim + self.num_value_heads * self.value_head_dim
     }
 }
 
@@ -91,6 +152,16 @@ pub struct ModelConfig {
     pub mlp_only_layers: Vec<usize>,
     /// MLX quantization, when the checkpoint is MLX-quantized.
     pub quantization: Option<QuantizationConfig>,
+    /// The mixer of each layer (all full attention for non-hybrid models).
+    pub layer_types: Vec<LayerKind>,
+    /// Gated DeltaNet geometry (hybrid models).
+    pub linear: Option<LinearAttentionConfig>,
+    /// Leading dims of each head that RoPE rotates (`head_dim · partial_rotary_factor`).
+    pub rotary_dim: usize,
+    /// Shared expert width `Is` (0: none).
+    pub shared_expert_intermediate_size: usize,
+    /// Multi-token-prediction layers shipped with the checkpoint (`mtp_num_hidden_layers`).
+    pub mtp_num_hidden_layers: usize,
 }
 
 impl ModelConfig {
@@ -127,6 +198,12 @@ impl ModelConfig {
                 SUPPORTED_MODEL_TYPES.join(", ")
             ))
         })?;
+        // Qwen3.5's vision-language configs nest the text model's fields in `text_config`.
+        let top = json;
+        let json = match json.get("text_config") {
+            Some(t) if t.is_object() => t,
+            _ => json,
+        };
         let f = Fields { json, path };
         let hidden_size = f.usize("hidden_size")?;
         let num_attention_heads = f.usize("num_attention_heads")?;
@@ -135,10 +212,10 @@ impl ModelConfig {
             Some(d) => d,
             None => hidden_size / num_attention_heads.max(1),
         };
+        let rope_parameters = json.get("rope_parameters");
         let rope_theta = match json.get("rope_theta").and_then(Value::as_f64) {
             Some(t) => t,
-            None => json
-                .get("rope_parameters")
+            None => rope_parameters
                 .and_then(|p| p.get("rope_theta"))
                 .and_then(Value::as_f64)
                 .unwrap_or(match arch {
@@ -146,13 +223,26 @@ impl ModelConfig {
                     _ => 10000.0,
                 }),
         };
+        let partial_rotary_factor = json
+            .get("partial_rotary_factor")
+            .or_else(|| rope_parameters.and_then(|p| p.get("partial_rotary_factor")))
+            .and_then(Value::as_f64)
+            .unwrap_or(if arch.is_hybrid() { 0.25 } else { 1.0 });
+        if !(partial_rotary_factor > 0.0 && partial_rotary_factor <= 1.0) {
+            return Err(err(format!(
+                "`partial_rotary_factor` {partial_rotary_factor} is not in (0, 1]"
+            )));
+        }
+        let rotary_dim = (head_dim as f64 * partial_rotary_factor) as usize;
         for key in ["rope_scaling", "rope_parameters"] {
             if let Some(rt) = json
                 .get(key)
                 .and_then(|r| r.get("rope_type").or_else(|| r.get("type")))
             {
                 let rt = rt.as_str().unwrap_or("?");
-                if rt != "default" {
+                // Qwen3.5's interleaved mRoPE is plain RoPE for text: all three position rows
+                // hold the token's position.
+                if rt != "default" && !(arch.is_hybrid() && rt == "mrope") {
                     return Err(err(format!(
                         "`{key}.rope_type` is `{rt}`; only default RoPE is supported"
                     )));
@@ -162,20 +252,27 @@ impl ModelConfig {
         if json.get("attention_bias").and_then(Value::as_bool) == Some(true) {
             return Err(err("`attention_bias: true` is not supported".into()));
         }
-        let (num_experts, num_experts_per_tok, moe_intermediate_size, norm_topk_prob) = match arch {
-            Arch::Qwen3 => (0, 0, 0, false),
-            Arch::Qwen3Moe => {
-                let e = match f.opt_usize("num_experts")? {
-                    Some(e) => e,
-                    None => f.usize("num_local_experts")?,
-                };
-                (
-                    e,
-                    f.usize("num_experts_per_tok")?,
-                    f.usize("moe_intermediate_size")?,
-                    f.bool_or("norm_topk_prob", false)?,
-                )
+        let experts = || -> Result<usize, ConfigError> {
+            match f.opt_usize("num_experts")? {
+                Some(e) => Ok(e),
+                None => f.usize("num_local_experts"),
             }
+        };
+        let (num_experts, num_experts_per_tok, moe_intermediate_size, norm_topk_prob) = match arch {
+            Arch::Qwen3 | Arch::Qwen35 => (0, 0, 0, false),
+            Arch::Qwen3Moe | Arch::Qwen3Next => (
+                experts()?,
+                f.usize("num_experts_per_tok")?,
+                f.usize("moe_intermediate_size")?,
+                f.bool_or("norm_topk_prob", arch == Arch::Qwen3Next)?,
+            ),
+            // Qwen3.5's router always renormalises (transformers ignores `norm_topk_prob`).
+            Arch::Qwen35Moe => (
+                experts()?,
+                f.usize("num_experts_per_tok")?,
+                f.usize("moe_intermediate_size")?,
+                true,
+            ),
             Arch::Mixtral => {
                 let e = match f.opt_usize("num_local_experts")? {
                     Some(e) => e,
@@ -188,6 +285,61 @@ impl ModelConfig {
                     true,
                 )
             }
+        };
+        let num_hidden_layers = f.usize("num_hidden_layers")?;
+        let linear = if arch.is_hybrid() {
+            Some(LinearAttentionConfig {
+                num_key_heads: f.usize("linear_num_key_heads")?,
+                num_value_heads: f.usize("linear_num_value_heads")?,
+                key_head_dim: f.usize("linear_key_head_dim")?,
+                value_head_dim: f.usize("linear_value_head_dim")?,
+                conv_kernel: f.usize_or("linear_conv_kernel_dim", 4)?,
+            })
+        } else {
+            None
+        };
+        let layer_types = match json.get("layer_types") {
+            Some(Value::Array(a)) if arch.is_hybrid() => a
+                .iter()
+                .map(|v| match v.as_str() {
+                    Some("full_attention") => Ok(LayerKind::FullAttention),
+                    Some("linear_attention") => Ok(LayerKind::LinearAttention),
+                    _ => Err(err(format!(
+                        "`layer_types` entries must be \"full_attention\" or \"linear_attention\", found {v}"
+                    ))),
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            Some(v) if arch.is_hybrid() && !v.is_null() => {
+                return Err(err("`layer_types` must be an array".into()))
+            }
+            _ if arch.is_hybrid() => {
+                let every = f.usize_or("full_attention_interval", 4)?.max(1);
+                (0..num_hidden_layers)
+                    .map(|i| {
+                        if (i + 1) % every == 0 {
+                            LayerKind::FullAttention
+                        } else {
+                            LayerKind::LinearAttention
+                        }
+                    })
+                    .collect()
+            }
+            _ => vec![LayerKind::FullAttention; num_hidden_layers],
+        };
+        let shared_expert_intermediate_size = match arch {
+            Arch::Qwen3Next | Arch::Qwen35Moe => {
+                f.usize_or("shared_expert_intermediate_size", 0)?
+            }
+            _ => 0,
+        };
+        let intermediate_size = match arch {
+            Arch::Qwen35Moe => f.usize_or("intermediate_size", 0)?,
+            _ => f.usize("intermediate_size")?,
+        };
+        let mtp_num_hidden_layers = f.usize_or("mtp_num_hidden_layers", 0)?;
+        let tie_word_embeddings = match json.get("tie_word_embeddings") {
+            Some(Value::Bool(b)) => *b,
+            _ => Fields { json: top, path }.bool_or("tie_word_embeddings", false)?,
         };
         let mlp_only_layers = match json.get("mlp_only_layers") {
             None | Some(Value::Null) => vec![],
@@ -205,23 +357,28 @@ impl ModelConfig {
             arch,
             vocab_size: f.usize("vocab_size")?,
             hidden_size,
-            intermediate_size: f.usize("intermediate_size")?,
-            num_hidden_layers: f.usize("num_hidden_layers")?,
+            intermediate_size,
+            num_hidden_layers,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
             rms_norm_eps: f.f64_or("rms_norm_eps", 1e-6)? as f32,
             rope_theta,
             max_position_embeddings: f.usize_or("max_position_embeddings", 32768)?,
-            tie_word_embeddings: f.bool_or("tie_word_embeddings", false)?,
+            tie_word_embeddings,
             num_experts,
             num_experts_per_tok,
             moe_intermediate_size,
             norm_topk_prob,
             decoder_sparse_step: f.usize_or("decoder_sparse_step", 1)?,
             mlp_only_layers,
-            quantization: QuantizationConfig::from_config(json, path)
+            quantization: QuantizationConfig::from_config(top, path)
                 .map_err(|e| err(e.to_string()))?,
+            layer_types,
+            linear,
+            rotary_dim,
+            shared_expert_intermediate_size,
+            mtp_num_hidden_layers,
         };
         cfg.validate().map_err(err)?;
         Ok(cfg)
@@ -257,7 +414,40 @@ impl ModelConfig {
                 self.head_dim
             ));
         }
-        if self.arch != Arch::Qwen3 {
+        if self.rotary_dim == 0 || !self.rotary_dim.is_multiple_of(2) {
+            return Err(format!(
+                "rotary dims ({}: head_dim × partial_rotary_factor) must be even and positive",
+                self.rotary_dim
+            ));
+        }
+        if self.layer_types.len() != self.num_hidden_layers {
+            return Err(format!(
+                "`layer_types` has {} entries for {} layers",
+                self.layer_types.len(),
+                self.num_hidden_layers
+            ));
+        }
+        if let Some(l) = &self.linear {
+            let dims = [
+                ("linear_num_key_heads", l.num_key_heads),
+                ("linear_num_value_heads", l.num_value_heads),
+                ("linear_key_head_dim", l.key_head_dim),
+                ("linear_value_head_dim", l.value_head_dim),
+                ("linear_conv_kernel_dim", l.conv_kernel),
+            ];
+            for (name, v) in dims {
+                if v == 0 || v > 1 << 16 {
+                    return Err(format!("`{name}` ({v}) must be between 1 and 65536"));
+                }
+            }
+            if !l.num_value_heads.is_multiple_of(l.num_key_heads) {
+                return Err(format!(
+                    "`linear_num_value_heads` ({}) is not a multiple of `linear_num_key_heads` ({})",
+                    l.num_value_heads, l.num_key_heads
+                ));
+            }
+        }
+        if self.arch.is_moe() {
             if self.num_experts == 0
                 || self.num_experts_per_tok == 0
                 || self.num_experts_per_tok > self.num_experts
@@ -282,6 +472,7 @@ impl ModelConfig {
     /// Whether layer `l` is a sparse MoE layer (transformers' rule).
     pub fn is_moe_layer(&self, l: usize) -> bool {
         self.num_experts > 0
+            && self.arch.is_moe()
             && !self.mlp_only_layers.contains(&l)
             && (l + 1).is_multiple_of(self.decoder_sparse_step)
     }

@@ -4,7 +4,7 @@
 //! top-k, top-p, min-p, then draws with a seeded generator, so a seed reproduces a run. Temperature 0
 //! is greedy (argmax, lowest id on ties). Stop strings are matched on the detokenized text; text
 //! that could still become a stop string is held back until it cannot.
-use crate::cache::KvCache;
+use crate::cache::SequenceCache;
 use crate::models::{Logits, Model};
 use crate::text::{IncrementalDecoder, Tokenizer};
 use std::time::Instant;
@@ -238,7 +238,7 @@ pub struct GenerationStats {
 pub fn generate(
     model: &Model,
     tokenizer: Option<&Tokenizer>,
-    cache: &mut KvCache,
+    cache: &mut SequenceCache,
     req: &GenerationRequest,
     mut on_text: impl FnMut(&str) -> bool,
 ) -> Result<GenerationStats, String> {

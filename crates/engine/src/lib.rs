@@ -3,7 +3,7 @@
 //! [`models::Model::load`] reads a checkpoint folder (config.json + safetensors, Hugging Face float
 //! or MLX-quantized) into a model whose weights stay in the memory map, or whose experts stream
 //! from disk through the [`store`] when the model does not fit in memory;
-//! [`models::Model::forward`] runs tokens through it with a [`cache::KvCache`]. [`generate`]
+//! [`models::Model::forward`] runs tokens through it with a [`cache::SequenceCache`]. [`generate`]
 //! turns logits into text.
 //!
 //! ```no_run

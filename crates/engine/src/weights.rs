@@ -303,6 +303,32 @@ impl<'a> WeightLoader<'a> {
         Ok(out)
     }
 
+    /// A float tensor stored in one of `shapes` (equal in element count, e.g. a convolution
+    /// kernel `[C, 1, K]` or `[C, K, 1]`) as f32, with the index of the shape it has.
+    pub fn floats(
+        &self,
+        name: &str,
+        shapes: &[&[usize]],
+    ) -> Result<(Vec<f32>, usize), FormatError> {
+        let t = self.index.require(name)?;
+        let kind = float_kind(t)?;
+        let Some(which) = shapes.iter().position(|s| t.shape.as_slice() == *s) else {
+            return Err(shape_error(t, shapes.first().copied().unwrap_or(&[])));
+        };
+        let len: usize = shapes[which].iter().product();
+        let mut out = vec![0f32; len];
+        let m = Matrix {
+            rows: 1,
+            cols: len,
+            weights: Weights::Float {
+                kind,
+                data: t.bytes(),
+            },
+        };
+        moestream_kernels::dequantize_row(&m, 0, &mut out);
+        Ok((out, which))
+    }
+
     /// The linear layer `{prefix}.weight` (float) or `{prefix}.{weight,scales,biases}` (MLX).
     pub fn linear(&self, prefix: &str, rows: usize, cols: usize) -> Result<Linear, FormatError> {
         let mut v = self.stacked(&format!("{prefix}.weight"), prefix, 1, rows, cols, false)?;

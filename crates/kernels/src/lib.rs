@@ -41,6 +41,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod deltanet;
 pub mod features;
 pub mod ops;
 

@@ -1,11 +1,13 @@
-//! The blocks every supported decoder is built from: RMSNorm, grouped-query attention with RoPE,
-//! the SwiGLU MLP, and the sparse mixture-of-experts block with its router.
+//! The blocks every supported decoder is built from: RMSNorm, grouped-query attention with RoPE
+//! (optionally with the sigmoid output gate of Qwen3-Next/Qwen3.5), the Gated DeltaNet mixer, the
+//! SwiGLU MLP, and the sparse mixture-of-experts block with its router and optional shared expert.
 //!
 //! Activations are f32 row-major `[n_tokens, width]`; every block processes a batch of tokens at
 //! once (prefill) or one (decode) through the same code.
-use crate::cache::LayerKv;
+use crate::cache::{LayerKv, LinearState};
 use crate::store::{ExpertStore, ExpertWeights, StoreError};
 use crate::weights::Linear;
+use moestream_kernels::deltanet::{self, DeltaInputs, DeltaShape};
 use moestream_kernels::ops::{self, AttentionShape, Rope};
 
 /// `y = w * x / rms(x)`.
@@ -43,6 +45,9 @@ pub struct Attention {
     pub k_norm: Option<RmsNorm>,
     /// Head geometry.
     pub shape: AttentionShape,
+    /// Qwen3-Next/Qwen3.5: `q_proj` yields `[query | gate]` per head (`2·head_dim` rows each)
+    /// and the attention output is multiplied by `sigmoid(gate)` before `o_proj`.
+    pub output_gate: bool,
 }
 
 impl Attention {
@@ -56,6 +61,7 @@ impl Attention {
             q_norm: self.q_norm.clone(),
             k_norm: self.k_norm.clone(),
             shape: self.shape,
+            output_gate: self.output_gate,
         }
     }
 
@@ -78,7 +84,19 @@ impl Attention {
         let mut q = vec![0f32; n * n_heads * d];
         let mut k = vec![0f32; n * n_kv_heads * d];
         let mut v = vec![0f32; n * n_kv_heads * d];
-        self.q_proj.forward(x, n, &mut q);
+        let mut gate = Vec::new();
+        if self.output_gate {
+            // Per head: rows [0, D) the query, [D, 2D) the gate.
+            let mut qg = vec![0f32; n * n_heads * 2 * d];
+            self.q_proj.forward(x, n, &mut qg);
+            gate = vec![0f32; n * n_heads * d];
+            for (i, head) in qg.chunks_exact(2 * d).enumerate() {
+                q[i * d..(i + 1) * d].copy_from_slice(&head[..d]);
+                gate[i * d..(i + 1) * d].copy_from_slice(&head[d..]);
+            }
+        } else {
+            self.q_proj.forward(x, n, &mut q);
+        }
         self.k_proj.forward(x, n, &mut k);
         self.v_proj.forward(x, n, &mut v);
         if let Some(norm) = &self.q_norm {
@@ -99,7 +117,249 @@ impl Attention {
         kv.v.extend_from_slice(&v);
         let mut o = vec![0f32; n * n_heads * d];
         ops::attention(self.shape, &q, &kv.k, &kv.v, start, n, &mut o);
+        if self.output_gate {
+            for (a, &g) in o.iter_mut().zip(&gate) {
+                *a *= deltanet::sigmoid(g);
+            }
+        }
         self.o_proj.forward(&o, n, out);
+    }
+}
+
+/// The input projections of a Gated DeltaNet layer, in either checkpoint layout.
+pub enum DeltaProjections {
+    /// Qwen3.5: `in_proj_qkv` (`[Q | K | V]`), `in_proj_z`, `in_proj_b`, `in_proj_a`.
+    Separate {
+        /// `[2·nk·dk + nv·dv, H]`.
+        qkv: Linear,
+        /// `[nv·dv, H]`.
+        z: Linear,
+        /// `[nv, H]`.
+        b: Linear,
+        /// `[nv, H]`.
+        a: Linear,
+    },
+    /// Qwen3-Next: `in_proj_qkvz` and `in_proj_ba`, grouped by key head: for each key head
+    /// `[q (dk) | k (dk) | v (r·dv) | z (r·dv)]` and `[b (r) | a (r)]`, with `r = nv / nk`.
+    Fused {
+        /// `[2·nk·dk + 2·nv·dv, H]`.
+        qkvz: Linear,
+        /// `[2·nv, H]`.
+        ba: Linear,
+    },
+}
+
+impl DeltaProjections {
+    fn to_resident(&self) -> DeltaProjections {
+        match self {
+            DeltaProjections::Separate { qkv, z, b, a } => DeltaProjections::Separate {
+                qkv: qkv.to_resident(),
+                z: z.to_resident(),
+                b: b.to_resident(),
+                a: a.to_resident(),
+            },
+            DeltaProjections::Fused { qkvz, ba } => DeltaProjections::Fused {
+                qkvz: qkvz.to_resident(),
+                ba: ba.to_resident(),
+            },
+        }
+    }
+}
+
+/// Gated DeltaNet linear attention (Qwen3-Next, Qwen3.5):
+///
+/// ```text
+/// q, k, v = split(silu(conv1d(W_qkv x)))         causal depthwise conv, state = last K−1 inputs
+/// q = l2norm(q)·dk^-1/2,  k = l2norm(k)           value head h reads key head h / (nv/nk)
+/// β = sigmoid(W_b x),  g = −exp(A_log)·softplus(W_a x + dt_bias)
+/// S ← e^g S + k ⊗ β(v − (e^g S)ᵀ k),  o = Sᵀ q     per value head, S ∈ R^{dk×dv} in f32
+/// out = W_out( RMSNorm(o)·w · silu(W_z x) )       norm per head over dv
+/// ```
+pub struct GatedDeltaNet {
+    /// Input projections.
+    pub proj: DeltaProjections,
+    /// Depthwise convolution `[channels, K]`.
+    pub conv_weight: Vec<f32>,
+    /// Taps `K`.
+    pub conv_kernel: usize,
+    /// `dt_bias [nv]`.
+    pub dt_bias: Vec<f32>,
+    /// `−exp(A_log) [nv]`.
+    pub neg_a: Vec<f32>,
+    /// The gated output norm (plain weight, not 1+w) over `dv`.
+    pub norm: RmsNorm,
+    /// `[H, nv·dv]`.
+    pub out_proj: Linear,
+    /// Heads.
+    pub shape: DeltaShape,
+}
+
+impl GatedDeltaNet {
+    /// The same layer with its weights copied into process memory.
+    pub fn to_resident(&self) -> GatedDeltaNet {
+        GatedDeltaNet {
+            proj: self.proj.to_resident(),
+            conv_weight: self.conv_weight.clone(),
+            conv_kernel: self.conv_kernel,
+            dt_bias: self.dt_bias.clone(),
+            neg_a: self.neg_a.clone(),
+            norm: self.norm.clone(),
+            out_proj: self.out_proj.to_resident(),
+            shape: self.shape,
+        }
+    }
+
+    /// Floats of the convolution state and of the recurrent state of one sequence.
+    pub fn state_lens(&self) -> (usize, usize) {
+        (
+            (self.conv_kernel - 1) * self.channels(),
+            self.shape.state_len(),
+        )
+    }
+
+    fn channels(&self) -> usize {
+        let s = self.shape;
+        2 * s.n_k_heads * s.k_dim + s.n_v_heads * s.v_dim
+    }
+
+    /// Runs `n` tokens after those `state` has seen; the new state goes to the state's pending
+    /// buffers (committed with the rest of the pass).
+    pub fn forward(&self, x: &[f32], n: usize, state: &mut LinearState, out: &mut [f32]) {
+        let DeltaShape {
+            n_k_heads: nk,
+            n_v_heads: nv,
+            k_dim: dk,
+            v_dim: dv,
+        } = self.shape;
+        let c = self.channels();
+        let r = nv / nk;
+        let mut mixed = vec![0f32; n * c];
+        let mut z = vec![0f32; n * nv * dv];
+        let mut b = vec![0f32; n * nv];
+        let mut a = vec![0f32; n * nv];
+        match &self.proj {
+            DeltaProjections::Separate {
+                qkv,
+                z: wz,
+                b: wb,
+                a: wa,
+            } => {
+                qkv.forward(x, n, &mut mixed);
+                wz.forward(x, n, &mut z);
+                wb.forward(x, n, &mut b);
+                wa.forward(x, n, &mut a);
+            }
+            DeltaProjections::Fused { qkvz, ba } => {
+                let group = 2 * dk + 2 * r * dv;
+                let mut raw = vec![0f32; n * nk * group];
+                qkvz.forward(x, n, &mut raw);
+                let mut raw_ba = vec![0f32; n * 2 * nv];
+                ba.forward(x, n, &mut raw_ba);
+                for t in 0..n {
+                    let m = &mut mixed[t * c..(t + 1) * c];
+                    for g in 0..nk {
+                        let src = &raw[(t * nk + g) * group..(t * nk + g + 1) * group];
+                        m[g * dk..(g + 1) * dk].copy_from_slice(&src[..dk]);
+                        m[nk * dk + g * dk..nk * dk + (g + 1) * dk]
+                            .copy_from_slice(&src[dk..2 * dk]);
+                        let v0 = 2 * nk * dk + g * r * dv;
+                        m[v0..v0 + r * dv].copy_from_slice(&src[2 * dk..2 * dk + r * dv]);
+                        z[t * nv * dv + g * r * dv..][..r * dv]
+                            .copy_from_slice(&src[2 * dk + r * dv..]);
+                        let sba = &raw_ba[(t * nk + g) * 2 * r..(t * nk + g + 1) * 2 * r];
+                        b[t * nv + g * r..][..r].copy_from_slice(&sba[..r]);
+                        a[t * nv + g * r..][..r].copy_from_slice(&sba[r..]);
+                    }
+                }
+            }
+        }
+        let ((conv_state, s), (next_conv, next_s)) = state.split();
+        let mut xc = vec![0f32; n * c];
+        deltanet::causal_conv1d_silu(
+            &mixed,
+            n,
+            c,
+            &self.conv_weight,
+            self.conv_kernel,
+            conv_state,
+            next_conv,
+            &mut xc,
+        );
+        let (qk, kk) = (nk * dk, 2 * nk * dk);
+        let mut q = Vec::with_capacity(n * qk);
+        let mut k = Vec::with_capacity(n * qk);
+        let mut v = Vec::with_capacity(n * nv * dv);
+        for row in xc.chunks_exact(c) {
+            q.extend_from_slice(&row[..qk]);
+            k.extend_from_slice(&row[qk..kk]);
+            v.extend_from_slice(&row[kk..]);
+        }
+        deltanet::l2_normalize_rows(&mut q, dk, 1.0 / (dk as f32).sqrt());
+        deltanet::l2_normalize_rows(&mut k, dk, 1.0);
+        let beta: Vec<f32> = b.iter().map(|&x| deltanet::sigmoid(x)).collect();
+        let g: Vec<f32> = a
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| self.neg_a[i % nv] * deltanet::softplus(x + self.dt_bias[i % nv]))
+            .collect();
+        let inputs = DeltaInputs {
+            q: &q,
+            k: &k,
+            v: &v,
+            g: &g,
+            beta: &beta,
+        };
+        let mut o = vec![0f32; n * nv * dv];
+        if n == 1 {
+            deltanet::gated_delta_step(self.shape, inputs, s, next_s, &mut o);
+        } else {
+            deltanet::gated_delta_chunked(self.shape, n, inputs, s, next_s, &mut o);
+        }
+        // Gated RMSNorm per head: (w · o / rms(o)) · silu(z).
+        for (oh, zh) in o.chunks_exact_mut(dv).zip(z.chunks_exact(dv)) {
+            let ms = oh.iter().map(|v| v * v).sum::<f32>() / dv as f32;
+            let inv = 1.0 / (ms + self.norm.eps).sqrt();
+            for ((ov, &w), &zv) in oh.iter_mut().zip(&self.norm.weight).zip(zh) {
+                *ov = (w * (*ov * inv)) * deltanet::silu(zv);
+            }
+        }
+        self.out_proj.forward(&o, n, out);
+    }
+}
+
+/// The shared expert of Qwen3-Next / Qwen3.5-MoE blocks: `sigmoid(w_g · x) · MLP(x)`, added to
+/// the routed experts' sum for every token.
+pub struct SharedExpert {
+    /// SwiGLU of width `Is`.
+    pub mlp: Mlp,
+    /// `[1, H]` gate.
+    pub gate: Linear,
+}
+
+impl SharedExpert {
+    fn to_resident(&self) -> SharedExpert {
+        SharedExpert {
+            mlp: self.mlp.to_resident(),
+            gate: self.gate.to_resident(),
+        }
+    }
+
+    /// Adds `sigmoid(gate(x)) · mlp(x)` to `out` for `n` rows.
+    fn add_to(&self, x: &[f32], n: usize, out: &mut [f32]) {
+        let h = self.gate.cols;
+        let mut y = vec![0f32; n * h];
+        self.mlp.forward(x, n, &mut y);
+        let mut g = vec![0f32; n];
+        self.gate.forward(x, n, &mut g);
+        for t in 0..n {
+            let s = deltanet::sigmoid(g[t]);
+            for (o, &v) in out[t * h..(t + 1) * h]
+                .iter_mut()
+                .zip(&y[t * h..(t + 1) * h])
+            {
+                *o += s * v;
+            }
+        }
     }
 }
 
@@ -160,6 +420,20 @@ pub struct SparseMoe {
     pub router: Linear,
     /// Top-k and normalisation.
     pub rule: RouterRule,
+    /// Always-on expert with its own sigmoid gate (Qwen3-Next, Qwen3.5-MoE).
+    pub shared: Option<SharedExpert>,
+}
+
+impl SparseMoe {
+    /// The router and shared expert copied into process memory (the routed experts live in the
+    /// store).
+    pub fn to_resident(&self) -> SparseMoe {
+        SparseMoe {
+            router: self.router.to_resident(),
+            rule: self.rule,
+            shared: self.shared.as_ref().map(SharedExpert::to_resident),
+        }
+    }
 }
 
 /// Expert choices of one token: `(expert, weight)`, best first.
@@ -234,6 +508,9 @@ impl SparseMoe {
                     *o += w * v;
                 }
             }
+        }
+        if let Some(shared) = &self.shared {
+            shared.add_to(x, n, out);
         }
         Ok(())
     }

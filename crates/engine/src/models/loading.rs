@@ -48,6 +48,9 @@ pub(super) fn load(dir: &Path, options: &StoreOptions) -> Result<Model, LoadErro
     let model = match config.arch {
         Arch::Qwen3Moe | Arch::Qwen3 => super::qwen3_moe::load(config, &loader)?,
         Arch::Mixtral => super::mixtral::load(config, &loader)?,
+        Arch::Qwen3Next | Arch::Qwen35 | Arch::Qwen35Moe => {
+            super::qwen3_next::load(config, &loader)?
+        }
     };
     if stream {
         Ok(model.stream_experts(options)?)
@@ -68,25 +71,28 @@ pub(super) fn norm(
     })
 }
 
-/// `{p}.q_proj` ... `{p}.o_proj` (+ `q_norm`/`k_norm` when `qk_norm`).
-pub(super) fn attention(
+/// `{p}.q_proj` ... `{p}.o_proj` (+ `q_norm`/`k_norm` when `qk_norm`, read through `norm`
+/// so that zero-centred checkpoints can add their 1). With `output_gate`, `q_proj` has a gate
+/// row block after each head's query rows (Qwen3-Next, Qwen3.5).
+pub(super) fn attention_with(
     l: &WeightLoader,
     p: &str,
     c: &ModelConfig,
-    qk_norm: bool,
+    qk_norm: Option<&dyn Fn(&str, usize) -> Result<RmsNorm, FormatError>>,
+    output_gate: bool,
 ) -> Result<Attention, FormatError> {
     let (h, d) = (c.hidden_size, c.head_dim);
     let (nq, nkv) = (c.num_attention_heads * d, c.num_key_value_heads * d);
-    let (q_norm, k_norm) = if qk_norm {
-        (
-            Some(norm(l, &format!("{p}.q_norm.weight"), d, c.rms_norm_eps)?),
-            Some(norm(l, &format!("{p}.k_norm.weight"), d, c.rms_norm_eps)?),
-        )
-    } else {
-        (None, None)
+    let (q_norm, k_norm) = match qk_norm {
+        Some(norm) => (
+            Some(norm(&format!("{p}.q_norm.weight"), d)?),
+            Some(norm(&format!("{p}.k_norm.weight"), d)?),
+        ),
+        None => (None, None),
     };
+    let q_rows = if output_gate { 2 * nq } else { nq };
     Ok(Attention {
-        q_proj: l.linear(&format!("{p}.q_proj"), nq, h)?,
+        q_proj: l.linear(&format!("{p}.q_proj"), q_rows, h)?,
         k_proj: l.linear(&format!("{p}.k_proj"), nkv, h)?,
         v_proj: l.linear(&format!("{p}.v_proj"), nkv, h)?,
         o_proj: l.linear(&format!("{p}.o_proj"), h, nq)?,
@@ -97,7 +103,19 @@ pub(super) fn attention(
             n_kv_heads: c.num_key_value_heads,
             head_dim: d,
         },
+        output_gate,
     })
+}
+
+/// Plain attention (Qwen3 with q/k norms, Mixtral without).
+pub(super) fn attention(
+    l: &WeightLoader,
+    p: &str,
+    c: &ModelConfig,
+    qk_norm: bool,
+) -> Result<Attention, FormatError> {
+    let plain = |name: &str, len: usize| norm(l, name, len, c.rms_norm_eps);
+    attention_with(l, p, c, qk_norm.then_some(&plain as _), false)
 }
 
 /// A dense MLP `{p}.{gate,up,down}`.

@@ -5,7 +5,7 @@
 //! fused checkpoints rename the block to `mlp` with `experts.gate_up_proj`; both are read.
 use super::blocks::{FeedForward, RouterRule, SparseMoe};
 use super::loading::{attention, experts, lm_head, norm};
-use super::{DecoderLayer, Model};
+use super::{DecoderLayer, Mixer, Model};
 use crate::config::ModelConfig;
 use crate::store::ExpertStore;
 use crate::weights::WeightLoader;
@@ -36,7 +36,7 @@ pub fn load(c: ModelConfig, l: &WeightLoader) -> Result<Model, FormatError> {
         layer_experts.push(experts(l, &moe, names, &c)?);
         layers.push(DecoderLayer {
             input_layernorm: norm(l, &format!("{p}.input_layernorm.weight"), h, eps)?,
-            self_attn: attention(l, &format!("{p}.self_attn"), &c, false)?,
+            mixer: Mixer::Attention(attention(l, &format!("{p}.self_attn"), &c, false)?),
             post_attention_layernorm: norm(
                 l,
                 &format!("{p}.post_attention_layernorm.weight"),
@@ -49,6 +49,7 @@ pub fn load(c: ModelConfig, l: &WeightLoader) -> Result<Model, FormatError> {
                     top_k: c.num_experts_per_tok,
                     renormalize: true,
                 },
+                shared: None,
             }),
         });
     }

@@ -1,8 +1,9 @@
 //! Model families. Each file builds a [`Model`] from a checkpoint by naming its tensors; the
-//! forward pass is shared, because Qwen3, Qwen3-MoE and Mixtral are the same pre-norm decoder:
+//! forward pass is shared, because Qwen3, Qwen3-MoE, Mixtral, Qwen3-Next and Qwen3.5 are the
+//! same pre-norm decoder:
 //!
 //! ```text
-//! h   = x + Attention(RMSNorm(x))
+//! h   = x + Mixer(RMSNorm(x))                Mixer = attention, or Gated DeltaNet (hybrids)
 //! out = h + FeedForward(RMSNorm(h))          FeedForward = dense SwiGLU MLP or sparse MoE
 //! logits = lm_head(RMSNorm(out_L))
 //! ```
@@ -10,13 +11,52 @@ pub mod blocks;
 mod loading;
 pub mod mixtral;
 pub mod qwen3_moe;
+pub mod qwen3_next;
 
-use crate::cache::KvCache;
+use crate::cache::{Checkpoint, LayerState, SequenceCache};
 use crate::config::{Arch, ModelConfig};
 use crate::store::{ExpertStore, Prefetch, StoreError, StoreOptions};
 use crate::weights::Linear;
-use blocks::{Attention, FeedForward, RmsNorm};
+use blocks::{Attention, FeedForward, GatedDeltaNet, RmsNorm};
 use moestream_kernels::ops::Rope;
+
+/// The token mixer of a layer.
+pub enum Mixer {
+    /// Softmax attention over the KV cache.
+    Attention(Attention),
+    /// Gated DeltaNet over a recurrent state.
+    Linear(GatedDeltaNet),
+}
+
+impl Mixer {
+    /// The mixer's projection matrices.
+    pub fn linears(&self) -> Vec<&Linear> {
+        match self {
+            Mixer::Attention(a) => vec![&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj],
+            Mixer::Linear(d) => {
+                let mut v = match &d.proj {
+                    blocks::DeltaProjections::Separate { qkv, z, b, a } => vec![qkv, z, b, a],
+                    blocks::DeltaProjections::Fused { qkvz, ba } => vec![qkvz, ba],
+                };
+                v.push(&d.out_proj);
+                v
+            }
+        }
+    }
+
+    /// Parameters kept as plain vectors (norms, convolution, decay).
+    pub fn vector_params(&self) -> usize {
+        match self {
+            Mixer::Attention(a) => {
+                a.q_norm.as_ref().map_or(0, |n| n.weight.len())
+                    + a.k_norm.as_ref().map_or(0, |n| n.weight.len())
+            }
+            Mixer::Linear(d) => {
+                d.conv_weight.len() + d.dt_bias.len() + d.neg_a.len() + d.norm.weight.len()
+            }
+        }
+    }
+}
 
 pub use loading::{available_memory_bytes, LoadError};
 
@@ -24,8 +64,8 @@ pub use loading::{available_memory_bytes, LoadError};
 pub struct DecoderLayer {
     /// Norm before attention.
     pub input_layernorm: RmsNorm,
-    /// Self-attention.
-    pub self_attn: Attention,
+    /// Attention or Gated DeltaNet.
+    pub mixer: Mixer,
     /// Norm before the feed-forward block.
     pub post_attention_layernorm: RmsNorm,
     /// Dense MLP or MoE (whose experts live in the model's [`ExpertStore`]).
@@ -36,14 +76,14 @@ impl DecoderLayer {
     fn to_resident(&self) -> DecoderLayer {
         DecoderLayer {
             input_layernorm: self.input_layernorm.clone(),
-            self_attn: self.self_attn.to_resident(),
+            mixer: match &self.mixer {
+                Mixer::Attention(a) => Mixer::Attention(a.to_resident()),
+                Mixer::Linear(d) => Mixer::Linear(d.to_resident()),
+            },
             post_attention_layernorm: self.post_attention_layernorm.clone(),
             mlp: match &self.mlp {
                 FeedForward::Dense(m) => FeedForward::Dense(m.to_resident()),
-                FeedForward::Sparse(m) => FeedForward::Sparse(blocks::SparseMoe {
-                    router: m.router.to_resident(),
-                    rule: m.rule,
-                }),
+                FeedForward::Sparse(m) => FeedForward::Sparse(m.to_resident()),
             },
         }
     }
@@ -78,6 +118,9 @@ pub struct Model {
     pub norm: RmsNorm,
     /// `[V, H]` output projection (the embedding itself when tied).
     pub lm_head: Linear,
+    /// Multi-token-prediction tensors (`mtp.*`) the checkpoint ships (Qwen3-Next, Qwen3.5), for
+    /// self-speculation; the trunk does not use them.
+    pub mtp_tensors: Vec<String>,
     rope: Rope,
     /// Experts per token in use (the model's own unless overridden).
     top_k: usize,
@@ -94,7 +137,7 @@ impl Model {
         norm: RmsNorm,
         lm_head: Linear,
     ) -> Model {
-        let rope = Rope::new(config.head_dim, config.rope_theta);
+        let rope = Rope::new(config.rotary_dim, config.rope_theta);
         let top_k = config.num_experts_per_tok;
         Model {
             config,
@@ -103,6 +146,7 @@ impl Model {
             experts,
             norm,
             lm_head,
+            mtp_tensors: Vec::new(),
             rope,
             top_k,
             prefetch: Prefetch::default(),
@@ -160,14 +204,48 @@ impl Model {
         self.top_k
     }
 
-    /// An empty KV cache sized for this model.
-    pub fn new_cache(&self, reserve_tokens: usize) -> KvCache {
+    /// An empty sequence cache for this model: KV for attention layers, zero states for linear
+    /// ones. Attention layers reserve room for `reserve_tokens`.
+    pub fn new_cache(&self, reserve_tokens: usize) -> SequenceCache {
         let c = &self.config;
-        KvCache::new(
-            c.num_hidden_layers,
-            c.num_key_value_heads * c.head_dim,
-            reserve_tokens,
-        )
+        let layers: Vec<Option<(usize, usize)>> = self
+            .layers
+            .iter()
+            .map(|l| match &l.mixer {
+                Mixer::Attention(_) => None,
+                Mixer::Linear(d) => Some(d.state_lens()),
+            })
+            .collect();
+        SequenceCache::with_layers(&layers, c.num_key_value_heads * c.head_dim, reserve_tokens)
+    }
+
+    /// Takes `cache` back to `len` tokens, of which `tokens` are the ones it holds: exact for
+    /// every architecture. Attention-only models just cut; hybrid models restore `checkpoint`
+    /// (taken at or before `len`) and replay `tokens[checkpoint.len()..len]`.
+    pub fn rewind(
+        &self,
+        cache: &mut SequenceCache,
+        len: usize,
+        tokens: &[u32],
+        checkpoint: Option<&Checkpoint>,
+    ) -> Result<(), String> {
+        if cache.truncate(len) {
+            return Ok(());
+        }
+        let cp = checkpoint.ok_or("a hybrid model's state can only go back to a checkpoint")?;
+        if cp.len() > len || tokens.len() < len {
+            return Err(format!(
+                "cannot rewind to {len} tokens from a checkpoint at {} with {} tokens known",
+                cp.len(),
+                tokens.len()
+            ));
+        }
+        cache.restore(cp)?;
+        if len > cp.len() {
+            self.forward(&tokens[cp.len()..len], cache, Logits::Last)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
     }
 
     /// Runs `tokens` after what `cache` holds; returns logits `[rows, V]` for the positions asked.
@@ -176,7 +254,7 @@ impl Model {
     pub fn forward(
         &self,
         tokens: &[u32],
-        cache: &mut KvCache,
+        cache: &mut SequenceCache,
         want: Logits,
     ) -> Result<Vec<f32>, StoreError> {
         self.experts.check_files()?;
@@ -193,12 +271,16 @@ impl Model {
         }
         let mut normed = vec![0f32; n * h];
         let mut delta = vec![0f32; n * h];
-        for (l, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
-            // h = x + Attention(RMSNorm(x))
+        for (l, (layer, state)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+            // h = x + Mixer(RMSNorm(x))
             layer.input_layernorm.forward(&x, &mut normed);
-            layer
-                .self_attn
-                .forward(&normed, n, start, &self.rope, kv, &mut delta);
+            match (&layer.mixer, state) {
+                (Mixer::Attention(a), LayerState::Attention(kv)) => {
+                    a.forward(&normed, n, start, &self.rope, kv, &mut delta)
+                }
+                (Mixer::Linear(d), LayerState::Linear(s)) => d.forward(&normed, n, s, &mut delta),
+                _ => unreachable!("caches come from Model::new_cache"),
+            }
             add_into(&mut x, &delta);
             // out = h + FeedForward(RMSNorm(h))
             layer.post_attention_layernorm.forward(&x, &mut normed);

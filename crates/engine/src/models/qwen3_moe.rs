@@ -5,7 +5,7 @@
 //! over all experts first, then the top-k, renormalised only when `norm_topk_prob`.
 use super::blocks::{FeedForward, RouterRule, SparseMoe};
 use super::loading::{attention, experts, lm_head, mlp, norm};
-use super::{DecoderLayer, Model};
+use super::{DecoderLayer, Mixer, Model};
 use crate::config::ModelConfig;
 use crate::store::ExpertStore;
 use crate::weights::WeightLoader;
@@ -29,6 +29,7 @@ pub fn load(c: ModelConfig, l: &WeightLoader) -> Result<Model, FormatError> {
                     top_k: c.num_experts_per_tok,
                     renormalize: c.norm_topk_prob,
                 },
+                shared: None,
             })
         } else {
             layer_experts.push(Vec::new());
@@ -42,7 +43,7 @@ pub fn load(c: ModelConfig, l: &WeightLoader) -> Result<Model, FormatError> {
         };
         layers.push(DecoderLayer {
             input_layernorm: norm(l, &format!("{p}.input_layernorm.weight"), h, eps)?,
-            self_attn: attention(l, &format!("{p}.self_attn"), &c, true)?,
+            mixer: Mixer::Attention(attention(l, &format!("{p}.self_attn"), &c, true)?),
             post_attention_layernorm: norm(
                 l,
                 &format!("{p}.post_attention_layernorm.weight"),

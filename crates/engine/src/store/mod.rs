@@ -417,9 +417,7 @@ impl ExpertStore {
             }
             Err(e) => return Err(e),
         };
-        let ReadPlan {
-            layouts, maps, ..
-        } = plan;
+        let ReadPlan { layouts, maps, .. } = plan;
         let n_experts_per_layer: Vec<usize> = experts.iter().map(Vec::len).collect();
         // Copy mode reads through its own descriptors: the mappings can go. Map mode computes on
         // them.

@@ -1,0 +1,594 @@
+//! The Gated DeltaNet mixer's kernels (Yang, Kautz, Hatamizadeh, "Gated Delta Networks", 2024),
+//! as Qwen3-Next and Qwen3.5 use them in three of every four layers.
+//!
+//! Per value head, a state `S ∈ R^{dk×dv}` (f32) is decayed and corrected by a delta rule at each
+//! token, then read with the query:
+//!
+//! ```text
+//! S ← exp(g_t) S                 kv = Sᵀ k_t
+//! S ← S + k_t ⊗ β_t (v_t − kv)   o_t = Sᵀ q_t
+//! ```
+//!
+//! Decode uses that recurrence ([`gated_delta_step`]), fused into two passes over `S`. Prefill uses
+//! the chunked form ([`gated_delta_chunked`]): within a chunk of 64 tokens the corrections are
+//! solved together (the UT transform: a unit lower-triangular system), and the state is read and
+//! written once per chunk instead of twice per token, which turns the work into small matrix
+//! products. Both give the same result up to f32 rounding; the tests hold them to each other.
+//!
+//! The causal depthwise convolution that precedes the rule keeps its last `K − 1` input rows as
+//! state ([`causal_conv1d_silu`]).
+use rayon::prelude::*;
+
+/// Head geometry of a Gated DeltaNet layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeltaShape {
+    /// Query/key heads `nk`.
+    pub n_k_heads: usize,
+    /// Value heads `nv` (a multiple of `nk`); value head `h` reads key head `h / (nv / nk)`.
+    pub n_v_heads: usize,
+    /// Query/key width `dk`.
+    pub k_dim: usize,
+    /// Value width `dv`.
+    pub v_dim: usize,
+}
+
+impl DeltaShape {
+    /// Floats of one sequence's recurrent state: `nv · dk · dv`.
+    pub fn state_len(&self) -> usize {
+        self.n_v_heads * self.k_dim * self.v_dim
+    }
+}
+
+/// Tokens per chunk of the chunked form (transformers and the FLA kernels use 64 too).
+pub const CHUNK: usize = 64;
+
+/// `silu(conv(x))` over time for `n` rows of `channels` features, with a depthwise causal kernel
+/// `weight[c · k + j]` (`k` taps, tap `k − 1` on the current token). `state` holds the `k − 1`
+/// input rows before `x` (oldest first; zeros at the start of a sequence); `new_state` receives
+/// the last `k − 1` rows after it.
+pub fn causal_conv1d_silu(
+    x: &[f32],
+    n: usize,
+    channels: usize,
+    weight: &[f32],
+    k: usize,
+    state: &[f32],
+    new_state: &mut [f32],
+    out: &mut [f32],
+) {
+    let hist = k - 1;
+    debug_assert_eq!(state.len(), hist * channels);
+    // Row r of [state; x].
+    let row = |r: usize| -> &[f32] {
+        if r < hist {
+            &state[r * channels..(r + 1) * channels]
+        } else {
+            &x[(r - hist) * channels..(r - hist + 1) * channels]
+        }
+    };
+    for t in 0..n {
+        let o = &mut out[t * channels..(t + 1) * channels];
+        o.fill(0.0);
+        for j in 0..k {
+            let xr = row(t + j);
+            for (c, (oc, &xc)) in o.iter_mut().zip(xr).enumerate() {
+                *oc += weight[c * k + j] * xc;
+            }
+        }
+        for v in o.iter_mut() {
+            *v = silu(*v);
+        }
+    }
+    for r in 0..hist {
+        new_state[r * channels..(r + 1) * channels].copy_from_slice(row(n + r));
+    }
+}
+
+/// `x · sigmoid(x)`.
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// `1 / (1 + exp(−x))`.
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// `ln(1 + exp(x))`, linear above 20 as torch's `softplus` is.
+pub fn softplus(x: f32) -> f32 {
+    if x > 20.0 {
+        x
+    } else {
+        x.exp().ln_1p()
+    }
+}
+
+/// Scales each `dim`-wide row of `x` to unit L2 norm: `x · rsqrt(Σx² + 1e-6)` (transformers'
+/// `l2norm`), then by `scale`.
+pub fn l2_normalize_rows(x: &mut [f32], dim: usize, scale: f32) {
+    for r in x.chunks_exact_mut(dim) {
+        let ss: f32 = r.iter().map(|v| v * v).sum();
+        let inv = scale / (ss + 1e-6).sqrt();
+        r.iter_mut().for_each(|v| *v *= inv);
+    }
+}
+
+/// Inputs of the delta rule for `n` tokens: `q`, `k` are `[n, nk·dk]` (already L2-normalised,
+/// `q` scaled by `dk^-1/2`), `v` is `[n, nv·dv]`, `g` (log decay) and `beta` are `[n, nv]`.
+#[derive(Clone, Copy)]
+pub struct DeltaInputs<'a> {
+    /// Queries.
+    pub q: &'a [f32],
+    /// Keys.
+    pub k: &'a [f32],
+    /// Values.
+    pub v: &'a [f32],
+    /// Log decay per token and value head (≤ 0).
+    pub g: &'a [f32],
+    /// Write strength per token and value head, in (0, 1).
+    pub beta: &'a [f32],
+}
+
+/// One token of the recurrence for every head: reads `state` (`[nv, dk, dv]`), writes the
+/// updated state to `new_state` and `o_t = Sᵀ q` to `out` (`[nv·dv]`).
+pub fn gated_delta_step(
+    shape: DeltaShape,
+    x: DeltaInputs<'_>,
+    state: &[f32],
+    new_state: &mut [f32],
+    out: &mut [f32],
+) {
+    let DeltaShape {
+        n_k_heads,
+        n_v_heads,
+        k_dim: dk,
+        v_dim: dv,
+    } = shape;
+    let r = n_v_heads / n_k_heads;
+    let per_head = |(h, (s_new, o)): (usize, (&mut [f32], &mut [f32]))| {
+        let kh = h / r;
+        let q = &x.q[kh * dk..(kh + 1) * dk];
+        let k = &x.k[kh * dk..(kh + 1) * dk];
+        let v = &x.v[h * dv..(h + 1) * dv];
+        let decay = x.g[h].exp();
+        let beta = x.beta[h];
+        let s = &state[h * dk * dv..(h + 1) * dk * dv];
+        // Pass 1: kv = (e^g S)ᵀ k.
+        let mut kv = vec![0f32; dv];
+        for (srow, &ki) in s.chunks_exact(dv).zip(k) {
+            for (a, &b) in kv.iter_mut().zip(srow) {
+                *a += b * ki;
+            }
+        }
+        let delta: Vec<f32> = v
+            .iter()
+            .zip(&kv)
+            .map(|(&vj, &kvj)| beta * (vj - decay * kvj))
+            .collect();
+        // Pass 2: S' = e^g S + k ⊗ δ, o = S'ᵀ q.
+        o.fill(0.0);
+        for ((srow, nrow), (&ki, &qi)) in s
+            .chunks_exact(dv)
+            .zip(s_new.chunks_exact_mut(dv))
+            .zip(k.iter().zip(q))
+        {
+            for ((n, &sv), (&d, oj)) in nrow
+                .iter_mut()
+                .zip(srow)
+                .zip(delta.iter().zip(o.iter_mut()))
+            {
+                *n = decay * sv + ki * d;
+                *oj += qi * *n;
+            }
+        }
+    };
+    let heads = new_state
+        .chunks_exact_mut(dk * dv)
+        .zip(out.chunks_exact_mut(dv))
+        .enumerate();
+    if dk * dv * n_v_heads >= 1 << 16 {
+        heads.collect::<Vec<_>>().into_par_iter().for_each(per_head);
+    } else {
+        heads.for_each(per_head);
+    }
+}
+
+/// The delta rule over `n` tokens in chunks of [`CHUNK`], for every head: reads `state`, writes
+/// the state after the last token to `new_state` and the outputs to `out` (`[n, nv·dv]`).
+pub fn gated_delta_chunked(
+    shape: DeltaShape,
+    n: usize,
+    x: DeltaInputs<'_>,
+    state: &[f32],
+    new_state: &mut [f32],
+    out: &mut [f32],
+) {
+    let DeltaShape {
+        n_v_heads, v_dim, ..
+    } = shape;
+    new_state.copy_from_slice(state);
+    let per = shape.k_dim * v_dim;
+    // Each head owns its state and a column block of `out`: compute heads apart, then scatter.
+    let results: Vec<Vec<f32>> = new_state
+        .par_chunks_exact_mut(per)
+        .enumerate()
+        .map(|(h, s)| chunked_head(shape, h, n, x, s))
+        .collect();
+    for (h, o) in results.iter().enumerate() {
+        for t in 0..n {
+            out[t * n_v_heads * v_dim + h * v_dim..][..v_dim]
+                .copy_from_slice(&o[t * v_dim..(t + 1) * v_dim]);
+        }
+    }
+}
+
+/// One value head of [`gated_delta_chunked`]; `s` (`[dk, dv]`) is updated in place, the outputs
+/// are returned as `[n, dv]`.
+fn chunked_head(
+    shape: DeltaShape,
+    h: usize,
+    n: usize,
+    x: DeltaInputs<'_>,
+    s: &mut [f32],
+) -> Vec<f32> {
+    let DeltaShape {
+        n_k_heads,
+        n_v_heads,
+        k_dim: dk,
+        v_dim: dv,
+    } = shape;
+    let kh = h / (n_v_heads / n_k_heads);
+    let qk_stride = n_k_heads * dk;
+    let v_stride = n_v_heads * dv;
+    let mut out = vec![0f32; n * dv];
+    let mut start = 0;
+    // Chunk scratch.
+    let mut q = vec![0f32; CHUNK * dk];
+    let mut k = vec![0f32; CHUNK * dk];
+    let mut kb = vec![0f32; CHUNK * dk];
+    let mut vb = vec![0f32; CHUNK * dv];
+    let mut gc = [0f32; CHUNK];
+    let mut t_mat = vec![0f32; CHUNK * CHUNK];
+    let mut u = vec![0f32; CHUNK * dv];
+    let mut w = vec![0f32; CHUNK * dk];
+    while start < n {
+        let l = CHUNK.min(n - start);
+        let mut acc = 0f32;
+        for i in 0..l {
+            let t = start + i;
+            q[i * dk..(i + 1) * dk].copy_from_slice(&x.q[t * qk_stride + kh * dk..][..dk]);
+            k[i * dk..(i + 1) * dk].copy_from_slice(&x.k[t * qk_stride + kh * dk..][..dk]);
+            let b = x.beta[t * n_v_heads + h];
+            for (o, &v) in kb[i * dk..(i + 1) * dk]
+                .iter_mut()
+                .zip(&k[i * dk..(i + 1) * dk])
+            {
+                *o = v * b;
+            }
+            for (o, &v) in vb[i * dv..(i + 1) * dv]
+                .iter_mut()
+                .zip(&x.v[t * v_stride + h * dv..][..dv])
+            {
+                *o = v * b;
+            }
+            acc += x.g[t * n_v_heads + h];
+            gc[i] = acc;
+        }
+        // T = (I − A)⁻¹ with A[i][j] = −(β_i k_i · k_j) e^{g_i − g_j} (j < i): forward
+        // substitution row by row, T[i][j] = A[i][j] + Σ_{j<m<i} A[i][m] T[m][j].
+        t_mat[..l * CHUNK].fill(0.0);
+        for i in 0..l {
+            for j in 0..i {
+                let dot: f32 = kb[i * dk..(i + 1) * dk]
+                    .iter()
+                    .zip(&k[j * dk..(j + 1) * dk])
+                    .map(|(a, b)| a * b)
+                    .sum();
+                t_mat[i * CHUNK + j] = -dot * (gc[i] - gc[j]).exp();
+            }
+            // Left to right: entry j reads the entries right of it while they still hold A.
+            for j in 0..i {
+                let mut sum = t_mat[i * CHUNK + j];
+                for m in j + 1..i {
+                    sum += t_mat[i * CHUNK + m] * t_mat[m * CHUNK + j];
+                }
+                t_mat[i * CHUNK + j] = sum;
+            }
+            t_mat[i * CHUNK + i] = 1.0;
+        }
+        // U = T (β v), W = T (β k e^{g}).
+        u[..l * dv].fill(0.0);
+        w[..l * dk].fill(0.0);
+        for i in 0..l {
+            for j in 0..=i {
+                let tij = t_mat[i * CHUNK + j];
+                if tij == 0.0 {
+                    continue;
+                }
+                for (a, &b) in u[i * dv..(i + 1) * dv]
+                    .iter_mut()
+                    .zip(&vb[j * dv..(j + 1) * dv])
+                {
+                    *a += tij * b;
+                }
+                let tg = tij * gc[j].exp();
+                for (a, &b) in w[i * dk..(i + 1) * dk]
+                    .iter_mut()
+                    .zip(&kb[j * dk..(j + 1) * dk])
+                {
+                    *a += tg * b;
+                }
+            }
+        }
+        // v_new = U − W S; o_i = e^{g_i} q_i S + Σ_{j ≤ i} (q_i · k_j) e^{g_i − g_j} v_new_j.
+        for i in 0..l {
+            let o = &mut out[(start + i) * dv..(start + i + 1) * dv];
+            let eg = gc[i].exp();
+            for ((srow, &wi), &qi) in s
+                .chunks_exact(dv)
+                .zip(&w[i * dk..(i + 1) * dk])
+                .zip(&q[i * dk..(i + 1) * dk])
+            {
+                let qe = qi * eg;
+                for ((ua, &sv), oa) in u[i * dv..(i + 1) * dv]
+                    .iter_mut()
+                    .zip(srow)
+                    .zip(o.iter_mut())
+                {
+                    *ua -= wi * sv;
+                    *oa += qe * sv;
+                }
+            }
+        }
+        for i in 0..l {
+            for j in 0..=i {
+                let dot: f32 = q[i * dk..(i + 1) * dk]
+                    .iter()
+                    .zip(&k[j * dk..(j + 1) * dk])
+                    .map(|(a, b)| a * b)
+                    .sum();
+                let c = dot * (gc[i] - gc[j]).exp();
+                let (oi, uj) = ((start + i) * dv, j * dv);
+                for (a, &b) in out[oi..oi + dv].iter_mut().zip(&u[uj..uj + dv]) {
+                    *a += c * b;
+                }
+            }
+        }
+        // S ← e^{g_last} S + Σ_j (k_j e^{g_last − g_j}) ⊗ v_new_j.
+        let g_last = gc[l - 1];
+        let e_last = g_last.exp();
+        s.iter_mut().for_each(|v| *v *= e_last);
+        for j in 0..l {
+            let f = (g_last - gc[j]).exp();
+            for (srow, &kj) in s.chunks_exact_mut(dv).zip(&k[j * dk..(j + 1) * dk]) {
+                let c = kj * f;
+                for (a, &b) in srow.iter_mut().zip(&u[j * dv..(j + 1) * dv]) {
+                    *a += c * b;
+                }
+            }
+        }
+        start += l;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand_vec(seed: &mut u64, n: usize, scale: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                *seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((*seed >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 2.0 * scale
+            })
+            .collect()
+    }
+
+    /// The textbook recurrence in f64, token by token, one head at a time.
+    fn reference(
+        shape: DeltaShape,
+        n: usize,
+        x: DeltaInputs<'_>,
+        s0: &[f32],
+    ) -> (Vec<f64>, Vec<f64>) {
+        let DeltaShape {
+            n_k_heads,
+            n_v_heads,
+            k_dim: dk,
+            v_dim: dv,
+        } = shape;
+        let r = n_v_heads / n_k_heads;
+        let mut s: Vec<f64> = s0.iter().map(|&v| v as f64).collect();
+        let mut out = vec![0f64; n * n_v_heads * dv];
+        for t in 0..n {
+            for h in 0..n_v_heads {
+                let kh = h / r;
+                let q = &x.q[t * n_k_heads * dk + kh * dk..][..dk];
+                let k = &x.k[t * n_k_heads * dk + kh * dk..][..dk];
+                let v = &x.v[t * n_v_heads * dv + h * dv..][..dv];
+                let st = &mut s[h * dk * dv..(h + 1) * dk * dv];
+                let e = (x.g[t * n_v_heads + h] as f64).exp();
+                st.iter_mut().for_each(|a| *a *= e);
+                for j in 0..dv {
+                    let kv: f64 = (0..dk).map(|i| st[i * dv + j] * k[i] as f64).sum();
+                    let d = x.beta[t * n_v_heads + h] as f64 * (v[j] as f64 - kv);
+                    for i in 0..dk {
+                        st[i * dv + j] += k[i] as f64 * d;
+                    }
+                }
+                for j in 0..dv {
+                    out[t * n_v_heads * dv + h * dv + j] =
+                        (0..dk).map(|i| st[i * dv + j] * q[i] as f64).sum();
+                }
+            }
+        }
+        (out, s)
+    }
+
+    struct Case {
+        shape: DeltaShape,
+        n: usize,
+        q: Vec<f32>,
+        k: Vec<f32>,
+        v: Vec<f32>,
+        g: Vec<f32>,
+        beta: Vec<f32>,
+        s0: Vec<f32>,
+    }
+
+    impl Case {
+        fn new(seed: u64, shape: DeltaShape, n: usize) -> Case {
+            let mut sd = seed;
+            let DeltaShape {
+                n_k_heads,
+                n_v_heads,
+                k_dim: dk,
+                v_dim: dv,
+            } = shape;
+            let mut q = rand_vec(&mut sd, n * n_k_heads * dk, 1.0);
+            let mut k = rand_vec(&mut sd, n * n_k_heads * dk, 1.0);
+            l2_normalize_rows(&mut q, dk, 1.0 / (dk as f32).sqrt());
+            l2_normalize_rows(&mut k, dk, 1.0);
+            let v = rand_vec(&mut sd, n * n_v_heads * dv, 1.0);
+            let g: Vec<f32> = rand_vec(&mut sd, n * n_v_heads, 1.0)
+                .iter()
+                .map(|a| -softplus(*a) * 0.5)
+                .collect();
+            let beta: Vec<f32> = rand_vec(&mut sd, n * n_v_heads, 3.0)
+                .iter()
+                .map(|&a| sigmoid(a))
+                .collect();
+            let s0 = rand_vec(&mut sd, shape.state_len(), 0.5);
+            Case {
+                shape,
+                n,
+                q,
+                k,
+                v,
+                g,
+                beta,
+                s0,
+            }
+        }
+        fn inputs(&self) -> DeltaInputs<'_> {
+            DeltaInputs {
+                q: &self.q,
+                k: &self.k,
+                v: &self.v,
+                g: &self.g,
+                beta: &self.beta,
+            }
+        }
+    }
+
+    fn max_diff(a: &[f32], b: &[f64]) -> f64 {
+        a.iter()
+            .zip(b)
+            .map(|(&x, &y)| (x as f64 - y).abs())
+            .fold(0.0, f64::max)
+    }
+
+    const SHAPE: DeltaShape = DeltaShape {
+        n_k_heads: 2,
+        n_v_heads: 4,
+        k_dim: 16,
+        v_dim: 24,
+    };
+
+    #[test]
+    fn step_matches_the_f64_recurrence() {
+        let c = Case::new(7, SHAPE, 9);
+        let (want_out, want_s) = reference(SHAPE, c.n, c.inputs(), &c.s0);
+        let mut s = c.s0.clone();
+        let mut out = vec![0f32; c.n * 4 * 24];
+        let (nq, nv) = (2 * 16, 4 * 24);
+        for t in 0..c.n {
+            let x = DeltaInputs {
+                q: &c.q[t * nq..(t + 1) * nq],
+                k: &c.k[t * nq..(t + 1) * nq],
+                v: &c.v[t * nv..(t + 1) * nv],
+                g: &c.g[t * 4..(t + 1) * 4],
+                beta: &c.beta[t * 4..(t + 1) * 4],
+            };
+            let mut next = vec![0f32; s.len()];
+            gated_delta_step(SHAPE, x, &s, &mut next, &mut out[t * nv..(t + 1) * nv]);
+            s = next;
+        }
+        assert!(
+            max_diff(&out, &want_out) < 1e-5,
+            "{}",
+            max_diff(&out, &want_out)
+        );
+        assert!(max_diff(&s, &want_s) < 1e-5);
+    }
+
+    #[test]
+    fn chunked_matches_the_f64_recurrence_across_chunk_boundaries() {
+        for n in [1, 5, 63, 64, 65, 150] {
+            let c = Case::new(100 + n as u64, SHAPE, n);
+            let (want_out, want_s) = reference(SHAPE, n, c.inputs(), &c.s0);
+            let mut s = vec![0f32; c.s0.len()];
+            let mut out = vec![0f32; n * 4 * 24];
+            gated_delta_chunked(SHAPE, n, c.inputs(), &c.s0, &mut s, &mut out);
+            let (d_out, d_s) = (max_diff(&out, &want_out), max_diff(&s, &want_s));
+            assert!(
+                d_out < 2e-5 && d_s < 2e-5,
+                "n={n}: out {d_out:e}, state {d_s:e}"
+            );
+        }
+    }
+
+    #[test]
+    fn conv_state_carries_across_calls() {
+        let (ch, k, n) = (5, 4, 7);
+        let mut sd = 3;
+        let x = rand_vec(&mut sd, n * ch, 1.0);
+        let w = rand_vec(&mut sd, ch * k, 1.0);
+        let zero = vec![0f32; (k - 1) * ch];
+        let mut st = vec![0f32; (k - 1) * ch];
+        let mut whole = vec![0f32; n * ch];
+        causal_conv1d_silu(&x, n, ch, &w, k, &zero, &mut st, &mut whole);
+        // Direct formula.
+        for t in 0..n {
+            for c in 0..ch {
+                let mut acc = 0f32;
+                for j in 0..k {
+                    let src = t as isize - (k as isize - 1) + j as isize;
+                    if src >= 0 {
+                        acc += w[c * k + j] * x[src as usize * ch + c];
+                    }
+                }
+                assert!((whole[t * ch + c] - silu(acc)).abs() < 1e-6);
+            }
+        }
+        // Split 3 + 4 with the state in between.
+        let mut s1 = vec![0f32; (k - 1) * ch];
+        let mut s2 = vec![0f32; (k - 1) * ch];
+        let mut parts = vec![0f32; n * ch];
+        causal_conv1d_silu(
+            &x[..3 * ch],
+            3,
+            ch,
+            &w,
+            k,
+            &zero,
+            &mut s1,
+            &mut parts[..3 * ch],
+        );
+        causal_conv1d_silu(
+            &x[3 * ch..],
+            4,
+            ch,
+            &w,
+            k,
+            &s1,
+            &mut s2,
+            &mut parts[3 * ch..],
+        );
+        assert_eq!(parts, whole);
+        assert_eq!(s2, st);
+    }
+}
