@@ -325,6 +325,10 @@ pub struct ScoreArgs {
     /// Text to tokenize (with the tokenizer's special tokens, e.g. BOS).
     #[arg(long)]
     text: Option<String>,
+    /// Tokens per forward pass (as llama.cpp's --ubatch-size). 1 runs every token as a decode
+    /// step against the cache, which checks the decode path against the prefill one.
+    #[arg(long, default_value_t = SCORE_CHUNK, value_name = "N")]
+    ubatch: usize,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -332,9 +336,10 @@ pub struct ScoreArgs {
 /// Chunk of tokens run per forward call when scoring: bounds the logits buffer.
 const SCORE_CHUNK: usize = 256;
 
-/// ln p(tokens[i+1] | tokens[..=i]) for every i, computed from an empty cache.
-fn logprobs(l: &Loaded, tokens: &[u32]) -> Result<Vec<f64>> {
-    logprobs_visiting(l, tokens, usize::MAX, |_, _| Ok(()))
+/// ln p(tokens[i+1] | tokens[..=i]) for every i, computed from an empty cache `ubatch` tokens
+/// per forward pass.
+fn logprobs(l: &Loaded, tokens: &[u32], ubatch: usize) -> Result<Vec<f64>> {
+    logprobs_visiting(l, tokens, ubatch, usize::MAX, |_, _| Ok(()))
 }
 
 pub fn score(a: ScoreArgs) -> Result<()> {
@@ -355,7 +360,10 @@ pub fn score(a: ScoreArgs) -> Result<()> {
             tokens.len()
         );
     }
-    let lp = logprobs(&l, &tokens)?;
+    if a.ubatch == 0 {
+        bail!("--ubatch must be at least 1");
+    }
+    let lp = logprobs(&l, &tokens, a.ubatch)?;
     println!("{}", json!({"tokens": tokens, "logprobs": lp}));
     Ok(())
 }
@@ -391,17 +399,18 @@ pub struct PerplexityArgs {
 fn logprobs_visiting(
     l: &Loaded,
     tokens: &[u32],
+    ubatch: usize,
     from: usize,
     mut visit: impl FnMut(&[&[f32]], &[u32]) -> Result<()>,
 ) -> Result<Vec<f64>> {
     let v = l.model.config.vocab_size;
     let mut cache = l.model.new_cache(tokens.len());
     let mut out = Vec::with_capacity(tokens.len().saturating_sub(1));
-    for (c, chunk) in tokens.chunks(SCORE_CHUNK).enumerate() {
+    for (c, chunk) in tokens.chunks(ubatch).enumerate() {
         let logits = l.model.forward(chunk, &mut cache, Logits::All)?;
         let (mut rows, mut next) = (vec![], vec![]);
         for (j, row) in logits.chunks_exact(v).enumerate() {
-            let i = c * SCORE_CHUNK + j;
+            let i = c * ubatch + j;
             if i + 1 < tokens.len() {
                 out.push(log_softmax_at(row, tokens[i + 1] as usize));
                 if i >= from {
@@ -509,9 +518,11 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
     );
     for c in 0..n_chunks {
         let chunk = &eval[c * a.ctx..(c + 1) * a.ctx];
-        let lp = logprobs_visiting(&l, chunk, first - 1, |rows, next| match kl.as_mut() {
-            Some(k) => k.visit(rows, next),
-            None => Ok(()),
+        let lp = logprobs_visiting(&l, chunk, SCORE_CHUNK, first - 1, |rows, next| {
+            match kl.as_mut() {
+                Some(k) => k.visit(rows, next),
+                None => Ok(()),
+            }
         })?;
         for &x in &lp[first - 1..] {
             nll -= x;
