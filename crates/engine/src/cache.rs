@@ -50,6 +50,7 @@ impl LinearState {
     }
 
     /// The current state and the buffers the pass in progress writes its successor to.
+    #[allow(clippy::type_complexity)] // (conv, recurrent) now and next
     pub(crate) fn split(&mut self) -> ((&[f32], &[f32]), (&mut [f32], &mut [f32])) {
         self.pending = true;
         (

@@ -46,6 +46,7 @@ pub const CHUNK: usize = 64;
 /// `weight[c · k + j]` (`k` taps, tap `k − 1` on the current token). `state` holds the `k − 1`
 /// input rows before `x` (oldest first; zeros at the start of a sequence); `new_state` receives
 /// the last `k − 1` rows after it.
+#[allow(clippy::too_many_arguments)] // the kernel's inputs and outputs, each a plain slice
 pub fn causal_conv1d_silu(
     x: &[f32],
     n: usize,
@@ -429,7 +430,6 @@ mod tests {
     }
 
     struct Case {
-        shape: DeltaShape,
         n: usize,
         q: Vec<f32>,
         k: Vec<f32>,
@@ -463,7 +463,6 @@ mod tests {
                 .collect();
             let s0 = rand_vec(&mut sd, shape.state_len(), 0.5);
             Case {
-                shape,
                 n,
                 q,
                 k,

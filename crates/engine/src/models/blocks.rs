@@ -127,6 +127,7 @@ impl Attention {
 }
 
 /// The input projections of a Gated DeltaNet layer, in either checkpoint layout.
+#[allow(clippy::large_enum_variant)] // one per layer
 pub enum DeltaProjections {
     /// Qwen3.5: `in_proj_qkv` (`[Q | K | V]`), `in_proj_z`, `in_proj_b`, `in_proj_a`.
     Separate {

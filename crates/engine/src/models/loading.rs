@@ -71,6 +71,9 @@ pub(super) fn norm(
     })
 }
 
+/// Reads a norm weight of the given length (plain, or zero-centred with its 1 added).
+pub(super) type NormReader<'a> = &'a dyn Fn(&str, usize) -> Result<RmsNorm, FormatError>;
+
 /// `{p}.q_proj` ... `{p}.o_proj` (+ `q_norm`/`k_norm` when `qk_norm`, read through `norm`
 /// so that zero-centred checkpoints can add their 1). With `output_gate`, `q_proj` has a gate
 /// row block after each head's query rows (Qwen3-Next, Qwen3.5).
@@ -78,7 +81,7 @@ pub(super) fn attention_with(
     l: &WeightLoader,
     p: &str,
     c: &ModelConfig,
-    qk_norm: Option<&dyn Fn(&str, usize) -> Result<RmsNorm, FormatError>>,
+    qk_norm: Option<NormReader>,
     output_gate: bool,
 ) -> Result<Attention, FormatError> {
     let (h, d) = (c.hidden_size, c.head_dim);

@@ -833,7 +833,10 @@ impl Streamer {
     /// [`Eviction::HALF_LIFE`] passes.
     fn count_uses(&mut self, layer: usize, needed: &[usize]) {
         let sparse_layers = self.uses.iter().filter(|u| !u.is_empty()).count() as u64;
-        if self.clock % (Eviction::HALF_LIFE * sparse_layers.max(1)) == 0 {
+        if self
+            .clock
+            .is_multiple_of(Eviction::HALF_LIFE * sparse_layers.max(1))
+        {
             for c in self.uses.iter_mut().flatten() {
                 *c /= 2;
             }
