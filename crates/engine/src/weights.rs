@@ -285,22 +285,7 @@ impl<'a> WeightLoader<'a> {
 
     /// A 1-D float tensor of `len` elements, converted to f32 (norm weights: small).
     pub fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, FormatError> {
-        let t = self.index.require(name)?;
-        let kind = float_kind(t)?;
-        if t.shape != [len] {
-            return Err(shape_error(t, &[len]));
-        }
-        let mut out = vec![0f32; len];
-        let m = Matrix {
-            rows: 1,
-            cols: len,
-            weights: Weights::Float {
-                kind,
-                data: t.bytes(),
-            },
-        };
-        moestream_kernels::dequantize_row(&m, 0, &mut out);
-        Ok(out)
+        Ok(self.floats(name, &[&[len]])?.0)
     }
 
     /// A float tensor stored in one of `shapes` (equal in element count, e.g. a convolution
