@@ -1,6 +1,7 @@
 //! The command-line contract: `score`'s exact output, `run`'s statistics, `synth` layouts that
 //! load, and that every weight format of the same synthetic model gives consistent numbers.
 use crate::common::*;
+use std::path::PathBuf;
 
 #[test]
 fn score_prints_exactly_one_json_object() {
@@ -37,6 +38,30 @@ fn scoring_in_one_pass_equals_token_by_token_decoding() {
         for (a, b) in short.iter().zip(&long) {
             assert!((a - b).abs() < 1e-5, "{arch}: prefix logprob {a} vs {b}");
         }
+    }
+}
+
+#[test]
+fn prefill_is_exact_however_tokens_are_routed() {
+    // A prefill computes every product with f32 activations, including an expert that only one
+    // of its tokens chose and the last-token logits: its numbers must not depend on the int16
+    // activations of decode steps (MOESTREAM_EXACT_MATMUL=1 turns those off). Three tokens with
+    // top-2 of 8 experts leave experts with a single user in every layer.
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models");
+    for name in ["qwen3_moe_a_mlx8", "mixtral_mlx4"] {
+        let model = dir.join(name);
+        let scored = |exact: &str| {
+            let o = std::process::Command::new(bin())
+                .args(["score", "--model", model.to_str().unwrap()])
+                .args(["--tokens", "5 77 301"])
+                .env("MOESTREAM_LOG", "error")
+                .env("MOESTREAM_EXACT_MATMUL", exact)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{name}: {}", stderr(&o));
+            stdout(&o)
+        };
+        assert_eq!(scored("0"), scored("1"), "{name}");
     }
 }
 

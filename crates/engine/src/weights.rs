@@ -176,9 +176,21 @@ impl Linear {
         }
     }
 
-    /// `y[t] = W x[t]` for `n_tokens` rows of `x`.
+    /// `y[t] = W x[t]` for `n_tokens` rows of `x`, a product of a forward pass over `n_tokens`.
     pub fn forward(&self, x: &[f32], n_tokens: usize, y: &mut [f32]) {
         moestream_kernels::matmul(&self.matrix(), x, n_tokens, y)
+    }
+
+    /// [`Self::forward`] with an explicit activation precision, for a product over fewer rows
+    /// than its pass has tokens (the last-token logits of a prefill).
+    pub fn forward_at(
+        &self,
+        precision: moestream_kernels::features::ActivationPrecision,
+        x: &[f32],
+        n_tokens: usize,
+        y: &mut [f32],
+    ) {
+        moestream_kernels::matmul_at(precision, &self.matrix(), x, n_tokens, y)
     }
 
     /// Bytes of weights.

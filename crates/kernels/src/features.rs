@@ -56,6 +56,11 @@ fn detect() -> SimdLevel {
 
 /// How a matrix product treats the activation row of a decode step (one token) with affine
 /// (quantized) weights; prefill (several tokens) and float weights always use [`Self::F32`].
+///
+/// What counts as a decode step is the forward pass, not the product: inside a prefill pass an
+/// expert chosen by a single token, or the last-token `lm_head`, is a one-row product too, and
+/// computing it with int16 activations would make a prompt's log-probabilities depend on how
+/// its tokens happened to be routed. Model code therefore asks [`Self::for_pass`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ActivationPrecision {
     /// f32 activations: the product is exact up to the order of f32 additions.
@@ -66,6 +71,18 @@ pub enum ActivationPrecision {
     /// an error of ~2e-6 of `Σ|w·x|` (up to ~5e-5 where activations have outliers); see the
     /// `matmul` module docs.
     Int16,
+}
+
+impl ActivationPrecision {
+    /// The precision for products inside a forward pass over `pass_tokens` tokens:
+    /// [`activation_precision`] for a decode step (one token), [`Self::F32`] for prefill.
+    pub fn for_pass(pass_tokens: usize) -> ActivationPrecision {
+        if pass_tokens == 1 {
+            activation_precision()
+        } else {
+            ActivationPrecision::F32
+        }
+    }
 }
 
 /// [`ActivationPrecision::Int16`], or [`ActivationPrecision::F32`] when the environment sets

@@ -46,7 +46,9 @@ pub mod features;
 pub mod ops;
 
 mod matmul;
-pub use matmul::{dequantize_row, matmul, matmul_scalar, matmul_with, matmul_with_precision};
+pub use matmul::{
+    dequantize_row, matmul, matmul_at, matmul_scalar, matmul_with, matmul_with_precision,
+};
 
 /// Element type of a float tensor stored in a checkpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

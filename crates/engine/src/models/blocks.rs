@@ -8,6 +8,7 @@ use crate::cache::{LayerKv, LinearState};
 use crate::store::{ExpertStore, ExpertWeights, StoreError};
 use crate::weights::Linear;
 use moestream_kernels::deltanet::{self, DeltaInputs, DeltaShape};
+use moestream_kernels::features::ActivationPrecision;
 use moestream_kernels::ops::{self, AttentionShape, Rope};
 
 /// `y = w * x / rms(x)`.
@@ -386,7 +387,8 @@ impl Mlp {
 
     /// Applies the MLP to `n` rows of `x`.
     pub fn forward(&self, x: &[f32], n: usize, out: &mut [f32]) {
-        self.weights().forward(x, n, out)
+        self.weights()
+            .forward(x, n, ActivationPrecision::for_pass(n), out)
     }
 
     /// Bytes of weights.
@@ -489,6 +491,8 @@ impl SparseMoe {
             .map(|r| r.iter().map(|c| c.0).collect())
             .unwrap_or_default();
         last_token.sort_unstable();
+        // An expert chosen by one token of a prefill is still part of the prefill (f32).
+        let precision = ActivationPrecision::for_pass(n);
         let results = store.with_experts(layer, &active, &last_token, prefetch, |i, w| {
             let tokens = &users[active[i]];
             let mut xs = Vec::with_capacity(tokens.len() * h);
@@ -496,7 +500,7 @@ impl SparseMoe {
                 xs.extend_from_slice(&x[t * h..(t + 1) * h]);
             }
             let mut y = vec![0f32; tokens.len() * h];
-            w.forward(&xs, tokens.len(), &mut y);
+            w.forward(&xs, tokens.len(), precision, &mut y);
             y
         })?;
         out[..n * h].fill(0.0);

@@ -18,6 +18,7 @@ use crate::config::{Arch, ModelConfig};
 use crate::store::{ExpertStore, Prefetch, StoreError, StoreOptions};
 use crate::weights::Linear;
 use blocks::{Attention, FeedForward, GatedDeltaNet, RmsNorm};
+use moestream_kernels::features::ActivationPrecision;
 use moestream_kernels::ops::Rope;
 
 /// The token mixer of a layer.
@@ -309,7 +310,9 @@ impl Model {
         let mut normed = vec![0f32; rows.len()];
         self.norm.forward(rows, &mut normed);
         let mut logits = vec![0f32; m * self.config.vocab_size];
-        self.lm_head.forward(&normed, m, &mut logits);
+        // The last-token logits of a prefill are part of the prefill (f32 activations).
+        self.lm_head
+            .forward_at(ActivationPrecision::for_pass(n), &normed, m, &mut logits);
         Ok(logits)
     }
 
