@@ -650,7 +650,9 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
             "key_heads": g.num_key_heads, "value_heads": g.num_value_heads, "key_head_dim": g.key_head_dim,
             "value_head_dim": g.value_head_dim, "conv_kernel": g.conv_kernel})),
         "rotary_dim": c.rotary_dim, "shared_expert_intermediate_size": c.shared_expert_intermediate_size,
-        "mtp_tensors": m.mtp_tensors,
+        "mtp": m.mtp.as_ref().map(|h| json!({
+            "layers": h.layers.len(), "experts_per_layer": h.experts.experts_in(0), "bytes": h.size_bytes(),
+            "tensors": h.tensors})),
     });
     if a.json {
         println!("{v}");
@@ -686,11 +688,16 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
             );
         }
     }
-    if !m.mtp_tensors.is_empty() {
+    if let Some(h) = &m.mtp {
+        let ffn = match h.experts.experts_in(0) {
+            0 => "dense MLP".to_string(),
+            e => format!("{e} experts"),
+        };
         println!(
-            "mtp             {} tensors (multi-token prediction head): {}",
-            m.mtp_tensors.len(),
-            m.mtp_tensors.join(", ")
+            "mtp             multi-token prediction head: {} full-attention layer(s) with {ffn}, {:.1} MiB in {} tensors (loaded, not used by the trunk)",
+            h.layers.len(),
+            h.size_bytes() as f64 / (1u64 << 20) as f64,
+            h.tensors.len()
         );
     }
     println!(

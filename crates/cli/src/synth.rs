@@ -6,6 +6,8 @@
 //! Writing is streamed: the safetensors header is computed from the tensor list first, then each
 //! tensor's bytes are generated in parallel chunks and written, so a 17 GB model needs a few MB of
 //! memory and runs at disk speed.
+mod hybrid;
+
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use serde_json::{json, Value};
@@ -126,7 +128,7 @@ fn hybrid_preset(arch: &str, preset: &str) -> Result<Value> {
     };
     let mut t = json!({"rms_norm_eps": 1e-6, "hidden_act": "silu", "attention_bias": false,
         "linear_conv_kernel_dim": 4, "full_attention_interval": 4, "bos_token_id": 256,
-        "eos_token_id": 258, "tie_word_embeddings": false, "mtp_num_hidden_layers": 0});
+        "eos_token_id": 258, "tie_word_embeddings": false, "mtp_num_hidden_layers": 1});
     if let (Some(b), Some(o)) = (t.as_object_mut(), geometry.as_object()) {
         for (k, x) in o {
             b.insert(k.clone(), x.clone());
@@ -299,7 +301,7 @@ fn usize_of(cfg: &Value, k: &str) -> usize {
 fn plan(cfg: &Value, format: SynthFormat) -> Plan {
     let arch = cfg["model_type"].as_str().unwrap_or_default();
     if matches!(arch, "qwen3_next" | "qwen3_5" | "qwen3_5_moe") {
-        return hybrid_plan(arch, cfg.get("text_config").unwrap_or(cfg), format);
+        return hybrid::plan(arch, cfg.get("text_config").unwrap_or(cfg), format);
     }
     let h = usize_of(cfg, "hidden_size");
     let v = usize_of(cfg, "vocab_size");
@@ -415,292 +417,6 @@ fn plan(cfg: &Value, format: SynthFormat) -> Plan {
     if !cfg["tie_word_embeddings"].as_bool().unwrap_or(false) {
         p.linear("lm_head", (None, v, h), s(h), format, None);
     }
-    p
-}
-
-/// The tensors of a Qwen3-Next / Qwen3.5 checkpoint, named as transformers saves them (HF
-/// formats: Qwen3.5 under `model.language_model.` with fused experts, Qwen3-Next per expert,
-/// norms as `w` of `1 + w`, convolutions `[C, 1, K]`) or as mlx-lm does (`language_model.model.`
-/// for Qwen3.5, stacked `switch_mlp` experts, norms as `1 + w`, convolutions `[C, K, 1]`).
-fn hybrid_plan(arch: &str, t: &Value, format: SynthFormat) -> Plan {
-    let mlx = matches!(format, SynthFormat::Mlx4 | SynthFormat::Mlx8);
-    let float = if format == SynthFormat::HfF32 {
-        "F32"
-    } else {
-        "BF16"
-    };
-    let u = |k: &str| usize_of(t, k);
-    let (h, v, nh, nkv, d) = (
-        u("hidden_size"),
-        u("vocab_size"),
-        u("num_attention_heads"),
-        u("num_key_value_heads"),
-        u("head_dim"),
-    );
-    let (nk, nv, dk, dv, kc) = (
-        u("linear_num_key_heads"),
-        u("linear_num_value_heads"),
-        u("linear_key_head_dim"),
-        u("linear_value_head_dim"),
-        u("linear_conv_kernel_dim"),
-    );
-    let (e, i, is, f) = (
-        u("num_experts"),
-        u("moe_intermediate_size"),
-        u("shared_expert_intermediate_size"),
-        u("intermediate_size"),
-    );
-    let (pre, head) = match (arch, mlx) {
-        ("qwen3_next", _) => ("model.", "lm_head"),
-        (_, false) => ("model.language_model.", "lm_head"),
-        (_, true) => ("language_model.model.", "language_model.lm_head"),
-    };
-    let s = |fan_in: usize| 1.0 / (fan_in as f32).sqrt();
-    let mut p = Plan { tensors: vec![] };
-    let vector = |p: &mut Plan,
-                  name: String,
-                  shape: Vec<usize>,
-                  a: f32,
-                  center: f32,
-                  dtype: &'static str| {
-        p.tensors.push(TensorSpec {
-            name,
-            dtype,
-            shape,
-            fill: Fill::Uniform { a, center },
-        });
-    };
-    // Zero-centred norms: transformers stores w (≈ 0), mlx-lm 1 + w.
-    let norm_center = if mlx { 1.0 } else { 0.0 };
-    p.linear(
-        &format!("{pre}embed_tokens"),
-        (None, v, h),
-        1.0,
-        format,
-        None,
-    );
-    let c = 2 * nk * dk + nv * dv;
-    for l in 0..u("num_hidden_layers") {
-        let lp = format!("{pre}layers.{l}");
-        for n in ["input_layernorm", "post_attention_layernorm"] {
-            vector(
-                &mut p,
-                format!("{lp}.{n}.weight"),
-                vec![h],
-                0.2,
-                norm_center,
-                float,
-            );
-        }
-        let full = t["layer_types"][l].as_str() == Some("full_attention");
-        if full {
-            let at = format!("{lp}.self_attn");
-            p.linear(
-                &format!("{at}.q_proj"),
-                (None, 2 * nh * d, h),
-                s(h),
-                format,
-                None,
-            );
-            p.linear(
-                &format!("{at}.k_proj"),
-                (None, nkv * d, h),
-                s(h),
-                format,
-                None,
-            );
-            p.linear(
-                &format!("{at}.v_proj"),
-                (None, nkv * d, h),
-                s(h),
-                format,
-                None,
-            );
-            p.linear(
-                &format!("{at}.o_proj"),
-                (None, h, nh * d),
-                s(nh * d),
-                format,
-                None,
-            );
-            for n in ["q_norm", "k_norm"] {
-                vector(
-                    &mut p,
-                    format!("{at}.{n}.weight"),
-                    vec![d],
-                    0.2,
-                    norm_center,
-                    float,
-                );
-            }
-        } else {
-            let la = format!("{lp}.linear_attn");
-            if arch == "qwen3_next" {
-                p.linear(
-                    &format!("{la}.in_proj_qkvz"),
-                    (None, 2 * nk * dk + 2 * nv * dv, h),
-                    s(h),
-                    format,
-                    None,
-                );
-                p.linear(
-                    &format!("{la}.in_proj_ba"),
-                    (None, 2 * nv, h),
-                    s(h),
-                    format,
-                    None,
-                );
-            } else {
-                p.linear(
-                    &format!("{la}.in_proj_qkv"),
-                    (None, c, h),
-                    s(h),
-                    format,
-                    None,
-                );
-                p.linear(
-                    &format!("{la}.in_proj_z"),
-                    (None, nv * dv, h),
-                    s(h),
-                    format,
-                    None,
-                );
-                p.linear(
-                    &format!("{la}.in_proj_b"),
-                    (None, nv, h),
-                    s(h),
-                    format,
-                    None,
-                );
-                p.linear(
-                    &format!("{la}.in_proj_a"),
-                    (None, nv, h),
-                    s(h),
-                    format,
-                    None,
-                );
-            }
-            let conv_shape = if mlx { vec![c, kc, 1] } else { vec![c, 1, kc] };
-            vector(
-                &mut p,
-                format!("{la}.conv1d.weight"),
-                conv_shape,
-                0.5,
-                0.0,
-                float,
-            );
-            vector(&mut p, format!("{la}.dt_bias"), vec![nv], 0.5, 0.0, float);
-            // A = exp(A_log) in [1, 16], as the models are initialised.
-            vector(
-                &mut p,
-                format!("{la}.A_log"),
-                vec![nv],
-                0.69,
-                2.08 - 0.69,
-                "F32",
-            );
-            vector(
-                &mut p,
-                format!("{la}.norm.weight"),
-                vec![dv],
-                0.2,
-                1.0,
-                float,
-            );
-            p.linear(
-                &format!("{la}.out_proj"),
-                (None, h, nv * dv),
-                s(nv * dv),
-                format,
-                None,
-            );
-        }
-        let mp = format!("{lp}.mlp");
-        if e == 0 {
-            for (n, r, cc) in [("gate_proj", f, h), ("up_proj", f, h), ("down_proj", h, f)] {
-                p.linear(&format!("{mp}.{n}"), (None, r, cc), s(cc), format, None);
-            }
-            continue;
-        }
-        p.linear(
-            &format!("{mp}.gate"),
-            (None, e, h),
-            4.0 * s(h),
-            format,
-            Some(8),
-        );
-        p.linear(
-            &format!("{mp}.shared_expert_gate"),
-            (None, 1, h),
-            s(h),
-            format,
-            Some(8),
-        );
-        for (n, r, cc) in [
-            ("gate_proj", is, h),
-            ("up_proj", is, h),
-            ("down_proj", h, is),
-        ] {
-            p.linear(
-                &format!("{mp}.shared_expert.{n}"),
-                (None, r, cc),
-                s(cc),
-                format,
-                None,
-            );
-        }
-        let shapes = [("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)];
-        if mlx {
-            for (n, r, cc) in shapes {
-                p.linear(
-                    &format!("{mp}.switch_mlp.{n}"),
-                    (Some(e), r, cc),
-                    s(cc),
-                    format,
-                    None,
-                );
-            }
-        } else if arch == "qwen3_next" {
-            for x in 0..e {
-                for (n, r, cc) in shapes {
-                    p.linear(
-                        &format!("{mp}.experts.{x}.{n}"),
-                        (None, r, cc),
-                        s(cc),
-                        format,
-                        None,
-                    );
-                }
-            }
-        } else {
-            // transformers 5's fused layout (no `.weight` suffix), as the official checkpoints.
-            vector(
-                &mut p,
-                format!("{mp}.experts.gate_up_proj"),
-                vec![e, 2 * i, h],
-                s(h) * 3f32.sqrt(),
-                0.0,
-                float,
-            );
-            vector(
-                &mut p,
-                format!("{mp}.experts.down_proj"),
-                vec![e, h, i],
-                s(i) * 3f32.sqrt(),
-                0.0,
-                float,
-            );
-        }
-    }
-    vector(
-        &mut p,
-        format!("{pre}norm.weight"),
-        vec![h],
-        0.2,
-        norm_center,
-        float,
-    );
-    p.linear(head, (None, v, h), s(h), format, None);
     p
 }
 

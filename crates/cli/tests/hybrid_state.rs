@@ -2,7 +2,7 @@
 //! passes must leave exactly the state an uninterrupted run has. Runs on fresh random models
 //! of the three hybrid architectures (`synth --preset tiny`, float and MLX 4-bit): 8 layers,
 //! value heads = 2 x key heads, head_dim != hidden/heads, prompts past one 64-token chunk.
-use crate::common::synth;
+use crate::common::*;
 use moestream_engine::models::{Logits, Model};
 use moestream_engine::store::{StoreOptions, StreamMode};
 use moestream_kernels::ops::log_softmax_at;
@@ -200,5 +200,50 @@ fn hybrid_models_stream_exactly_and_decode_like_they_prefill() {
             "{}: decode vs prefill {worst:e}",
             dir.display()
         );
+    }
+}
+
+#[test]
+fn mtp_head_is_loaded_when_present_and_never_touches_the_trunk() {
+    // Released Qwen3.5 / Qwen3-Next checkpoints ship an `mtp.*` head (synth writes one in the HF
+    // formats, per-expert experts as the released MoE ones); mlx-lm's conversions drop it.
+    let t = tempfile::tempdir().unwrap();
+    for (arch, experts, tensors) in [("qwen3_5_moe", 8, 41), ("qwen3_5", 0, 15)] {
+        let with = synth(t.path(), arch, "hf-f32");
+        let o = moestream(&["inspect", "--model", with.to_str().unwrap(), "--json"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+        assert_eq!(v["mtp"]["layers"], 1, "{arch}: {}", v["mtp"]);
+        assert_eq!(v["mtp"]["experts_per_layer"], experts, "{arch}");
+        assert_eq!(v["mtp"]["tensors"].as_array().unwrap().len(), tensors);
+        assert!(v["mtp"]["bytes"].as_u64().unwrap() > 0);
+
+        // Without the head: same log-probabilities, and inspect says there is none.
+        let without = t.path().join(format!("{arch}-no-mtp"));
+        std::fs::create_dir(&without).unwrap();
+        copy_files(&with, &without);
+        let weights = without.join("model.safetensors");
+        rewrite_safetensors(&weights, |name, d, s, b| {
+            (!name.starts_with("mtp.")).then_some((d, s, b))
+        });
+        let ids: Vec<String> = tokens(20, 3).iter().map(u32::to_string).collect();
+        assert_eq!(
+            score(&with, &ids.join(" ")).1,
+            score(&without, &ids.join(" ")).1,
+            "{arch}"
+        );
+        let o = moestream(&["inspect", "--model", without.to_str().unwrap(), "--json"]);
+        let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+        assert!(v["mtp"].is_null(), "{arch}: {}", v["mtp"]);
+
+        // A partial head is an error that names what is missing.
+        let partial = t.path().join(format!("{arch}-partial-mtp"));
+        std::fs::create_dir(&partial).unwrap();
+        copy_files(&with, &partial);
+        rewrite_safetensors(&partial.join("model.safetensors"), |name, d, s, b| {
+            (name != "mtp.layers.0.self_attn.k_proj.weight").then_some((d, s, b))
+        });
+        let o = moestream(&["inspect", "--model", partial.to_str().unwrap()]);
+        assert_clean_error(&o, &["mtp.layers.0.self_attn.k_proj"]);
     }
 }

@@ -96,6 +96,65 @@ fn add_into(x: &mut [f32], d: &[f32]) {
     }
 }
 
+/// A multi-token-prediction head (Qwen3-Next, Qwen3.5; ../shared/docs/MODELS.md §5.5): from the
+/// trunk's final (normed) hidden state at position p and the embedding of token p+1, it predicts
+/// token p+2:
+///
+/// ```text
+/// x = fc([RMSNorm(embed(tok_{p+1}), pre_fc_norm_embedding) ; RMSNorm(h_p, pre_fc_norm_hidden)])
+/// x = layers(x, position p)        full-attention decoder layers with their own KV cache
+/// logits = lm_head(RMSNorm(x, norm))
+/// ```
+///
+/// Loaded when present, never streamed (its experts stay memory-mapped, touched only when used).
+pub struct MtpHead {
+    /// Norm of the next token's embedding.
+    pub pre_fc_norm_embedding: RmsNorm,
+    /// Norm of the trunk's hidden state.
+    pub pre_fc_norm_hidden: RmsNorm,
+    /// `[H, 2H]` projection of the concatenation `[embedding ; hidden]`.
+    pub fc: Linear,
+    /// Full-attention decoder layers (one in every released checkpoint).
+    pub layers: Vec<DecoderLayer>,
+    /// The routed experts of those layers (empty vectors for dense ones).
+    pub experts: ExpertStore,
+    /// Final norm before the shared `lm_head`.
+    pub norm: RmsNorm,
+    /// The checkpoint's `mtp.*` tensor names.
+    pub tensors: Vec<String>,
+}
+
+impl MtpHead {
+    /// Bytes of its weights (experts included).
+    pub fn size_bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let ffn = match &l.mlp {
+                    FeedForward::Dense(m) => m.size_bytes(),
+                    FeedForward::Sparse(m) => {
+                        m.router.size_bytes()
+                            + m.shared
+                                .as_ref()
+                                .map_or(0, |s| s.mlp.size_bytes() + s.gate.size_bytes())
+                    }
+                };
+                l.mixer
+                    .linears()
+                    .iter()
+                    .map(|w| w.size_bytes())
+                    .sum::<usize>()
+                    + ffn
+            })
+            .sum();
+        let experts: usize = (0..self.layers.len())
+            .map(|i| self.experts.expert_bytes(i) * self.experts.experts_in(i))
+            .sum();
+        self.fc.size_bytes() + layers + experts
+    }
+}
+
 /// Which positions need logits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Logits {
@@ -119,9 +178,9 @@ pub struct Model {
     pub norm: RmsNorm,
     /// `[V, H]` output projection (the embedding itself when tied).
     pub lm_head: Linear,
-    /// Multi-token-prediction tensors (`mtp.*`) the checkpoint ships (Qwen3-Next, Qwen3.5), for
-    /// self-speculation; the trunk does not use them.
-    pub mtp_tensors: Vec<String>,
+    /// The multi-token-prediction head the checkpoint ships (Qwen3-Next, Qwen3.5), for
+    /// self-speculation; the trunk does not use it.
+    pub mtp: Option<MtpHead>,
     rope: Rope,
     /// Experts per token in use (the model's own unless overridden).
     top_k: usize,
@@ -147,7 +206,7 @@ impl Model {
             experts,
             norm,
             lm_head,
-            mtp_tensors: Vec::new(),
+            mtp: None,
             rope,
             top_k,
             prefetch: Prefetch::default(),

@@ -15,10 +15,10 @@
 //! vision-language Qwen3.5; `model.visual.*` is ignored), `language_model.model.` (mlx-lm's
 //! Qwen3.5, with `language_model.lm_head`).
 use super::blocks::{
-    DeltaProjections, FeedForward, GatedDeltaNet, RmsNorm, RouterRule, SharedExpert, SparseMoe,
+    DeltaProjections, FeedForward, GatedDeltaNet, Mlp, RmsNorm, RouterRule, SharedExpert, SparseMoe,
 };
-use super::loading::{attention_with, experts, mlp};
-use super::{DecoderLayer, Mixer, Model};
+use super::loading::{attention_with, experts, mlp, NormReader};
+use super::{DecoderLayer, Mixer, Model, MtpHead};
 use crate::config::{Arch, LayerKind, ModelConfig};
 use crate::store::ExpertStore;
 use crate::weights::{Linear, WeightLoader};
@@ -66,7 +66,7 @@ pub fn load(c: ModelConfig, l: &WeightLoader) -> Result<Model, FormatError> {
         }
         None => true,
     };
-    let zero_centred = |name: &str, len: usize| -> Result<RmsNorm, FormatError> {
+    let zero_centred = &|name: &str, len: usize| -> Result<RmsNorm, FormatError> {
         let mut weight = l.vector(name, len)?;
         if add_one {
             weight.iter_mut().for_each(|w| *w += 1.0);
@@ -76,64 +76,12 @@ pub fn load(c: ModelConfig, l: &WeightLoader) -> Result<Model, FormatError> {
     let embed = l.linear(&format!("{p}embed_tokens"), c.vocab_size, h)?;
     let mut layers = Vec::with_capacity(c.num_hidden_layers);
     let mut layer_experts = Vec::with_capacity(c.num_hidden_layers);
-    for (i, kind) in c.layer_types.iter().enumerate() {
+    for (i, &kind) in c.layer_types.iter().enumerate() {
         let lp = format!("{p}layers.{i}");
-        let mixer = match kind {
-            LayerKind::FullAttention => Mixer::Attention(attention_with(
-                l,
-                &format!("{lp}.self_attn"),
-                &c,
-                Some(&zero_centred),
-                true,
-            )?),
-            LayerKind::LinearAttention => {
-                Mixer::Linear(delta_net(l, &format!("{lp}.linear_attn"), &c, shape, eps)?)
-            }
-        };
-        let ffn = if c.is_moe_layer(i) {
-            let mp = format!("{lp}.mlp");
-            layer_experts.push(experts(l, &mp, MLP_NAMES, &c)?);
-            let shared = if c.shared_expert_intermediate_size > 0 {
-                Some(SharedExpert {
-                    mlp: mlp(
-                        l,
-                        &format!("{mp}.shared_expert"),
-                        MLP_NAMES,
-                        h,
-                        c.shared_expert_intermediate_size,
-                    )?,
-                    gate: l.linear(&format!("{mp}.shared_expert_gate"), 1, h)?,
-                })
-            } else {
-                None
-            };
-            FeedForward::Sparse(SparseMoe {
-                router: l.linear(&format!("{mp}.gate"), c.num_experts, h)?,
-                rule: RouterRule {
-                    top_k: c.num_experts_per_tok,
-                    renormalize: c.norm_topk_prob || c.arch == Arch::Qwen35Moe,
-                },
-                shared,
-            })
-        } else {
-            layer_experts.push(Vec::new());
-            FeedForward::Dense(mlp(
-                l,
-                &format!("{lp}.mlp"),
-                MLP_NAMES,
-                h,
-                c.intermediate_size,
-            )?)
-        };
-        layers.push(DecoderLayer {
-            input_layernorm: zero_centred(&format!("{lp}.input_layernorm.weight"), h)?,
-            mixer,
-            post_attention_layernorm: zero_centred(
-                &format!("{lp}.post_attention_layernorm.weight"),
-                h,
-            )?,
-            mlp: ffn,
-        });
+        let (layer, experts) =
+            decoder_layer(l, &lp, kind, c.is_moe_layer(i), &c, shape, &zero_centred)?;
+        layers.push(layer);
+        layer_experts.push(experts);
     }
     let final_norm = zero_centred(&format!("{p}norm.weight"), h)?;
     let head = if c.tie_word_embeddings && !l.has(&format!("{head_name}.weight")) {
@@ -141,13 +89,7 @@ pub fn load(c: ModelConfig, l: &WeightLoader) -> Result<Model, FormatError> {
     } else {
         l.linear(head_name, c.vocab_size, h)?
     };
-    let mtp = l
-        .index
-        .tensors()
-        .iter()
-        .filter(|t| t.name.starts_with("mtp."))
-        .map(|t| t.name.clone())
-        .collect();
+    let mtp = mtp_head(l, &c, shape, &zero_centred)?;
     let mut model = Model::new(
         c,
         embed,
@@ -156,8 +98,132 @@ pub fn load(c: ModelConfig, l: &WeightLoader) -> Result<Model, FormatError> {
         final_norm,
         head,
     );
-    model.mtp_tensors = mtp;
+    model.mtp = mtp;
     Ok(model)
+}
+
+/// Decoder layer `{lp}` of the given kind, with its routed experts when `moe` (empty otherwise).
+fn decoder_layer(
+    l: &WeightLoader,
+    lp: &str,
+    kind: LayerKind,
+    moe: bool,
+    c: &ModelConfig,
+    shape: DeltaShape,
+    zero_centred: NormReader,
+) -> Result<(DecoderLayer, Vec<Mlp>), FormatError> {
+    let h = c.hidden_size;
+    let mixer = match kind {
+        LayerKind::FullAttention => Mixer::Attention(attention_with(
+            l,
+            &format!("{lp}.self_attn"),
+            c,
+            Some(zero_centred),
+            true,
+        )?),
+        LayerKind::LinearAttention => Mixer::Linear(delta_net(
+            l,
+            &format!("{lp}.linear_attn"),
+            c,
+            shape,
+            c.rms_norm_eps,
+        )?),
+    };
+    let mp = format!("{lp}.mlp");
+    let (ffn, routed) = if moe {
+        let routed = experts(l, &mp, MLP_NAMES, c)?;
+        let shared = if c.shared_expert_intermediate_size > 0 {
+            Some(SharedExpert {
+                mlp: mlp(
+                    l,
+                    &format!("{mp}.shared_expert"),
+                    MLP_NAMES,
+                    h,
+                    c.shared_expert_intermediate_size,
+                )?,
+                gate: l.linear(&format!("{mp}.shared_expert_gate"), 1, h)?,
+            })
+        } else {
+            None
+        };
+        let sparse = FeedForward::Sparse(SparseMoe {
+            router: l.linear(&format!("{mp}.gate"), c.num_experts, h)?,
+            rule: RouterRule {
+                top_k: c.num_experts_per_tok,
+                renormalize: c.norm_topk_prob || c.arch == Arch::Qwen35Moe,
+            },
+            shared,
+        });
+        (sparse, routed)
+    } else {
+        let dense = mlp(l, &mp, MLP_NAMES, h, c.intermediate_size)?;
+        (FeedForward::Dense(dense), Vec::new())
+    };
+    let layer = DecoderLayer {
+        input_layernorm: zero_centred(&format!("{lp}.input_layernorm.weight"), h)?,
+        mixer,
+        post_attention_layernorm: zero_centred(
+            &format!("{lp}.post_attention_layernorm.weight"),
+            h,
+        )?,
+        mlp: ffn,
+    };
+    Ok((layer, routed))
+}
+
+/// The multi-token-prediction head (`mtp.*`, MODELS.md §5.5), when the checkpoint ships one:
+/// `mtp.fc` over `[norm(embedding) ; norm(hidden)]`, then full-attention decoder layers of the
+/// trunk's kind (`mtp.layers.{j}`, MoE when the trunk is), then `mtp.norm`; the embedding and
+/// `lm_head` are the trunk's. mlx-lm drops these tensors on conversion, so MLX checkpoints have
+/// none. A partial head (some tensors missing) is an error naming the first missing one.
+fn mtp_head(
+    l: &WeightLoader,
+    c: &ModelConfig,
+    shape: DeltaShape,
+    zero_centred: NormReader,
+) -> Result<Option<MtpHead>, FormatError> {
+    let names: Vec<String> = l
+        .index
+        .tensors()
+        .iter()
+        .filter(|t| t.name.starts_with("mtp."))
+        .map(|t| t.name.clone())
+        .collect();
+    if names.is_empty() {
+        return Ok(None);
+    }
+    let h = c.hidden_size;
+    let moe = c.num_experts > 0 && c.arch.is_moe();
+    let mut layers = Vec::new();
+    let mut layer_experts = Vec::new();
+    // Layers count up from 0 while present (`mtp_num_hidden_layers` is 1 in every release).
+    while l.has(&format!(
+        "mtp.layers.{}.input_layernorm.weight",
+        layers.len()
+    )) || (layers.is_empty() && c.mtp_num_hidden_layers > 0)
+    {
+        let lp = format!("mtp.layers.{}", layers.len());
+        let (layer, routed) = decoder_layer(
+            l,
+            &lp,
+            LayerKind::FullAttention,
+            moe,
+            c,
+            shape,
+            zero_centred,
+        )?;
+        layers.push(layer);
+        layer_experts.push(routed);
+    }
+    Ok(Some(MtpHead {
+        pre_fc_norm_embedding: zero_centred("mtp.pre_fc_norm_embedding.weight", h)?,
+        pre_fc_norm_hidden: zero_centred("mtp.pre_fc_norm_hidden.weight", h)?,
+        fc: l.linear("mtp.fc", h, 2 * h)?,
+        layers,
+        experts: ExpertStore::resident(layer_experts),
+        norm: zero_centred("mtp.norm.weight", h)?,
+        tensors: names,
+    }))
 }
 
 /// A Gated DeltaNet layer `{p}` (`linear_attn`), with Qwen3.5's separate or Qwen3-Next's fused
