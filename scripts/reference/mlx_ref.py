@@ -7,6 +7,8 @@ Everything here uses mlx-lm's own code paths: `mlx_lm.utils.load_model` to read 
 Reference definitions (same as the HF fixtures):
   logprobs[i] = ln p(tokens[i+1] | tokens[..=i])             (len(tokens) - 1 values)
   greedy       = 16 argmax tokens after `prompt`, with a KV cache, no EOS stop
+  hybrid models (Gated DeltaNet: qwen3_next, qwen3_5, qwen3_5_moe): 100 tokens, a 70-token greedy prompt, and
+  greedy.decode_logprobs[j] = ln p(generated[j] | prompt + generated[:j]) from the generate_step that produced it
   router_margin_min = min over MoE layers, positions (score run and greedy run) of p_(k) - p_(k+1),
                       p = softmax(router logits) sorted descending, k = num_experts_per_tok
 Token sequences are chosen position by position so that every router decision has a margin above a
@@ -25,7 +27,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx_lm
 from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.utils import load_model, quantize_model, save_config, save_model
 
 # Router logits captured during a forward pass, in call order: list of (layer_index, array [..., E]).
@@ -51,7 +53,9 @@ def versions():
 
 
 def moe_info(model):
-    """Returns (list of (layer_index, moe_block), top_k) for qwen3_moe / mixtral models, ([], 0) for dense."""
+    """Returns (list of (layer_index, moe_block), top_k) for qwen3_moe / mixtral models and the sparse MoE blocks of the
+    hybrids (qwen3_next, qwen3_5_moe: `mlp.gate` router + `mlp.switch_mlp` experts, plus a shared expert whose sigmoid
+    `shared_expert_gate` is no top-k decision and is not recorded), ([], 0) for dense."""
     blocks = []
     top_k = 0
     for i, layer in enumerate(model.layers):
@@ -112,11 +116,42 @@ def log_softmax(logits):
     return logits - m - np.log(np.exp(logits - m).sum(axis=-1, keepdims=True))
 
 
+def is_hybrid(model):
+    """Gated DeltaNet models (their linear layers keep a recurrent state, not a trimmable KV cache)."""
+    return any(hasattr(layer, "is_linear") for layer in model.layers)
+
+
+def build_tokens_full(model, n, vocab, rng, thr, batch=8, max_tries=64):
+    """build_tokens for models whose cache cannot be trimmed (hybrids), with the same acceptance rule (each position's
+    router margins, given its prefix, exceed thr): draw all n tokens, run the whole sequence, replace the first failing
+    position by the first acceptable of batches of random candidates; repeat until none fails."""
+    toks = [int(t) for t in rng.integers(0, vocab, size=n)]
+    for _ in range(8 * n):
+        _, m = forward_logits(model, [toks])
+        bad = np.nonzero(~(m[0] > thr))[0]
+        if not len(bad):
+            return toks
+        t = int(bad[0])
+        for _ in range(max_tries):
+            cands = rng.integers(0, vocab, size=batch)
+            _, mc = forward_logits(model, [toks[:t] + [int(c)] for c in cands])
+            ok = np.nonzero(mc[:, -1] > thr)[0]
+            if len(ok):
+                toks[t] = int(cands[ok[0]])
+                break
+        else:
+            raise RuntimeError(f"could not find a token with router margin > {thr} at position {t}")
+    raise RuntimeError("build_tokens_full did not converge")
+
+
 def build_tokens(model, n, vocab, rng, thr, max_tries=512):
     """Choose n tokens one at a time so that every router margin at each new position exceeds thr.
 
-    Incremental: the accepted prefix lives in a KV cache; a rejected candidate is trimmed off again."""
+    Incremental: the accepted prefix lives in a KV cache; a rejected candidate is trimmed off again.
+    Models whose cache cannot be trimmed (hybrids) use build_tokens_full."""
     cache = make_prompt_cache(model)
+    if not can_trim_prompt_cache(cache):
+        return build_tokens_full(model, n, vocab, rng, thr)
     toks = []
     top_k = getattr(model, "_ref_top_k", 0) or 0
     while len(toks) < n:
@@ -144,23 +179,33 @@ def score(model, tokens):
 
 
 def greedy(model, prompt, n=16):
-    """mlx-lm's own generate_step with an argmax sampler (what mlx_lm.generate does at temp 0), no EOS stop."""
+    """mlx-lm's own generate_step with an argmax sampler (what mlx_lm.generate does at temp 0), no EOS stop.
+    Returns (generated, min router margin, min best-vs-second log-prob gap, [log-prob of each generated token from
+    the step that produced it])."""
     _ROUTER_SINK.clear()
-    out, gaps = [], []
+    out, gaps, lps = [], [], []
     for tok, lp in generate_step(mx.array(prompt, dtype=mx.int32), model, max_tokens=n,
                                  sampler=lambda x: mx.argmax(x, axis=-1)):
-        out.append(int(tok.item() if hasattr(tok, "item") else tok))
-        lpn = np.sort(np.array(lp.astype(mx.float32), dtype=np.float64))
+        t = int(tok.item() if hasattr(tok, "item") else tok)
+        out.append(t)
+        lpa = np.array(lp.astype(mx.float32), dtype=np.float64).reshape(-1)
+        lps.append(float(lpa[t]))
+        lpn = np.sort(lpa)
         gaps.append(float(lpn[-1] - lpn[-2]))
     margins = [float(m.min()) for m in _router_margins(_ROUTER_SINK, getattr(model, "_ref_top_k", 0) or 0)]
     _ROUTER_SINK.clear()
-    return out, (min(margins) if margins else math.inf), min(gaps)
+    return out, (min(margins) if margins else math.inf), min(gaps), lps
 
 
-def make_reference(model, top_k, vocab, seed, n_tokens=80, n_prompt=10, n_gen=16, thr=1e-3, greedy_thr=1e-3, min_distinct=7,
-                   greedy_tries=200,
+def make_reference(model, top_k, vocab, seed, n_tokens=None, n_prompt=None, n_gen=16, thr=1e-3, greedy_thr=1e-3,
+                   min_distinct=7, greedy_tries=200,
                    source=None, dtype="float32", extra=None):
-    """Build the reference dict for one loaded mlx-lm model."""
+    """Build the reference dict for one loaded mlx-lm model (n_tokens / n_prompt default 80 / 10, hybrids 100 / 70)."""
+    hybrid = is_hybrid(model)
+    if n_tokens is None:
+        n_tokens = 100 if hybrid else 80
+    if n_prompt is None:
+        n_prompt = 70 if hybrid else 10
     model._ref_top_k = top_k
     is_moe = top_k > 0
     rng = np.random.default_rng(seed)
@@ -176,22 +221,22 @@ def make_reference(model, top_k, vocab, seed, n_tokens=80, n_prompt=10, n_gen=16
     for attempt in range(greedy_tries):
         prompt = build_tokens(model, n_prompt, vocab, rng, thr) if is_moe else \
             [int(t) for t in rng.integers(0, vocab, size=n_prompt)]
-        gen, m_gen, g_gap = greedy(model, prompt, n_gen)
+        gen, m_gen, g_gap, g_lps = greedy(model, prompt, n_gen)
         if m_gen > thr and g_gap > greedy_thr:
             if best is None or len(set(gen)) > len(set(best[1])):
-                best = (prompt, gen, m_gen, g_gap)
+                best = (prompt, gen, m_gen, g_gap, g_lps)
             if len(set(gen)) >= min_distinct:
                 break
     if best is None:
         raise RuntimeError("greedy prompt: margin checks failed repeatedly")
-    prompt, gen, m_gen, g_gap = best
+    prompt, gen, m_gen, g_gap, g_lps = best
     lp_np = np.array(lp)
     ref = {
         "source": source or f"mlx-lm {mlx_lm.__version__} (mlx {mx.__version__})",
         "dtype": dtype,
         "tokens": tokens,
         "logprobs": lp,
-        "greedy": {"prompt": prompt, "generated": gen},
+        "greedy": {"prompt": prompt, "generated": gen, **({"decode_logprobs": g_lps} if hybrid else {})},
         "router_margin_min": (min(m_score, m_gen) if is_moe else None),
         "greedy_logprob_margin_min": g_gap,
         "logprob_stats": {"min": float(lp_np.min()), "max": float(lp_np.max()),

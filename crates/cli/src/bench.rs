@@ -49,6 +49,9 @@ pub struct BenchArgs {
     json: bool,
     #[command(flatten)]
     stream: StreamArgs,
+    /// Decode activations, as for `run` (int16 or f32; MOESTREAM_EXACT_MATMUL=1 forces f32).
+    #[arg(long, value_name = "int16|f32")]
+    decode_activations: Option<moestream_kernels::features::ActivationPrecision>,
 }
 
 /// Bytes of weights one decode step reads.
@@ -118,6 +121,7 @@ struct Row {
 pub fn bench(a: BenchArgs) -> Result<()> {
     let engine = EngineArgs {
         top_k: None,
+        decode_activations: a.decode_activations,
         stream: a.stream.clone(),
     };
     let mut l = Loaded::open(&a.model, &engine)?;

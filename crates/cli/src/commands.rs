@@ -7,12 +7,13 @@ use clap::Args;
 use moestream_engine::generate::{generate, GenerationRequest, GenerationStats, SamplingParams};
 use moestream_engine::models::blocks::FeedForward;
 use moestream_engine::models::Logits;
+use moestream_kernels::features::ActivationPrecision;
 use moestream_kernels::ops::log_softmax_at;
 use serde_json::{json, Value};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 pub struct SamplingArgs {
     /// Sampling temperature (0 = greedy). Default: the model's generation_config.json, else 0.7.
     #[arg(long)]
@@ -35,7 +36,7 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
-    fn params(&self, l: &Loaded) -> SamplingParams {
+    pub fn params(&self, l: &Loaded) -> SamplingParams {
         let g = &l.generation;
         SamplingParams {
             temperature: self.temperature.or(g.temperature).unwrap_or(0.7),
@@ -342,7 +343,11 @@ fn logprobs(l: &Loaded, tokens: &[u32], ubatch: usize) -> Result<Vec<f64>> {
     logprobs_visiting(l, tokens, ubatch, usize::MAX, |_, _| Ok(()))
 }
 
-pub fn score(a: ScoreArgs) -> Result<()> {
+pub fn score(mut a: ScoreArgs) -> Result<()> {
+    // A measurement: exact activations unless asked otherwise.
+    a.engine
+        .decode_activations
+        .get_or_insert(ActivationPrecision::F32);
     let l = Loaded::open(&a.model, &a.engine)?;
     let tokens = match (&a.tokens, &a.text) {
         (Some(t), _) => parse_ids(t)?,
@@ -429,7 +434,10 @@ fn logprobs_visiting(
 /// llama-perplexity's method: split the tokenized file into chunks of `ctx` tokens (the first of
 /// each replaced by BOS when the tokenizer adds one), run each chunk from an empty cache, and score
 /// only the second half of each chunk, so every scored token has at least ctx/2 tokens of context.
-pub fn perplexity(a: PerplexityArgs) -> Result<()> {
+pub fn perplexity(mut a: PerplexityArgs) -> Result<()> {
+    a.engine
+        .decode_activations
+        .get_or_insert(ActivationPrecision::F32);
     let l = Loaded::open(&a.model, &a.engine)?;
     let text = std::fs::read_to_string(&a.file)
         .with_context(|| format!("reading {}", a.file.display()))?;

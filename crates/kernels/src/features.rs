@@ -85,14 +85,44 @@ impl ActivationPrecision {
     }
 }
 
-/// [`ActivationPrecision::Int16`], or [`ActivationPrecision::F32`] when the environment sets
-/// `MOESTREAM_EXACT_MATMUL` to anything but `0` or the empty string. Read once.
-pub fn activation_precision() -> ActivationPrecision {
-    static PRECISION: OnceLock<ActivationPrecision> = OnceLock::new();
-    *PRECISION.get_or_init(
-        || match std::env::var("MOESTREAM_EXACT_MATMUL").ok().as_deref() {
-            None | Some("") | Some("0") => ActivationPrecision::Int16,
-            Some(_) => ActivationPrecision::F32,
-        },
+impl std::str::FromStr for ActivationPrecision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "int16" => Ok(ActivationPrecision::Int16),
+            "f32" => Ok(ActivationPrecision::F32),
+            _ => Err(format!("expected int16 or f32, not {s:?}")),
+        }
+    }
+}
+
+static PRECISION: OnceLock<ActivationPrecision> = OnceLock::new();
+
+/// Whether the environment sets `MOESTREAM_EXACT_MATMUL` to anything but `0` or the empty
+/// string, which forces [`ActivationPrecision::F32`].
+fn exact_forced() -> bool {
+    !matches!(
+        std::env::var("MOESTREAM_EXACT_MATMUL").ok().as_deref(),
+        None | Some("") | Some("0")
     )
+}
+
+/// Chooses the process's decode precision ([`activation_precision`]) before the first product;
+/// `MOESTREAM_EXACT_MATMUL` still forces f32. Returns the precision in effect, which is the
+/// earlier choice when one was already made (the setting is read once, like the SIMD level).
+pub fn set_activation_precision(wanted: ActivationPrecision) -> ActivationPrecision {
+    *PRECISION.get_or_init(|| {
+        if exact_forced() {
+            ActivationPrecision::F32
+        } else {
+            wanted
+        }
+    })
+}
+
+/// The precision of decode products with affine weights: what [`set_activation_precision`]
+/// chose, else [`ActivationPrecision::Int16`]; [`ActivationPrecision::F32`] whenever the
+/// environment sets `MOESTREAM_EXACT_MATMUL` to anything but `0` or the empty string.
+pub fn activation_precision() -> ActivationPrecision {
+    set_activation_precision(ActivationPrecision::Int16)
 }

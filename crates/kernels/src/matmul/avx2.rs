@@ -25,7 +25,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::{scalar::read_float, Activations};
+use super::{centre_biases, code_centre, scalar::read_float, Activations};
 use crate::{FloatKind, Matrix, Weights};
 
 /// Float kinds as const-generic parameters (monomorphised kernels, no per-load branch).
@@ -320,7 +320,8 @@ const fn shift_table(bits: usize) -> [u32; 8] {
     table
 }
 
-/// The 32 codes that start at byte `at` of `packed`, as f32, in four vectors of eight. For 4-bit
+/// The 32 codes that start at byte `at` of `packed`, centred (`q − 2^(BITS−1)`, parent module
+/// docs), as f32, in four vectors of eight. For 4-bit
 /// codes the vectors hold the low nibbles of bytes 0..8 and 8..16, then the high nibbles of the
 /// same bytes ([`super::ColumnOrder::NibbleSplit`]); otherwise codes 0..8, 8..16, 16..24, 24..32.
 ///
@@ -330,6 +331,7 @@ const fn shift_table(bits: usize) -> [u32; 8] {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn decode32<const BITS: usize>(packed: &[u8], at: usize) -> [__m256; 4] {
     debug_assert!(at + 4 * BITS <= packed.len());
+    let centre = _mm256_set1_epi32(code_centre(BITS));
     match BITS {
         4 => {
             let p = packed.as_ptr().add(at);
@@ -338,10 +340,10 @@ unsafe fn decode32<const BITS: usize>(packed: &[u8], at: usize) -> [__m256; 4] {
             let v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(8).cast()));
             let low = _mm256_set1_epi32(0x0f);
             [
-                _mm256_cvtepi32_ps(_mm256_and_si256(v0, low)),
-                _mm256_cvtepi32_ps(_mm256_and_si256(v1, low)),
-                _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4)),
-                _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4)),
+                _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(v0, low), centre)),
+                _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(v1, low), centre)),
+                _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(v0, 4), centre)),
+                _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(v1, 4), centre)),
             ]
         }
         8 => {
@@ -349,7 +351,8 @@ unsafe fn decode32<const BITS: usize>(packed: &[u8], at: usize) -> [__m256; 4] {
             // Reads bytes [at, at + 32): the block's 32 bytes.
             let mut codes = [_mm256_setzero_ps(); 4];
             for (k, c) in codes.iter_mut().enumerate() {
-                *c = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(8 * k).cast())));
+                let v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(8 * k).cast()));
+                *c = _mm256_cvtepi32_ps(_mm256_sub_epi32(v, centre));
             }
             codes
         }
@@ -376,7 +379,7 @@ unsafe fn decode32<const BITS: usize>(packed: &[u8], at: usize) -> [__m256; 4] {
                     let gathered =
                         _mm256_shuffle_epi8(bytes, _mm256_loadu_si256(table.as_ptr().cast()));
                     let code = _mm256_and_si256(_mm256_srlv_epi32(gathered, shift), mask);
-                    codes[2 * half + run] = _mm256_cvtepi32_ps(code);
+                    codes[2 * half + run] = _mm256_cvtepi32_ps(_mm256_sub_epi32(code, centre));
                 }
             }
             codes
@@ -502,6 +505,7 @@ unsafe fn affine_block<const BITS: usize>(
             );
             widen_floats(scale_kind, &scales[params.clone()], batch_scales);
             widen_floats(scale_kind, &biases[params], batch_biases);
+            centre_biases(BITS, batch_scales, batch_biases);
             for ((r, y), (s, b)) in ys.iter_mut().enumerate().zip(
                 batch_scales
                     .chunks_exact(groups)
@@ -533,6 +537,7 @@ unsafe fn affine_block<const BITS: usize>(
     );
     widen_floats(scale_kind, &scales[params.clone()], &mut task_scales);
     widen_floats(scale_kind, &biases[params], &mut task_biases);
+    centre_biases(BITS, &task_scales, &mut task_biases);
     for (row_out, b) in out
         .chunks_exact_mut(nt)
         .zip(task_biases.chunks_exact(groups))

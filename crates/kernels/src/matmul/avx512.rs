@@ -17,7 +17,7 @@ use super::avx2::{
     dot, kind_of, pack_tile, prefill_block_groups, tile_len, widen_floats, AffineRow, BF16,
     DECODE_ROW_BATCH, F16, F32, PREFILL_BLOCK_COLS,
 };
-use super::{scalar::read_float, Activations};
+use super::{centre_biases, code_centre, scalar::read_float, Activations};
 use crate::{FloatKind, Matrix, Weights};
 
 /// Whether this backend has kernels for `m`.
@@ -191,7 +191,8 @@ unsafe fn float_tile<const K: u8, const T: usize>(
     }
 }
 
-/// The 32 codes that start at byte `at` of `packed`, as f32, in two vectors of sixteen (module
+/// The 32 codes that start at byte `at` of `packed`, centred (`q − 2^(BITS−1)`), as f32, in two
+/// vectors of sixteen (module
 /// docs for the order).
 ///
 /// # Safety
@@ -201,20 +202,25 @@ unsafe fn float_tile<const K: u8, const T: usize>(
 unsafe fn decode32<const BITS: usize>(packed: &[u8], at: usize) -> [__m512; 2] {
     debug_assert!(at + 4 * BITS <= packed.len());
     let p = packed.as_ptr().add(at);
-    if BITS == 4 {
+    let centre = _mm512_set1_epi32(code_centre(BITS));
+    let (lo, hi) = if BITS == 4 {
         // Reads bytes [at, at + 16): the block's 16 bytes.
         let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(p.cast()));
-        [
-            _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0f))),
-            _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)),
-        ]
+        (
+            _mm512_and_si512(v, _mm512_set1_epi32(0x0f)),
+            _mm512_srli_epi32(v, 4),
+        )
     } else {
         // Reads bytes [at, at + 32): the block's 32 bytes.
-        [
-            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(p.cast()))),
-            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(16).cast()))),
-        ]
-    }
+        (
+            _mm512_cvtepu8_epi32(_mm_loadu_si128(p.cast())),
+            _mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(16).cast())),
+        )
+    };
+    [
+        _mm512_cvtepi32_ps(_mm512_sub_epi32(lo, centre)),
+        _mm512_cvtepi32_ps(_mm512_sub_epi32(hi, centre)),
+    ]
 }
 
 /// # Safety
@@ -261,6 +267,7 @@ unsafe fn affine_block<const BITS: usize>(
             );
             widen_floats(scale_kind, &scales[params.clone()], batch_scales);
             widen_floats(scale_kind, &biases[params], batch_biases);
+            centre_biases(BITS, batch_scales, batch_biases);
             for ((r, y), (s, b)) in ys.iter_mut().enumerate().zip(
                 batch_scales
                     .chunks_exact(groups)
@@ -290,6 +297,7 @@ unsafe fn affine_block<const BITS: usize>(
     );
     widen_floats(scale_kind, &scales[params.clone()], &mut task_scales);
     widen_floats(scale_kind, &biases[params], &mut task_biases);
+    centre_biases(BITS, &task_scales, &mut task_biases);
     for (row_out, b) in out
         .chunks_exact_mut(nt)
         .zip(task_biases.chunks_exact(groups))

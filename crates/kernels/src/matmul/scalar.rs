@@ -1,7 +1,8 @@
 //! The portable reference twin of every kernel: plain Rust, no intrinsics, no `unsafe`.
 //!
 //! It follows the same arithmetic as the SIMD backends (per-block dequantization reused across
-//! all tokens; affine rows as `Σ_g scale_g·Σ q·x + bias_g·Σ x`), so that the two differ only in
+//! all tokens; affine rows as `Σ_g scale_g·Σ (q − c)·x + (bias_g + c·scale_g)·Σ x` with centred
+//! codes, see the parent module), so that the two differ only in
 //! the order of f32 additions. Columns are processed in blocks of [`BLOCK`] values: the weights
 //! of a block are decoded once into a small buffer and applied to every token.
 
@@ -81,16 +82,20 @@ fn affine_block(
     let x = act.tokens(tokens.clone());
     let sums = act.group_sums(tokens);
     let mut q = [0f32; BLOCK];
+    let centre = super::code_centre(bits) as f32;
     let mut group_acc = vec![0f32; nt];
     for (row_out, o) in out.chunks_exact_mut(nt).zip(rows) {
         row_out.fill(0.0);
         let row = &packed[o * row_bytes..(o + 1) * row_bytes];
         for g in 0..groups {
             let scale = read_float(scale_kind, &scales[(o * groups + g) * size..]);
-            let bias = read_float(scale_kind, &biases[(o * groups + g) * size..]);
+            let mut bias = [read_float(scale_kind, &biases[(o * groups + g) * size..])];
+            super::centre_biases(bits, &[scale], &mut bias);
+            let bias = bias[0];
             group_acc.fill(0.0);
             for c0 in (g * group_size..(g + 1) * group_size).step_by(BLOCK) {
                 unpack_block(&row[c0 * bits / 8..(c0 + BLOCK) * bits / 8], bits, &mut q);
+                q.iter_mut().for_each(|v| *v -= centre);
                 for (acc, xt) in group_acc.iter_mut().zip(x.chunks_exact(cols)) {
                     *acc += dot(&q, &xt[c0..c0 + BLOCK]);
                 }
