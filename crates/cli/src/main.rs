@@ -1,13 +1,14 @@
 //! `moestream`: run Mixture-of-Experts language models on the CPU.
 //!
 //! Commands: `run` (generate or chat), `score` (per-token log-probabilities as JSON), `perplexity`
-//! (llama-perplexity's method), `inspect` (what a checkpoint holds), `synth` (random-weight models
+//! (llama-perplexity's method), `serve` (an OpenAI-compatible HTTP server), `inspect` (what a checkpoint holds), `synth` (random-weight models
 //! of real geometries).
 mod bench;
 mod commands;
 mod hub;
 mod kl;
 mod loaded;
+mod serve;
 mod synth;
 
 use clap::{Parser, Subcommand};
@@ -39,6 +40,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Describe a checkpoint: architecture, geometry, quantization, expert and non-expert bytes.
     Inspect(commands::InspectArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API.
+    Serve(serve::ServeArgs),
     /// Write a random-weight model of a real geometry (its output is noise).
     Synth(commands::SynthArgs),
 }
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench::bench(a),
         Command::Inspect(a) => commands::inspect(a),
         Command::Synth(a) => commands::synth(a),
+        Command::Serve(a) => serve::serve(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

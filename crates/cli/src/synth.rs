@@ -526,10 +526,15 @@ fn write_tokenizer(out: &Path, arch: &str) -> Result<()> {
     };
     // Qwen layout: <|endoftext|>=256 (bos), <|im_start|>=257, <|im_end|>=258 (eos).
     // Mixtral layout: <s>=256 (bos), </s>=257 (eos).
+    // As in Qwen3's own tokenizer, the think and tool-call tags are not special: decoding keeps
+    // them, so reasoning and tool calls can be parsed from the text.
     let added: Vec<Value> = specials
         .iter()
         .enumerate()
-        .map(|(k, s)| json!({"id": 256 + k, "content": s, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
+        .map(|(k, s)| {
+            let special = !matches!(*s, "<think>" | "</think>" | "<tool_call>" | "</tool_call>");
+            json!({"id": 256 + k, "content": s, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": special})
+        })
         .collect();
     // Llama-family tokenizers prepend BOS through a post-processor when add_special_tokens is on.
     let post_processor = if arch == "mixtral" {

@@ -5,4 +5,5 @@ mod common;
 mod hybrid_state;
 mod kl;
 mod reference;
+mod server;
 mod streaming;

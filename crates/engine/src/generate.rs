@@ -265,10 +265,13 @@ pub fn generate(
     let t1 = Instant::now();
     let mut tokens = Vec::new();
     let mut finish = FinishReason::Length;
+    // Ended by an end-of-sequence token (not by a stop string, whose text is dropped).
+    let mut eos = false;
     while tokens.len() < req.max_tokens {
         let next = sampler.sample(&mut logits, &history);
         if req.eos_token_ids.contains(&next) {
             finish = FinishReason::Stop;
+            eos = true;
             break;
         }
         tokens.push(next);
@@ -292,7 +295,9 @@ pub fn generate(
             .forward(&[next], cache, Logits::Last)
             .map_err(|e| e.to_string())?;
     }
-    if let (Some(tok), FinishReason::Length) = (tokenizer, finish) {
+    // At the length limit or EOS, release what was held back: the bytes of a character not yet
+    // complete, and text that could have begun a stop string that never came.
+    if let (Some(tok), true) = (tokenizer, finish == FinishReason::Length || eos) {
         let rest = decoder.flush(tok).map_err(|e| e.to_string())?;
         let (mut out, _) = stops.push(&rest);
         out.push_str(&stops.finish());
