@@ -82,17 +82,7 @@ const HYBRID_FIXTURES: [&str; 9] = [
 
 fn check_hybrid_fixture(name: &str) {
     check_fixture(name);
-    let dir = fixtures_dir().join(name);
-    let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
-            .unwrap();
-    let ids = |v: &serde_json::Value| -> Vec<String> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap().to_string())
-            .collect()
-    };
+    let (dir, reference) = read_fixture(name);
     let source = &reference["source"];
     let prompt = ids(&reference["greedy"]["prompt"]);
     let generated = ids(&reference["greedy"]["generated"]);
@@ -132,32 +122,35 @@ fn check_hybrid_fixture(name: &str) {
     );
 }
 
-fn check_fixture(name: &str) {
+/// A fixture's folder and its `reference.json`.
+fn read_fixture(name: &str) -> (PathBuf, serde_json::Value) {
     let dir = fixtures_dir().join(name);
-    let reference: serde_json::Value = serde_json::from_str(
+    let reference = serde_json::from_str(
         &std::fs::read_to_string(dir.join("reference.json"))
             .unwrap_or_else(|e| panic!("{name}: reference.json: {e}")),
     )
     .unwrap();
-    let ids = |v: &serde_json::Value| -> Vec<String> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap().to_string())
-            .collect()
-    };
+    (dir, reference)
+}
+
+/// Token ids of a JSON array, as strings for the command line.
+fn ids(v: &serde_json::Value) -> Vec<String> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap().to_string())
+        .collect()
+}
+
+fn check_fixture(name: &str) {
+    let (dir, reference) = read_fixture(name);
     let tokens = ids(&reference["tokens"]);
     assert!(
         tokens.len() > 64,
         "{name}: the prompt must be longer than 64 tokens"
     );
     let (_, ours) = score(&dir, &tokens.join(" "));
-    let theirs: Vec<f64> = reference["logprobs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect();
+    let theirs = floats(&reference["logprobs"]);
     assert_eq!(ours.len(), theirs.len(), "{name}");
     let (worst, at) = worst(&ours, &theirs);
     assert!(

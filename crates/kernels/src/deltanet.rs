@@ -453,10 +453,10 @@ fn chunked_head_body(
     let mut a_row = [0f32; CHUNK];
     let mut kbe = vec![0f32; CHUNK * dk];
     let mut w_neg = vec![0f32; CHUNK * dk];
+    let mut eg = [0f32; CHUNK];
     let mut q_dec = vec![0f32; CHUNK * dk];
     let mut qk = vec![0f32; CHUNK * CHUNK];
     let mut u = vec![0f32; CHUNK * dv];
-    let mut w = vec![0f32; CHUNK * dk];
     while start < n {
         let l = CHUNK.min(n - start);
         let mut acc = 0f32;
@@ -507,33 +507,25 @@ fn chunked_head_body(
             }
             t_mat[i * CHUNK + i] = 1.0;
         }
-        // U = T (β v), W = T (β k e^{g}) (T is zero right of its diagonal).
+        // U = T (β v) and −W = T (−β k e^{g}) (T is zero right of its diagonal); W is kept
+        // negated so that v_new = U − W S is one more accumulating product.
+        for (e, &g) in eg[..l].iter_mut().zip(&gc[..l]) {
+            *e = g.exp();
+        }
         for (j, row) in kbe[..l * dk].chunks_exact_mut(dk).enumerate() {
-            let e = gc[j].exp();
             for (a, &b) in row.iter_mut().zip(&kb[j * dk..(j + 1) * dk]) {
-                *a = b * e;
+                *a = -b * eg[j];
             }
         }
         u[..l * dv].fill(0.0);
-        w[..l * dk].fill(0.0);
+        w_neg[..l * dk].fill(0.0);
         let t = Operand::rows(&t_mat, CHUNK);
         add_products(&mut u, dv, l, dv, t, &vb, dv, l);
-        add_products(&mut w, dk, l, dk, t, &kbe, dk, l);
+        add_products(&mut w_neg, dk, l, dk, t, &kbe, dk, l);
         // v_new = U − W S; o_i = e^{g_i} q_i S + Σ_{j ≤ i} (q_i · k_j) e^{g_i − g_j} v_new_j.
-        for (i, (wn, qe)) in w_neg[..l * dk]
-            .chunks_exact_mut(dk)
-            .zip(q_dec[..l * dk].chunks_exact_mut(dk))
-            .enumerate()
-        {
-            let e = gc[i].exp();
-            for (((a, c), &wv), &qv) in wn
-                .iter_mut()
-                .zip(qe.iter_mut())
-                .zip(&w[i * dk..(i + 1) * dk])
-                .zip(&q[i * dk..(i + 1) * dk])
-            {
-                *a = -wv;
-                *c = qv * e;
+        for (i, qe) in q_dec[..l * dk].chunks_exact_mut(dk).enumerate() {
+            for (c, &qv) in qe.iter_mut().zip(&q[i * dk..(i + 1) * dk]) {
+                *c = qv * eg[i];
             }
         }
         add_products(&mut u, dv, l, dv, Operand::rows(&w_neg, dk), s, dv, dk);

@@ -211,11 +211,7 @@ async fn chat_response(
             "`stream_options` is only allowed with `stream: true`",
         ));
     }
-    let include_usage = req
-        .stream_options
-        .as_ref()
-        .and_then(|o| o.include_usage)
-        .unwrap_or(false);
+    let include_usage = protocol::StreamOptions::include_usage(req.stream_options.as_ref());
     let mut extra = req.chat_template_kwargs.clone().unwrap_or_default();
     if !tools.is_empty() {
         extra.insert("tools".into(), Value::Array(tools.clone()));
@@ -253,11 +249,7 @@ async fn chat_response(
         shared,
         new_job(prompt, max_tokens, sampling, logprobs, arrived),
     )?;
-    let meta = streaming::ResponseMeta {
-        id: protocol::new_id("chatcmpl"),
-        created: protocol::unix_time(),
-        model: shared.options.served_model_name.clone(),
-    };
+    let meta = streaming::ResponseMeta::new("chatcmpl", &shared.options.served_model_name);
     if stream {
         return Ok(streaming::chat(
             meta,
@@ -408,11 +400,7 @@ async fn completion_response(
             "`stream_options` is only allowed with `stream: true`",
         ));
     }
-    let include_usage = req
-        .stream_options
-        .as_ref()
-        .and_then(|o| o.include_usage)
-        .unwrap_or(false);
+    let include_usage = protocol::StreamOptions::include_usage(req.stream_options.as_ref());
     let tokenizing = engine.clone();
     let prompt_value = req.prompt.clone();
     let prompt =
@@ -432,11 +420,7 @@ async fn completion_response(
         shared,
         new_job(prompt, max_tokens, sampling, logprobs, arrived),
     )?;
-    let meta = streaming::ResponseMeta {
-        id: protocol::new_id("cmpl"),
-        created: protocol::unix_time(),
-        model: shared.options.served_model_name.clone(),
-    };
+    let meta = streaming::ResponseMeta::new("cmpl", &shared.options.served_model_name);
     if stream {
         return Ok(streaming::completion(
             meta,

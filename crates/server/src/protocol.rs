@@ -64,6 +64,13 @@ pub struct StreamOptions {
     pub include_usage: Option<bool>,
 }
 
+impl StreamOptions {
+    /// Whether a request's `stream_options` (if any) ask for the usage chunk.
+    pub fn include_usage(options: Option<&StreamOptions>) -> bool {
+        options.and_then(|o| o.include_usage).unwrap_or(false)
+    }
+}
+
 /// `POST /v1/chat/completions`. Every field is optional here so that a type error can be traced
 /// to its field (see [`parse_body`]); required ones are checked afterwards.
 #[derive(Deserialize, Debug, Default)]

@@ -29,6 +29,17 @@ pub(crate) struct ResponseMeta {
     pub model: String,
 }
 
+impl ResponseMeta {
+    /// A new response of the served `model`: a fresh id with `prefix` (`chatcmpl`, `cmpl`), now.
+    pub fn new(prefix: &str, model: &str) -> ResponseMeta {
+        ResponseMeta {
+            id: crate::protocol::new_id(prefix),
+            created: crate::protocol::unix_time(),
+            model: model.to_owned(),
+        }
+    }
+}
+
 /// Which endpoint's chunks to write.
 enum Shape {
     Chat {

@@ -194,15 +194,14 @@ fn mtp_head(
     }
     let h = c.hidden_size;
     let moe = c.num_experts > 0 && c.arch.is_moe();
-    let mut layers = Vec::new();
-    let mut layer_experts = Vec::new();
-    // Layers count up from 0 while present (`mtp_num_hidden_layers` is 1 in every release).
-    while l.has(&format!(
-        "mtp.layers.{}.input_layernorm.weight",
-        layers.len()
-    )) || (layers.is_empty() && c.mtp_num_hidden_layers > 0)
-    {
-        let lp = format!("mtp.layers.{}", layers.len());
+    // The layers present, and at least as many as the config says (1 in every release): a
+    // missing one is then an error naming its first tensor.
+    let present = (0..)
+        .take_while(|j| l.has(&format!("mtp.layers.{j}.input_layernorm.weight")))
+        .count();
+    let (mut layers, mut layer_experts) = (Vec::new(), Vec::new());
+    for j in 0..present.max(c.mtp_num_hidden_layers) {
+        let lp = format!("mtp.layers.{j}");
         let (layer, routed) = decoder_layer(
             l,
             &lp,
