@@ -6,4 +6,5 @@ mod hybrid_state;
 mod kl;
 mod reference;
 mod server;
+mod speculative;
 mod streaming;

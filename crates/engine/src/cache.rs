@@ -14,6 +14,14 @@
 //! A forward pass writes each linear layer's new state into a spare buffer and the cache swaps
 //! them in only when the whole pass succeeded ([`SequenceCache::advance`]): a pass that fails
 //! half-way (an expert read error) leaves the state exactly as it was.
+//!
+//! Speculative decoding verifies several drafted tokens in one pass and then keeps only some.
+//! For that pass the cache records a [`DeltaTrail`] per linear layer (its convolution inputs
+//! and the per-token inputs of the recurrence, a few KiB per token), and the spare buffers still
+//! hold the state from before the pass: going back to any token of the pass replays the
+//! recurrence from there with the recorded inputs, the same arithmetic as the pass itself, so
+//! the state comes out bit for bit as if the rejected tokens had never been seen, without running
+//! the model again ([`crate::models::Model::take_back`]).
 
 /// Keys and values of one attention layer.
 #[derive(Clone, Debug, Default)]
@@ -31,10 +39,53 @@ pub struct LinearState {
     pub conv: Vec<f32>,
     /// The delta-rule state `[nv, dk, dv]`.
     pub recurrent: Vec<f32>,
-    /// Written by the pass in progress; swapped in when it commits.
+    /// Written by the pass in progress; swapped in when it commits. After a pass commits they
+    /// hold the state from before it.
     pub(crate) next_conv: Vec<f32>,
     pub(crate) next_recurrent: Vec<f32>,
     pub(crate) pending: bool,
+    /// Whether passes record their [`DeltaTrail`].
+    pub(crate) record: bool,
+    /// What the last pass saw, when it was recorded (else `tokens == 0`).
+    pub(crate) trail: DeltaTrail,
+    /// A third recurrent state for stepping several tokens (allocated on first use).
+    pub(crate) spare: Vec<f32>,
+}
+
+/// A linear layer's state as a pass sees it: [`LinearState::split`].
+pub(crate) struct StateBuffers<'a> {
+    /// The convolution state now.
+    pub conv: &'a [f32],
+    /// The recurrent state now.
+    pub recurrent: &'a [f32],
+    /// Where the pass writes the convolution state after it.
+    pub next_conv: &'a mut [f32],
+    /// Where the pass writes the recurrent state after it.
+    pub next_recurrent: &'a mut [f32],
+    /// Room for one more recurrent state, as long as it.
+    pub spare: &'a mut [f32],
+    /// Where to record the pass, when recording.
+    pub trail: Option<&'a mut DeltaTrail>,
+}
+
+/// The inputs a Gated DeltaNet layer saw in one pass, per token: enough to recompute its state
+/// after any of those tokens from the state before the pass.
+#[derive(Clone, Debug, Default)]
+pub struct DeltaTrail {
+    /// Tokens recorded.
+    pub tokens: usize,
+    /// Convolution inputs `[tokens, channels]`.
+    pub mixed: Vec<f32>,
+    /// Queries, keys, values, log decays and write strengths, as the recurrence took them.
+    pub q: Vec<f32>,
+    /// Keys.
+    pub k: Vec<f32>,
+    /// Values.
+    pub v: Vec<f32>,
+    /// Log decays.
+    pub g: Vec<f32>,
+    /// Write strengths.
+    pub beta: Vec<f32>,
 }
 
 impl LinearState {
@@ -46,20 +97,62 @@ impl LinearState {
             next_conv: vec![0.0; conv_len],
             next_recurrent: vec![0.0; recurrent_len],
             pending: false,
+            record: false,
+            trail: DeltaTrail::default(),
+            spare: Vec::new(),
         }
     }
 
-    /// The current state and the buffers the pass in progress writes its successor to.
-    #[allow(clippy::type_complexity)] // (conv, recurrent) now and next
-    pub(crate) fn split(&mut self) -> ((&[f32], &[f32]), (&mut [f32], &mut [f32])) {
+    /// The current state, the buffers the pass in progress writes its successor to, and the
+    /// trail to record into when recording.
+    pub(crate) fn split(&mut self) -> StateBuffers<'_> {
         self.pending = true;
-        (
-            (&self.conv, &self.recurrent),
-            (&mut self.next_conv, &mut self.next_recurrent),
-        )
+        self.trail.tokens = 0;
+        self.spare.resize(self.recurrent.len(), 0.0);
+        StateBuffers {
+            conv: &self.conv,
+            recurrent: &self.recurrent,
+            next_conv: &mut self.next_conv,
+            next_recurrent: &mut self.next_recurrent,
+            spare: &mut self.spare,
+            trail: self.record.then_some(&mut self.trail),
+        }
     }
 
-    fn commit(&mut self) {
+    /// After a recorded pass committed: goes back to the state after its first `keep` tokens,
+    /// recomputing the convolution state from the recorded inputs and stepping the recurrence
+    /// with `step(token, state, next_state)` from the state before the pass (module docs).
+    /// `trail` is the layer's trail, taken out of it for the call.
+    pub(crate) fn take_back(
+        &mut self,
+        keep: usize,
+        channels: usize,
+        trail: &DeltaTrail,
+        mut step: impl FnMut(usize, &[f32], &mut [f32]),
+    ) {
+        debug_assert!(keep <= trail.tokens);
+        // The convolution keeps the last K − 1 inputs of [state before ; inputs kept].
+        let hist = self.conv.len();
+        let mut window = std::mem::take(&mut self.next_conv);
+        window.extend_from_slice(&trail.mixed[..keep * channels]);
+        self.conv.copy_from_slice(&window[window.len() - hist..]);
+        window.truncate(hist);
+        self.next_conv = window;
+        if keep == 0 {
+            self.recurrent.copy_from_slice(&self.next_recurrent);
+        } else {
+            self.spare.resize(self.recurrent.len(), 0.0);
+            alternate_steps(
+                keep,
+                &self.next_recurrent,
+                &mut self.recurrent,
+                &mut self.spare,
+                &mut step,
+            );
+        }
+    }
+
+    pub(crate) fn commit(&mut self) {
         if self.pending {
             std::mem::swap(&mut self.conv, &mut self.next_conv);
             std::mem::swap(&mut self.recurrent, &mut self.next_recurrent);
@@ -72,8 +165,30 @@ impl LinearState {
     }
 }
 
+/// Runs `steps` recurrence steps `step(token, state, next_state)` from `initial`, alternating
+/// between `last` and `spare` so that the final state lands in `last`: each step reads what the
+/// one before it wrote.
+pub(crate) fn alternate_steps(
+    steps: usize,
+    initial: &[f32],
+    last: &mut [f32],
+    spare: &mut [f32],
+    step: &mut impl FnMut(usize, &[f32], &mut [f32]),
+) {
+    for t in 0..steps {
+        let into_last = (steps - 1 - t).is_multiple_of(2);
+        match (t, into_last) {
+            (0, true) => step(t, initial, last),
+            (0, false) => step(t, initial, spare),
+            (_, true) => step(t, spare, last),
+            (_, false) => step(t, last, spare),
+        }
+    }
+}
+
 /// The state of one layer.
 #[derive(Clone, Debug)]
+#[allow(clippy::large_enum_variant)] // one per layer
 pub enum LayerState {
     /// An attention layer's keys and values.
     Attention(LayerKv),
@@ -88,6 +203,8 @@ pub struct SequenceCache {
     pub layers: Vec<LayerState>,
     kv_width: usize,
     len: usize,
+    /// The length before the last pass, when that pass recorded its trail.
+    trail_start: Option<usize>,
 }
 
 /// A copy of a sequence's state at some length, to go back to with
@@ -132,6 +249,7 @@ impl SequenceCache {
             layers,
             kv_width,
             len: 0,
+            trail_start: None,
         }
     }
 
@@ -160,16 +278,49 @@ impl SequenceCache {
     /// Marks `n` more tokens as held (after every layer appended them) and commits the linear
     /// layers' new states.
     pub(crate) fn advance(&mut self, n: usize) {
+        let mut recorded = false;
         for l in &mut self.layers {
             if let LayerState::Linear(s) = l {
                 s.commit();
+                recorded |= s.record;
             }
         }
+        self.trail_start = recorded.then_some(self.len);
         self.len += n;
+    }
+
+    /// Makes the following passes record (or not) what the linear layers need to go back to
+    /// any of their tokens ([`DeltaTrail`]).
+    pub(crate) fn set_recording(&mut self, on: bool) {
+        for l in &mut self.layers {
+            if let LayerState::Linear(s) = l {
+                s.record = on;
+            }
+        }
+    }
+
+    /// The length before the last pass, if that pass recorded its trail.
+    pub(crate) fn trail_start(&self) -> Option<usize> {
+        self.trail_start
+    }
+
+    /// Cuts the attention layers to `len` tokens and sets the length, after the linear layers
+    /// were taken back to `len` by their trails.
+    pub(crate) fn cut_after_replay(&mut self, len: usize) {
+        let w = self.kv_width;
+        for l in &mut self.layers {
+            if let LayerState::Attention(kv) = l {
+                kv.k.truncate(len * w);
+                kv.v.truncate(len * w);
+            }
+        }
+        self.len = len;
+        self.trail_start = None;
     }
 
     /// Drops what some layers wrote in a forward pass that did not finish.
     pub(crate) fn drop_uncommitted(&mut self) {
+        self.trail_start = None;
         let (len, w) = (self.len, self.kv_width);
         for l in &mut self.layers {
             match l {
@@ -193,6 +344,7 @@ impl SequenceCache {
         if self.has_recurrent_state() && len > 0 {
             return false;
         }
+        self.trail_start = None;
         let w = self.kv_width;
         for l in &mut self.layers {
             match l {
@@ -252,6 +404,7 @@ impl SequenceCache {
         {
             return Err("checkpoint does not belong to this model".into());
         }
+        self.trail_start = None;
         for (s, (c, r)) in linear.into_iter().zip(&checkpoint.linear) {
             s.conv.copy_from_slice(c);
             s.recurrent.copy_from_slice(r);

@@ -9,6 +9,7 @@
 //! Every tensor's dtype and shape are checked against what `config.json` implies, so a mismatch is
 //! an error naming the file, tensor and both shapes, never a panic or a silent misread.
 use moestream_formats::{DType, FormatError, MappedFile, SafetensorsIndex, TensorLocation};
+use moestream_kernels::features::ProductMode;
 use moestream_kernels::{FloatKind, Matrix, Weights};
 use std::sync::Arc;
 
@@ -176,21 +177,10 @@ impl Linear {
         }
     }
 
-    /// `y[t] = W x[t]` for `n_tokens` rows of `x`, a product of a forward pass over `n_tokens`.
-    pub fn forward(&self, x: &[f32], n_tokens: usize, y: &mut [f32]) {
-        moestream_kernels::matmul(&self.matrix(), x, n_tokens, y)
-    }
-
-    /// [`Self::forward`] with an explicit activation precision, for a product over fewer rows
-    /// than its pass has tokens (the last-token logits of a prefill).
-    pub fn forward_at(
-        &self,
-        precision: moestream_kernels::features::ActivationPrecision,
-        x: &[f32],
-        n_tokens: usize,
-        y: &mut [f32],
-    ) {
-        moestream_kernels::matmul_at(precision, &self.matrix(), x, n_tokens, y)
+    /// `y[t] = W x[t]` for `n_tokens` rows of `x`, computed as `mode` says (the forward pass's
+    /// [`ProductMode`]).
+    pub fn forward(&self, mode: ProductMode, x: &[f32], n_tokens: usize, y: &mut [f32]) {
+        moestream_kernels::matmul_at(mode, &self.matrix(), x, n_tokens, y)
     }
 
     /// Bytes of weights.

@@ -139,6 +139,22 @@ pub struct DeltaInputs<'a> {
     pub beta: &'a [f32],
 }
 
+impl<'a> DeltaInputs<'a> {
+    /// The inputs of token `t` of a pass of several.
+    pub fn token(self, shape: DeltaShape, t: usize) -> DeltaInputs<'a> {
+        let qk = shape.n_k_heads * shape.k_dim;
+        let vv = shape.n_v_heads * shape.v_dim;
+        let nv = shape.n_v_heads;
+        DeltaInputs {
+            q: &self.q[t * qk..(t + 1) * qk],
+            k: &self.k[t * qk..(t + 1) * qk],
+            v: &self.v[t * vv..(t + 1) * vv],
+            g: &self.g[t * nv..(t + 1) * nv],
+            beta: &self.beta[t * nv..(t + 1) * nv],
+        }
+    }
+}
+
 /// One token of the recurrence for every head: reads `state` (`[nv, dk, dv]`), writes the
 /// updated state to `new_state` and `o_t = Sᵀ q` to `out` (`[nv·dv]`).
 pub fn gated_delta_step(

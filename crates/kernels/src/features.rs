@@ -60,7 +60,7 @@ fn detect() -> SimdLevel {
 /// What counts as a decode step is the forward pass, not the product: inside a prefill pass an
 /// expert chosen by a single token, or the last-token `lm_head`, is a one-row product too, and
 /// computing it with int16 activations would make a prompt's log-probabilities depend on how
-/// its tokens happened to be routed. Model code therefore asks [`Self::for_pass`].
+/// its tokens happened to be routed. Model code therefore asks [`ProductMode::for_pass`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ActivationPrecision {
     /// f32 activations: the product is exact up to the order of f32 additions.
@@ -73,15 +73,43 @@ pub enum ActivationPrecision {
     Int16,
 }
 
-impl ActivationPrecision {
-    /// The precision for products inside a forward pass over `pass_tokens` tokens:
-    /// [`activation_precision`] for a decode step (one token), [`Self::F32`] for prefill.
-    pub fn for_pass(pass_tokens: usize) -> ActivationPrecision {
+/// How the products of one forward pass treat their tokens.
+///
+/// A decode step (one token) and a prefill (many) compute differently: a prefill multiplies
+/// tiles of tokens at once with f32 activations, a decode step uses the one-token kernels with
+/// the decode [`ActivationPrecision`]. Speculative verification is a pass of several tokens
+/// whose logits must equal, bit for bit, those of decoding the tokens one at a time (so that
+/// greedy output with a draft is the output without); it uses [`ProductMode::Decode`] for all
+/// its tokens, which runs every token through the one-token kernels while each block of weights
+/// is reused by all tokens from cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProductMode {
+    /// Tiles of tokens at once, f32 activations: prompt processing and scoring.
+    Prefill,
+    /// Every token as a one-token product with this activation precision: the same bits for
+    /// a token whether it is alone in the pass or not.
+    Decode(ActivationPrecision),
+}
+
+impl ProductMode {
+    /// The mode for products inside a forward pass over `pass_tokens` tokens: decode with
+    /// [`activation_precision`] for one token, prefill for several.
+    ///
+    /// What counts is the forward pass, not the product: inside a prefill an expert chosen by a
+    /// single token, or the last-token `lm_head`, is a one-row product too, and computing it as
+    /// a decode product would make a prompt's log-probabilities depend on how its tokens
+    /// happened to be routed.
+    pub fn for_pass(pass_tokens: usize) -> ProductMode {
         if pass_tokens == 1 {
-            activation_precision()
+            ProductMode::decode()
         } else {
-            ActivationPrecision::F32
+            ProductMode::Prefill
         }
+    }
+
+    /// Decode products at the process's decode precision ([`activation_precision`]).
+    pub fn decode() -> ProductMode {
+        ProductMode::Decode(activation_precision())
     }
 }
 

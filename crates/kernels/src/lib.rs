@@ -47,7 +47,8 @@ pub mod ops;
 
 mod matmul;
 pub use matmul::{
-    dequantize_row, matmul, matmul_at, matmul_scalar, matmul_with, matmul_with_precision,
+    dequantize_row, matmul, matmul_at, matmul_in_mode, matmul_scalar, matmul_with,
+    matmul_with_precision,
 };
 
 /// Element type of a float tensor stored in a checkpoint.

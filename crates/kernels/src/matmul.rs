@@ -17,9 +17,17 @@
 //! product when `MOESTREAM_EXACT_MATMUL=1` ([`activation_precision`], read once) use f32
 //! activations, as do [`matmul_scalar`] and [`matmul_with_precision`] with
 //! [`ActivationPrecision::F32`]. "One token" means the forward pass, not the product: model code
-//! calls [`matmul_at`] with [`ActivationPrecision::for_pass`], so a one-row product inside a
+//! calls [`matmul_at`] with [`ProductMode::for_pass`], so a one-row product inside a
 //! prefill (an expert one token chose, the last-token logits) stays f32 and a prompt's
 //! log-probabilities do not depend on its routing.
+//!
+//! # Token-wise decode products
+//! [`ProductMode::Decode`] over several tokens (speculative verification) computes every token
+//! with the one-token kernels, so each token's result has the same bits as if it had been alone:
+//! every one-token kernel computes each row on its own, whatever block of rows it was given.
+//! The rows are cut into blocks of [`TOKENWISE_BLOCK_BYTES`] of weights and every token passes
+//! over a block while it is in L2, so the weights are read from memory once per pass, not once
+//! per token.
 //!
 //! What int16 costs end to end: on the small random reference models (logits up to ~18), decode
 //! log-probabilities move by up to ~1.5e-3 from the f32 ones (mean ~2.5e-4), against ~1e-5 for
@@ -79,7 +87,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use crate::features::{
-    activation_precision, cpu_level, simd_level, ActivationPrecision, SimdLevel,
+    activation_precision, cpu_level, simd_level, ActivationPrecision, ProductMode, SimdLevel,
 };
 use crate::{Matrix, Weights};
 
@@ -91,6 +99,9 @@ const DECODE_MIN_TASK_BYTES: usize = 64 << 10;
 const DECODE_MAX_TASK_BYTES: usize = 2 << 20;
 /// Weight bytes per prefill task: fits in L2 next to a tile of activations.
 const PREFILL_TASK_BYTES: usize = 128 << 10;
+/// Weight bytes per block of a token-wise decode product: all the pass's tokens go over a block
+/// while it stays in L2.
+const TOKENWISE_BLOCK_BYTES: usize = 64 << 10;
 
 /// `y[t * rows + o] = Σ_i W[o, i] · x[t * cols + i]` for `t in 0..n_tokens`, with the best SIMD
 /// path ([`simd_level`]) and the activation precision of [`activation_precision`]: by default a
@@ -104,19 +115,92 @@ pub fn matmul(m: &Matrix, x: &[f32], n_tokens: usize, y: &mut [f32]) {
     matmul_with(simd_level(), m, x, n_tokens, y)
 }
 
-/// [`matmul`] with the best SIMD path and an explicit activation precision (model code passes
-/// [`ActivationPrecision::for_pass`](crate::features::ActivationPrecision::for_pass)).
+/// [`matmul`] with the best SIMD path in an explicit [`ProductMode`] (model code passes
+/// [`ProductMode::for_pass`], or [`ProductMode::Decode`] for a pass whose tokens must come out
+/// as if decoded one by one).
 ///
 /// # Panics
 /// As [`matmul`].
-pub fn matmul_at(
+pub fn matmul_at(mode: ProductMode, m: &Matrix, x: &[f32], n_tokens: usize, y: &mut [f32]) {
+    matmul_in_mode(simd_level(), mode, m, x, n_tokens, y)
+}
+
+/// [`matmul_at`] with an explicit SIMD level.
+///
+/// # Panics
+/// As [`matmul`].
+pub fn matmul_in_mode(
+    level: SimdLevel,
+    mode: ProductMode,
+    m: &Matrix,
+    x: &[f32],
+    n_tokens: usize,
+    y: &mut [f32],
+) {
+    match mode {
+        ProductMode::Prefill => {
+            matmul_with_precision(level, ActivationPrecision::F32, m, x, n_tokens, y)
+        }
+        ProductMode::Decode(p) if n_tokens <= 1 => {
+            matmul_with_precision(level, p, m, x, n_tokens, y)
+        }
+        ProductMode::Decode(p) => matmul_token_wise(level, p, m, x, n_tokens, y),
+    }
+}
+
+/// Every token as a one-token product at precision `precision` (module docs, "Token-wise
+/// decode products").
+fn matmul_token_wise(
+    level: SimdLevel,
     precision: ActivationPrecision,
     m: &Matrix,
     x: &[f32],
     n_tokens: usize,
     y: &mut [f32],
 ) {
-    matmul_with_precision(simd_level(), precision, m, x, n_tokens, y)
+    check_arguments(m, x, n_tokens, y);
+    let (rows, cols) = (m.rows, m.cols);
+    if n_tokens == 0 || rows == 0 {
+        return;
+    }
+    if cols == 0 {
+        y.fill(0.0);
+        return;
+    }
+    let backend = Backend::select(level, m);
+    let int16 = (precision == ActivationPrecision::Int16
+        && matches!(m.weights, Weights::Affine { .. }))
+    .then(|| int16::ValueOrder::of(backend, m));
+    let acts: Vec<Activations> = x
+        .chunks_exact(cols)
+        .map(|xt| Activations::new(m, xt, 1, backend.column_order(m), int16))
+        .collect();
+    let bytes = m.size_bytes();
+    let block_rows = (TOKENWISE_BLOCK_BYTES / (bytes / rows).max(1)).clamp(1, rows);
+    let blocks = rows.div_ceil(block_rows);
+    let block = |b: usize| {
+        let r = b * block_rows..((b + 1) * block_rows).min(rows);
+        let mut out = vec![0f32; r.len() * n_tokens];
+        for (act, o) in acts.iter().zip(out.chunks_exact_mut(r.len())) {
+            backend.run(m, act, r.clone(), 0..1, o);
+        }
+        out
+    };
+    let parallel = rayon::current_num_threads() > 1
+        && blocks > 1
+        && bytes.saturating_mul(n_tokens) >= SERIAL_WORK_BYTES;
+    let outs: Vec<Vec<f32>> = if parallel {
+        (0..blocks).into_par_iter().map(block).collect()
+    } else {
+        (0..blocks).map(block).collect()
+    };
+    for (b, out) in outs.iter().enumerate() {
+        let r0 = b * block_rows;
+        let len = out.len() / n_tokens;
+        for (t, o) in out.chunks_exact(len).enumerate() {
+            y[t * rows + r0..t * rows + r0 + len].copy_from_slice(o);
+        }
+    }
 }
 
 /// [`matmul`] with the portable scalar path and f32 activations, whatever

@@ -3,12 +3,14 @@
 //! SwiGLU MLP, and the sparse mixture-of-experts block with its router and optional shared expert.
 //!
 //! Activations are f32 row-major `[n_tokens, width]`; every block processes a batch of tokens at
-//! once (prefill) or one (decode) through the same code.
-use crate::cache::{LayerKv, LinearState};
+//! once (prefill) or one (decode) through the same code. Each takes the pass's [`ProductMode`]:
+//! in [`ProductMode::Decode`] every token of a batch comes out with the bits it would have had
+//! alone (speculative verification), which the Gated DeltaNet gets by stepping token by token.
+use crate::cache::{alternate_steps, DeltaTrail, LayerKv, LinearState, StateBuffers};
 use crate::store::{ExpertStore, ExpertWeights, StoreError};
 use crate::weights::Linear;
 use moestream_kernels::deltanet::{self, DeltaInputs, DeltaShape};
-use moestream_kernels::features::ActivationPrecision;
+use moestream_kernels::features::ProductMode;
 use moestream_kernels::ops::{self, AttentionShape, Rope};
 
 /// `y = w * x / rms(x)`.
@@ -68,8 +70,10 @@ impl Attention {
 
     /// `out = o_proj(softmax(q kᵀ / sqrt(D)) v)` for `n` tokens at positions `start..start + n`,
     /// appending their keys and values to `kv`.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
+        mode: ProductMode,
         x: &[f32],
         n: usize,
         start: usize,
@@ -89,17 +93,17 @@ impl Attention {
         if self.output_gate {
             // Per head: rows [0, D) the query, [D, 2D) the gate.
             let mut qg = vec![0f32; n * n_heads * 2 * d];
-            self.q_proj.forward(x, n, &mut qg);
+            self.q_proj.forward(mode, x, n, &mut qg);
             gate = vec![0f32; n * n_heads * d];
             for (i, head) in qg.chunks_exact(2 * d).enumerate() {
                 q[i * d..(i + 1) * d].copy_from_slice(&head[..d]);
                 gate[i * d..(i + 1) * d].copy_from_slice(&head[d..]);
             }
         } else {
-            self.q_proj.forward(x, n, &mut q);
+            self.q_proj.forward(mode, x, n, &mut q);
         }
-        self.k_proj.forward(x, n, &mut k);
-        self.v_proj.forward(x, n, &mut v);
+        self.k_proj.forward(mode, x, n, &mut k);
+        self.v_proj.forward(mode, x, n, &mut v);
         if let Some(norm) = &self.q_norm {
             ops::rms_norm_rows(&mut q, &norm.weight, norm.eps);
         }
@@ -123,7 +127,7 @@ impl Attention {
                 *a *= deltanet::sigmoid(g);
             }
         }
-        self.o_proj.forward(&o, n, out);
+        self.o_proj.forward(mode, &o, n, out);
     }
 }
 
@@ -224,9 +228,36 @@ impl GatedDeltaNet {
         2 * s.n_k_heads * s.k_dim + s.n_v_heads * s.v_dim
     }
 
+    /// Takes `state` back, after a recorded pass, to the state after the pass's first `keep`
+    /// tokens ([`LinearState::take_back`]).
+    pub(crate) fn take_back(&self, state: &mut LinearState, keep: usize) {
+        let shape = self.shape;
+        let trail = std::mem::take(&mut state.trail);
+        let inputs = DeltaInputs {
+            q: &trail.q,
+            k: &trail.k,
+            v: &trail.v,
+            g: &trail.g,
+            beta: &trail.beta,
+        };
+        let mut o = vec![0f32; shape.n_v_heads * shape.v_dim];
+        state.take_back(keep, self.channels(), &trail, |t, s, next| {
+            deltanet::gated_delta_step(shape, inputs.token(shape, t), s, next, &mut o)
+        });
+        state.trail = trail;
+        state.trail.tokens = 0;
+    }
+
     /// Runs `n` tokens after those `state` has seen; the new state goes to the state's pending
     /// buffers (committed with the rest of the pass).
-    pub fn forward(&self, x: &[f32], n: usize, state: &mut LinearState, out: &mut [f32]) {
+    pub fn forward(
+        &self,
+        mode: ProductMode,
+        x: &[f32],
+        n: usize,
+        state: &mut LinearState,
+        out: &mut [f32],
+    ) {
         let DeltaShape {
             n_k_heads: nk,
             n_v_heads: nv,
@@ -246,17 +277,17 @@ impl GatedDeltaNet {
                 b: wb,
                 a: wa,
             } => {
-                qkv.forward(x, n, &mut mixed);
-                wz.forward(x, n, &mut z);
-                wb.forward(x, n, &mut b);
-                wa.forward(x, n, &mut a);
+                qkv.forward(mode, x, n, &mut mixed);
+                wz.forward(mode, x, n, &mut z);
+                wb.forward(mode, x, n, &mut b);
+                wa.forward(mode, x, n, &mut a);
             }
             DeltaProjections::Fused { qkvz, ba } => {
                 let group = 2 * dk + 2 * r * dv;
                 let mut raw = vec![0f32; n * nk * group];
-                qkvz.forward(x, n, &mut raw);
+                qkvz.forward(mode, x, n, &mut raw);
                 let mut raw_ba = vec![0f32; n * 2 * nv];
-                ba.forward(x, n, &mut raw_ba);
+                ba.forward(mode, x, n, &mut raw_ba);
                 for t in 0..n {
                     let m = &mut mixed[t * c..(t + 1) * c];
                     for g in 0..nk {
@@ -275,7 +306,14 @@ impl GatedDeltaNet {
                 }
             }
         }
-        let ((conv_state, s), (next_conv, next_s)) = state.split();
+        let StateBuffers {
+            conv: conv_state,
+            recurrent: s,
+            next_conv,
+            next_recurrent: next_s,
+            spare,
+            trail,
+        } = state.split();
         let mut xc = vec![0f32; n * c];
         deltanet::causal_conv1d_silu(
             &mixed,
@@ -312,10 +350,34 @@ impl GatedDeltaNet {
             beta: &beta,
         };
         let mut o = vec![0f32; n * nv * dv];
-        if n == 1 {
-            deltanet::gated_delta_step(self.shape, inputs, s, next_s, &mut o);
-        } else {
-            deltanet::gated_delta_chunked(self.shape, n, inputs, s, next_s, &mut o);
+        match mode {
+            ProductMode::Decode(_) => {
+                // n decode steps, each token with the bits it would have had alone.
+                let vv = nv * dv;
+                alternate_steps(n, s, next_s, spare, &mut |t, from, to| {
+                    deltanet::gated_delta_step(
+                        self.shape,
+                        inputs.token(self.shape, t),
+                        from,
+                        to,
+                        &mut o[t * vv..(t + 1) * vv],
+                    )
+                });
+            }
+            ProductMode::Prefill => {
+                deltanet::gated_delta_chunked(self.shape, n, inputs, s, next_s, &mut o)
+            }
+        }
+        if let Some(trail) = trail {
+            *trail = DeltaTrail {
+                tokens: n,
+                mixed,
+                q,
+                k,
+                v,
+                g,
+                beta,
+            };
         }
         // Gated RMSNorm per head: (w · o / rms(o)) · silu(z).
         for (oh, zh) in o.chunks_exact_mut(dv).zip(z.chunks_exact(dv)) {
@@ -325,7 +387,7 @@ impl GatedDeltaNet {
                 *ov = (w * (*ov * inv)) * deltanet::silu(zv);
             }
         }
-        self.out_proj.forward(&o, n, out);
+        self.out_proj.forward(mode, &o, n, out);
     }
 }
 
@@ -347,12 +409,12 @@ impl SharedExpert {
     }
 
     /// Adds `sigmoid(gate(x)) · mlp(x)` to `out` for `n` rows.
-    fn add_to(&self, x: &[f32], n: usize, out: &mut [f32]) {
+    fn add_to(&self, mode: ProductMode, x: &[f32], n: usize, out: &mut [f32]) {
         let h = self.gate.cols;
         let mut y = vec![0f32; n * h];
-        self.mlp.forward(x, n, &mut y);
+        self.mlp.forward(mode, x, n, &mut y);
         let mut g = vec![0f32; n];
-        self.gate.forward(x, n, &mut g);
+        self.gate.forward(mode, x, n, &mut g);
         for t in 0..n {
             let s = deltanet::sigmoid(g[t]);
             for (o, &v) in out[t * h..(t + 1) * h]
@@ -386,9 +448,8 @@ impl Mlp {
     }
 
     /// Applies the MLP to `n` rows of `x`.
-    pub fn forward(&self, x: &[f32], n: usize, out: &mut [f32]) {
-        self.weights()
-            .forward(x, n, ActivationPrecision::for_pass(n), out)
+    pub fn forward(&self, mode: ProductMode, x: &[f32], n: usize, out: &mut [f32]) {
+        self.weights().forward(x, n, mode, out)
     }
 
     /// Bytes of weights.
@@ -445,10 +506,10 @@ pub type Routing = Vec<(usize, f32)>;
 impl SparseMoe {
     /// Routes each of `n` tokens: softmax over all experts (f32), then top-k, then optional
     /// renormalisation (transformers' `Qwen3MoeTopKRouter` / `MixtralTopKRouter`).
-    pub fn route(&self, x: &[f32], n: usize, top_k: usize) -> Vec<Routing> {
+    pub fn route(&self, mode: ProductMode, x: &[f32], n: usize, top_k: usize) -> Vec<Routing> {
         let e = self.router.rows;
         let mut logits = vec![0f32; n * e];
-        self.router.forward(x, n, &mut logits);
+        self.router.forward(mode, x, n, &mut logits);
         logits
             .chunks_exact_mut(e)
             .map(|p| {
@@ -466,10 +527,11 @@ impl SparseMoe {
     /// Applies layer `layer`'s experts, as `routing` chose them, to `n` rows of `x`. Each chosen
     /// expert runs once over all tokens that chose it (a matrix-matrix product in prefill);
     /// outputs are summed in ascending expert order, however the store delivers them.
-    /// `prefetch` is passed on to the store.
+    /// `prefetch` is passed on to the store. Returns the number of distinct experts applied.
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
+        mode: ProductMode,
         layer: usize,
         store: &ExpertStore,
         x: &[f32],
@@ -477,7 +539,7 @@ impl SparseMoe {
         routing: &[Routing],
         prefetch: Option<(usize, &[usize])>,
         out: &mut [f32],
-    ) -> Result<(), StoreError> {
+    ) -> Result<usize, StoreError> {
         let h = self.router.cols;
         let mut users: Vec<Vec<(usize, f32)>> = vec![vec![]; self.router.rows];
         for (t, r) in routing.iter().enumerate() {
@@ -491,8 +553,6 @@ impl SparseMoe {
             .map(|r| r.iter().map(|c| c.0).collect())
             .unwrap_or_default();
         last_token.sort_unstable();
-        // An expert chosen by one token of a prefill is still part of the prefill (f32).
-        let precision = ActivationPrecision::for_pass(n);
         let results = store.with_experts(layer, &active, &last_token, prefetch, |i, w| {
             let tokens = &users[active[i]];
             let mut xs = Vec::with_capacity(tokens.len() * h);
@@ -500,7 +560,7 @@ impl SparseMoe {
                 xs.extend_from_slice(&x[t * h..(t + 1) * h]);
             }
             let mut y = vec![0f32; tokens.len() * h];
-            w.forward(&xs, tokens.len(), precision, &mut y);
+            w.forward(&xs, tokens.len(), mode, &mut y);
             y
         })?;
         out[..n * h].fill(0.0);
@@ -515,9 +575,9 @@ impl SparseMoe {
             }
         }
         if let Some(shared) = &self.shared {
-            shared.add_to(x, n, out);
+            shared.add_to(mode, x, n, out);
         }
-        Ok(())
+        Ok(active.len())
     }
 }
 

@@ -18,8 +18,9 @@ use crate::config::{Arch, ModelConfig};
 use crate::store::{ExpertStore, Prefetch, StoreError, StoreOptions};
 use crate::weights::Linear;
 use blocks::{Attention, FeedForward, GatedDeltaNet, RmsNorm};
-use moestream_kernels::features::ActivationPrecision;
+use moestream_kernels::features::ProductMode;
 use moestream_kernels::ops::Rope;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// The token mixer of a layer.
 pub enum Mixer {
@@ -185,6 +186,8 @@ pub struct Model {
     /// Experts per token in use (the model's own unless overridden).
     top_k: usize,
     prefetch: Prefetch,
+    /// Distinct (layer, expert) pairs the last forward pass applied.
+    pass_experts: AtomicUsize,
 }
 
 impl Model {
@@ -210,6 +213,7 @@ impl Model {
             rope,
             top_k,
             prefetch: Prefetch::default(),
+            pass_experts: AtomicUsize::new(0),
         }
     }
 
@@ -309,6 +313,7 @@ impl Model {
     }
 
     /// Runs `tokens` after what `cache` holds; returns logits `[rows, V]` for the positions asked.
+    /// One token is a decode step, several a prefill ([`ProductMode::for_pass`]).
     /// Token ids must be below `vocab_size` (checked by callers that take outside input:
     /// [`Model::check_tokens`]). An error (a failed expert read) leaves `cache` as it was.
     pub fn forward(
@@ -317,7 +322,68 @@ impl Model {
         cache: &mut SequenceCache,
         want: Logits,
     ) -> Result<Vec<f32>, StoreError> {
+        self.forward_in(ProductMode::for_pass(tokens.len()), tokens, cache, want)
+    }
+
+    /// Runs `tokens` (speculative verification) as if they were decoded one at a time: the
+    /// logits `[tokens, V]` of every position have the same bits as those of single decode
+    /// steps, so greedy speculation gives exactly the tokens of plain decoding. Each expert any
+    /// of the tokens chose is applied once to all that chose it (read from disk once). The pass
+    /// is recorded, so [`Model::take_back`] can then keep any prefix of it.
+    pub fn verify(
+        &self,
+        tokens: &[u32],
+        cache: &mut SequenceCache,
+    ) -> Result<Vec<f32>, StoreError> {
+        cache.set_recording(true);
+        let logits = self.forward_in(ProductMode::decode(), tokens, cache, Logits::All);
+        cache.set_recording(false);
+        logits
+    }
+
+    /// Takes `cache` back to `len` tokens after a [`Model::verify`] pass, `len` at least the
+    /// length before that pass. Exact for every architecture: attention cuts its keys and
+    /// values; a Gated DeltaNet layer replays its recurrence from the state before the pass over
+    /// the recorded inputs of the tokens kept (no model run, nothing read from disk).
+    pub fn take_back(&self, cache: &mut SequenceCache, len: usize) -> Result<(), String> {
+        if len >= cache.len() {
+            return Ok(());
+        }
+        if cache.truncate(len) {
+            return Ok(());
+        }
+        let start = cache
+            .trail_start()
+            .ok_or("a hybrid model's state goes back only within the last verification pass")?;
+        if len < start {
+            return Err(format!(
+                "cannot take back to {len} tokens: the last verification pass began at {start}"
+            ));
+        }
+        for (layer, state) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            if let (Mixer::Linear(d), LayerState::Linear(s)) = (&layer.mixer, state) {
+                d.take_back(s, len - start);
+            }
+        }
+        cache.cut_after_replay(len);
+        Ok(())
+    }
+
+    /// Distinct (layer, expert) pairs the last forward pass applied.
+    pub fn last_pass_experts(&self) -> usize {
+        self.pass_experts.load(Ordering::Relaxed)
+    }
+
+    /// [`Model::forward`] with an explicit [`ProductMode`].
+    pub fn forward_in(
+        &self,
+        mode: ProductMode,
+        tokens: &[u32],
+        cache: &mut SequenceCache,
+        want: Logits,
+    ) -> Result<Vec<f32>, StoreError> {
         self.experts.check_files()?;
+        let mut experts_used = 0;
         let h = self.config.hidden_size;
         let n = tokens.len();
         let start = cache.len();
@@ -336,31 +402,44 @@ impl Model {
             layer.input_layernorm.forward(&x, &mut normed);
             match (&layer.mixer, state) {
                 (Mixer::Attention(a), LayerState::Attention(kv)) => {
-                    a.forward(&normed, n, start, &self.rope, kv, &mut delta)
+                    a.forward(mode, &normed, n, start, &self.rope, kv, &mut delta)
                 }
-                (Mixer::Linear(d), LayerState::Linear(s)) => d.forward(&normed, n, s, &mut delta),
+                (Mixer::Linear(d), LayerState::Linear(s)) => {
+                    d.forward(mode, &normed, n, s, &mut delta)
+                }
                 _ => unreachable!("caches come from Model::new_cache"),
             }
             add_into(&mut x, &delta);
             // out = h + FeedForward(RMSNorm(h))
             layer.post_attention_layernorm.forward(&x, &mut normed);
             match &layer.mlp {
-                FeedForward::Dense(m) => m.forward(&normed, n, &mut delta),
+                FeedForward::Dense(m) => m.forward(mode, &normed, n, &mut delta),
                 FeedForward::Sparse(moe) => {
-                    let routing = moe.route(&normed, n, self.top_k);
-                    let prediction = self.predict_next(l, &x, n);
+                    let routing = moe.route(mode, &normed, n, self.top_k);
+                    let prediction = self.predict_next(mode, l, &x, n);
                     let prefetch = prediction.as_ref().map(|(l, e)| (*l, e.as_slice()));
-                    if let Err(e) =
-                        moe.forward(l, &self.experts, &normed, n, &routing, prefetch, &mut delta)
-                    {
-                        cache.drop_uncommitted();
-                        return Err(e);
+                    match moe.forward(
+                        mode,
+                        l,
+                        &self.experts,
+                        &normed,
+                        n,
+                        &routing,
+                        prefetch,
+                        &mut delta,
+                    ) {
+                        Ok(used) => experts_used += used,
+                        Err(e) => {
+                            cache.drop_uncommitted();
+                            return Err(e);
+                        }
                     }
                 }
             }
             add_into(&mut x, &delta);
         }
         cache.advance(n);
+        self.pass_experts.store(experts_used, Ordering::Relaxed);
         let rows: &[f32] = match want {
             Logits::All => &x,
             Logits::Last => &x[(n - 1) * h..],
@@ -370,8 +449,7 @@ impl Model {
         self.norm.forward(rows, &mut normed);
         let mut logits = vec![0f32; m * self.config.vocab_size];
         // The last-token logits of a prefill are part of the prefill (f32 activations).
-        self.lm_head
-            .forward_at(ActivationPrecision::for_pass(n), &normed, m, &mut logits);
+        self.lm_head.forward(mode, &normed, m, &mut logits);
         Ok(logits)
     }
 
@@ -379,7 +457,13 @@ impl Model {
     /// store to start reading while `layer` computes. `x` is the residual stream after `layer`'s
     /// attention. The router predictor applies the next layer's norm and router to it: the
     /// residual stream changes little from one layer to the next, so its top-k is a good guess.
-    fn predict_next(&self, layer: usize, x: &[f32], n: usize) -> Option<(usize, Vec<usize>)> {
+    fn predict_next(
+        &self,
+        mode: ProductMode,
+        layer: usize,
+        x: &[f32],
+        n: usize,
+    ) -> Option<(usize, Vec<usize>)> {
         if !self.experts.is_streamed() || self.prefetch == Prefetch::None {
             return None;
         }
@@ -398,7 +482,7 @@ impl Model {
                 self.layers[next]
                     .post_attention_layernorm
                     .forward(x, &mut normed);
-                moe.route(&normed, n, self.top_k)
+                moe.route(mode, &normed, n, self.top_k)
                     .iter()
                     .flatten()
                     .map(|c| c.0)

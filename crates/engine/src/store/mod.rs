@@ -23,7 +23,7 @@ use crate::weights::Bytes;
 use io::{Completion, IoBackend, ModelFile, OpKind, ReadFailure, ReadOp, ReadQueue};
 use layout::ExpertLayout;
 use moestream_formats::MappedFile;
-use moestream_kernels::features::ActivationPrecision;
+use moestream_kernels::features::ProductMode;
 use moestream_kernels::Matrix;
 use rayon::prelude::*;
 use std::collections::HashMap;
@@ -311,17 +311,17 @@ pub struct ExpertWeights<'a> {
 }
 
 impl ExpertWeights<'_> {
-    /// `down(silu(gate(x)) * up(x))` for `n` rows of `x`, with the activation precision of the
-    /// forward pass this is part of ([`ActivationPrecision::for_pass`]).
-    pub fn forward(&self, x: &[f32], n: usize, precision: ActivationPrecision, out: &mut [f32]) {
+    /// `down(silu(gate(x)) * up(x))` for `n` rows of `x`, in the product mode of the forward
+    /// pass this is part of ([`ProductMode`]).
+    pub fn forward(&self, x: &[f32], n: usize, mode: ProductMode, out: &mut [f32]) {
         use moestream_kernels::matmul_at;
         let f = self.gate.rows;
         let mut g = vec![0f32; n * f];
         let mut u = vec![0f32; n * f];
-        matmul_at(precision, &self.gate, x, n, &mut g);
-        matmul_at(precision, &self.up, x, n, &mut u);
+        matmul_at(mode, &self.gate, x, n, &mut g);
+        matmul_at(mode, &self.up, x, n, &mut u);
         moestream_kernels::ops::silu_mul(&mut g, &u);
-        matmul_at(precision, &self.down, &g, n, out);
+        matmul_at(mode, &self.down, &g, n, out);
     }
 }
 

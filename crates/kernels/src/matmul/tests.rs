@@ -20,8 +20,8 @@
 
 use std::io::Write;
 
-use super::{matmul_scalar, matmul_with, matmul_with_precision, Backend};
-use crate::features::{cpu_level, ActivationPrecision, SimdLevel};
+use super::{matmul_in_mode, matmul_scalar, matmul_with, matmul_with_precision, Backend};
+use crate::features::{cpu_level, ActivationPrecision, ProductMode, SimdLevel};
 use crate::{dequantize_row, FloatKind, Matrix, Weights};
 
 pub(super) const KINDS: [FloatKind; 3] = [FloatKind::F32, FloatKind::F16, FloatKind::BF16];
@@ -706,4 +706,70 @@ fn matmul_rejects_invalid_matrix() {
     };
     let mut y = [0f32; 2];
     crate::matmul(&m, &[1.0, 2.0, 3.0], 1, &mut y);
+}
+
+/// A token-wise decode product ([`ProductMode::Decode`] over several tokens) gives every token
+/// the same bits as a product of that token alone, at both precisions and every level, on small
+/// shapes (one block, serial) and large ones (many blocks, in parallel).
+#[test]
+fn token_wise_decode_equals_one_token_products() {
+    let seed = fresh_seed();
+    let mut rng = Rng::new(seed);
+    let mut matrices: Vec<TestMatrix> = affine_cases()
+        .filter(|&(_, _, _, _, _, n)| n == 1)
+        .map(|(bits, gs, kind, rows, cols, _)| {
+            TestMatrix::affine(&mut rng, bits, gs, kind, rows, cols)
+        })
+        .collect();
+    matrices.extend(
+        float_cases()
+            .filter(|&(_, _, _, n)| n == 1)
+            .map(|(kind, rows, cols, _)| TestMatrix::float(&mut rng, kind, rows, cols)),
+    );
+    matrices.push(TestMatrix::affine(
+        &mut rng,
+        4,
+        64,
+        FloatKind::BF16,
+        1000,
+        2048,
+    ));
+    matrices.push(TestMatrix::affine(
+        &mut rng,
+        8,
+        32,
+        FloatKind::F16,
+        333,
+        1024,
+    ));
+    matrices.push(TestMatrix::float(&mut rng, FloatKind::BF16, 257, 1000));
+    let levels = [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512];
+    for tm in &matrices {
+        let m = tm.matrix();
+        for n in [2, 5, 9] {
+            let x = rng.floats(n * m.cols);
+            for level in levels.into_iter().filter(|&l| l <= cpu_level()) {
+                for precision in [ActivationPrecision::F32, ActivationPrecision::Int16] {
+                    let mode = ProductMode::Decode(precision);
+                    let mut together = vec![f32::NAN; n * m.rows];
+                    matmul_in_mode(level, mode, &m, &x, n, &mut together);
+                    for t in 0..n {
+                        let mut alone = vec![f32::NAN; m.rows];
+                        let xt = &x[t * m.cols..(t + 1) * m.cols];
+                        matmul_in_mode(level, mode, &m, xt, 1, &mut alone);
+                        let got = &together[t * m.rows..(t + 1) * m.rows];
+                        assert!(
+                            got.iter()
+                                .zip(&alone)
+                                .all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{level:?} {precision:?} {}x{} token {t} of {n} differs from the \
+                             token alone (seed {seed})",
+                            m.rows,
+                            m.cols
+                        );
+                    }
+                }
+            }
+        }
+    }
 }
