@@ -1,12 +1,15 @@
 //! The subcommands.
 use crate::kl;
-use crate::loaded::{human_bytes, peak_rss_bytes, EngineArgs, Loaded, Traffic};
+use crate::loaded::{human_bytes, peak_rss_bytes, EngineArgs, Loaded, SpeculationArgs, Traffic};
 use crate::synth::{self, SynthFormat};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use moestream_engine::generate::{generate, GenerationRequest, GenerationStats, SamplingParams};
+use moestream_engine::generate::{
+    generate_with, GenerationRequest, GenerationStats, SamplingParams,
+};
 use moestream_engine::models::blocks::FeedForward;
 use moestream_engine::models::Logits;
+use moestream_engine::speculative::{Proposer, SpeculationStats};
 use moestream_kernels::features::ActivationPrecision;
 use moestream_kernels::ops::log_softmax_at;
 use serde_json::{json, Value};
@@ -90,6 +93,8 @@ pub struct RunArgs {
     sampling: SamplingArgs,
     #[command(flatten)]
     engine: EngineArgs,
+    #[command(flatten)]
+    speculation: SpeculationArgs,
 }
 
 fn parse_ids(s: &str) -> Result<Vec<u32>> {
@@ -135,6 +140,9 @@ fn print_stats(s: &GenerationStats, l: &Loaded, before: &Traffic) {
         rate(decode_tokens, s.decode_seconds),
         peak_rss_bytes().map(human_bytes).unwrap_or_else(|| "?".into())
     );
+    if let Some(spec) = &s.speculation {
+        eprintln!("{}", speculation_summary(spec, &l.model));
+    }
     if has_moe(l) {
         eprintln!(
             "{}",
@@ -145,6 +153,43 @@ fn print_stats(s: &GenerationStats, l: &Loaded, before: &Traffic) {
             )
         );
     }
+}
+
+/// One line of speculation counters: acceptance, tokens and experts per verification pass.
+pub fn speculation_summary(
+    s: &SpeculationStats,
+    model: &moestream_engine::models::Model,
+) -> String {
+    let pct = |x: Option<f64>| x.map_or("-".into(), |v| format!("{:.0}%", v * 100.0));
+    let num = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.2}"));
+    let mut parts = vec![
+        format!(
+            "{} passes verified {} proposed tokens, {} accepted",
+            s.verify_passes,
+            s.proposed,
+            pct(s.acceptance_rate())
+        ),
+        format!("{} tokens/pass", num(s.tokens_per_pass())),
+        format!("{} plain steps", s.plain_steps),
+    ];
+    let sparse = model
+        .layers
+        .iter()
+        .filter(|x| matches!(x.mlp, FeedForward::Sparse(_)))
+        .count();
+    if sparse > 0 && s.verify_passes > 0 {
+        parts.push(format!(
+            "{} experts/pass for {:.2} tokens (one token: {})",
+            num(s.experts_per_pass()),
+            s.verify_tokens as f64 / s.verify_passes as f64,
+            sparse * model.top_k()
+        ));
+    }
+    parts.push(format!(
+        "draft {:.2} s, target {:.2} s",
+        s.draft_seconds, s.target_seconds
+    ));
+    format!("[speculation: {}]", parts.join(" | "))
 }
 
 fn has_moe(l: &Loaded) -> bool {
@@ -170,6 +215,8 @@ pub fn run(a: RunArgs) -> Result<()> {
         extra.insert("enable_thinking".into(), json!(t));
     }
     let ctx = l.model.config.max_position_embeddings;
+    let proposer = a.speculation.proposer(&l)?;
+    let speculation = |proposer: &Option<Proposer>| a.speculation.speculation(proposer, &sampling);
     let one_shot = |prompt: Vec<u32>| -> Result<()> {
         let req = GenerationRequest {
             prompt: prompt.clone(),
@@ -182,20 +229,33 @@ pub fn run(a: RunArgs) -> Result<()> {
         let before = Traffic::now(&l.model);
         let mut text = String::new();
         let mut out = std::io::stdout().lock();
-        let stats = generate(&l.model, l.tokenizer.as_ref(), &mut cache, &req, |piece| {
-            if a.json {
-                text.push_str(piece);
-            } else {
-                let _ = write!(out, "{piece}");
-                let _ = out.flush();
-            }
-            true
-        })
+        let mut spec = speculation(&proposer);
+        let stats = generate_with(
+            &l.model,
+            l.tokenizer.as_ref(),
+            &mut cache,
+            &req,
+            spec.as_mut(),
+            |piece| {
+                if a.json {
+                    text.push_str(piece);
+                } else {
+                    let _ = write!(out, "{piece}");
+                    let _ = out.flush();
+                }
+                true
+            },
+        )
         .map_err(anyhow::Error::msg)?;
         if a.json {
-            let v = json!({"prompt_tokens": prompt, "generated_tokens": stats.tokens, "text": text,
+            let mut v = json!({"prompt_tokens": prompt, "generated_tokens": stats.tokens, "text": text,
                 "finish_reason": format!("{:?}", stats.finish_reason).to_lowercase(),
                 "prefill_seconds": stats.prefill_seconds, "decode_seconds": stats.decode_seconds});
+            if let Some(s) = &stats.speculation {
+                v["speculation"] = json!({"verify_passes": s.verify_passes, "proposed": s.proposed,
+                    "accepted": s.accepted, "plain_steps": s.plain_steps,
+                    "verify_experts": s.verify_experts, "verify_tokens": s.verify_tokens});
+            }
             writeln!(out, "{v}")?;
         } else {
             writeln!(out)?;
@@ -230,7 +290,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         }
         return one_shot(ids);
     }
-    chat(&l, &a, sampling, eos, extra)
+    chat(&l, &a, sampling.clone(), eos, extra, &proposer)
 }
 
 /// Interactive chat: the whole conversation is re-rendered each turn; the KV cache is kept for
@@ -241,6 +301,7 @@ fn chat(
     sampling: SamplingParams,
     eos: Vec<u32>,
     extra: serde_json::Map<String, Value>,
+    proposer: &Option<Proposer>,
 ) -> Result<()> {
     let tok = l.tokenizer()?;
     let template = l.template.as_ref().with_context(|| {
@@ -297,12 +358,20 @@ fn chat(
         let mut reply = String::new();
         let before = Traffic::now(&l.model);
         let mut out = std::io::stdout().lock();
-        let stats = generate(&l.model, Some(tok), &mut cache, &req, |piece| {
-            reply.push_str(piece);
-            let _ = write!(out, "{piece}");
-            let _ = out.flush();
-            true
-        })
+        let mut spec = a.speculation.speculation(proposer, &sampling);
+        let stats = generate_with(
+            &l.model,
+            Some(tok),
+            &mut cache,
+            &req,
+            spec.as_mut(),
+            |piece| {
+                reply.push_str(piece);
+                let _ = write!(out, "{piece}");
+                let _ = out.flush();
+                true
+            },
+        )
         .map_err(anyhow::Error::msg)?;
         writeln!(out)?;
         drop(out);
@@ -746,6 +815,10 @@ pub struct SynthArgs {
     /// Random seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Keep only the first N decoder layers. With the same seed, the model holds exactly the
+    /// full model's embedding, first layers and output head: a draft for speculative decoding.
+    #[arg(long, value_name = "N")]
+    layers: Option<usize>,
     /// Output folder.
     out: PathBuf,
 }
@@ -758,7 +831,7 @@ pub fn synth(a: SynthArgs) -> Result<()> {
         );
     }
     let t0 = std::time::Instant::now();
-    let bytes = synth::synth(&a.arch, &a.preset, a.format, a.seed, &a.out, true)?;
+    let bytes = synth::synth_layers(&a.arch, &a.preset, a.format, a.seed, a.layers, &a.out, true)?;
     eprintln!(
         "wrote {} of weights to {} in {:.1} s (random weights: output is noise)",
         human_bytes(bytes),

@@ -5,6 +5,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use moestream_engine::config::GenerationConfig;
 use moestream_engine::models::Model;
+use moestream_engine::speculative::{check_vocabularies, DraftLength, Proposer, Speculation};
 use moestream_engine::store::io::IoBackend;
 use moestream_engine::store::{
     self, CacheSize, DirectIo, Eviction, Prefetch, ReadMode, StoreOptions, StoreStats, StreamMode,
@@ -28,6 +29,86 @@ pub struct EngineArgs {
     pub decode_activations: Option<ActivationPrecision>,
     #[command(flatten)]
     pub stream: StreamArgs,
+}
+
+/// Speculative decoding (`run`, `bench`, `serve`).
+#[derive(Args, Clone, Debug, Default)]
+pub struct SpeculationArgs {
+    /// A small model with the same tokenizer that proposes tokens for this one to verify
+    /// (speculative decoding; lossless). Loaded in memory, never streamed.
+    #[arg(long, value_name = "DIR")]
+    pub draft_model: Option<PathBuf>,
+    /// Propose tokens by prompt lookup (the continuation of the latest earlier occurrence of
+    /// the last few tokens): free, pays on repetitive text.
+    #[arg(long, conflicts_with = "draft_model")]
+    pub prompt_lookup: bool,
+    /// Most tokens proposed per round; the number used adapts to the measured acceptance and
+    /// costs (0 turns speculation off).
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    pub num_draft_tokens: usize,
+    /// Always propose --num-draft-tokens tokens, whatever the measured acceptance and costs
+    /// (for tests and measurements).
+    #[arg(long)]
+    pub fixed_draft_length: bool,
+}
+
+impl SpeculationArgs {
+    /// Speculation state for one sequence, if these options ask for it.
+    pub fn speculation(
+        &self,
+        proposer: &Option<Proposer>,
+        sampling: &moestream_engine::generate::SamplingParams,
+    ) -> Option<Speculation> {
+        proposer.clone().map(|p| {
+            let mut s = Speculation::new(p, self.num_draft_tokens, sampling);
+            if self.fixed_draft_length {
+                s.length = DraftLength::fixed(self.num_draft_tokens);
+            }
+            s
+        })
+    }
+
+    /// The proposer these options ask for, checked against `target` (`None`: no speculation).
+    pub fn proposer(&self, target: &Loaded) -> Result<Option<Proposer>> {
+        if self.num_draft_tokens > 16 {
+            anyhow::bail!("--num-draft-tokens must be at most 16");
+        }
+        if self.num_draft_tokens == 0 {
+            return Ok(None);
+        }
+        if self.prompt_lookup {
+            return Ok(Some(Proposer::PromptLookup));
+        }
+        let Some(dir) = &self.draft_model else {
+            return Ok(None);
+        };
+        let dir = crate::hub::resolve_model(dir)?;
+        let options = StoreOptions {
+            stream: StreamMode::Off,
+            ..StoreOptions::default()
+        };
+        let draft = Model::load_with(&dir, &options)
+            .with_context(|| format!("loading the draft model {}", dir.display()))?;
+        let tokenizer = if dir.join("tokenizer.json").is_file() {
+            Some(Tokenizer::from_dir(&dir)?)
+        } else {
+            None
+        };
+        check_vocabularies(
+            target.tokenizer.as_ref(),
+            target.model.config.vocab_size,
+            tokenizer.as_ref(),
+            draft.config.vocab_size,
+        )
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "the draft model {} cannot draft for {}: {e}",
+                dir.display(),
+                target.dir.display()
+            )
+        })?;
+        Ok(Some(Proposer::Draft(std::sync::Arc::new(draft))))
+    }
 }
 
 /// Where expert weights come from (`bench` takes these without `--top-k`, which it sweeps).

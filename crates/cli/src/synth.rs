@@ -73,6 +73,9 @@ fn preset_config(arch: &str, preset: &str) -> Result<Value> {
         ("qwen3", "qwen3-0.6b") => qwen(json!({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
             "vocab_size": 151936, "hidden_size": 1024, "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
             "head_dim": 128, "intermediate_size": 3072, "max_position_embeddings": 40960, "tie_word_embeddings": true})),
+        ("qwen3", "qwen3-8b") => qwen(json!({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+            "vocab_size": 151936, "hidden_size": 4096, "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "head_dim": 128, "intermediate_size": 12288, "max_position_embeddings": 40960, "tie_word_embeddings": false})),
         ("mixtral", "tiny") => json!({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
             "vocab_size": 512, "hidden_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
             "intermediate_size": 128, "num_local_experts": 8, "num_experts_per_tok": 2, "rms_norm_eps": 1e-5,
@@ -86,7 +89,7 @@ fn preset_config(arch: &str, preset: &str) -> Result<Value> {
         ("qwen3_next" | "qwen3_5" | "qwen3_5_moe", _) => return hybrid_preset(arch, preset),
         _ => bail!(
             "no preset `{preset}` for architecture `{arch}`; presets: qwen3_moe: tiny, qwen3-30b-a3b, qwen3-235b-a22b; \
-             qwen3: tiny, qwen3-0.6b; mixtral: tiny, mixtral-8x7b; qwen3_next: tiny, qwen3-next-80b-a3b; \
+             qwen3: tiny, qwen3-0.6b, qwen3-8b; mixtral: tiny, mixtral-8x7b; qwen3_next: tiny, qwen3-next-80b-a3b; \
              qwen3_5: tiny; qwen3_5_moe: tiny, qwen3.5-35b-a3b, qwen3.5-122b-a10b"
         ),
     };
@@ -187,14 +190,32 @@ struct TensorSpec {
     dtype: &'static str,
     shape: Vec<usize>,
     fill: Fill,
+    /// Quantized tensors: the float tensors whose values they hold, in order (the experts of a
+    /// stacked MLX tensor are the per-expert tensors of the Hugging Face layout); empty: the
+    /// float tensor of the same name.
+    sources: Vec<String>,
 }
 
 #[derive(Clone, Copy)]
 enum Fill {
     /// Uniform floats in `[-a, a]` (+ `center`), stored as F32 or BF16.
     Uniform { a: f32, center: f32 },
-    /// Random bytes (packed quantization codes).
-    RandomBytes,
+    /// One part of the MLX affine quantization (`bits`, groups of `gs`) of the uniform floats
+    /// in `[-a, a]` that the float formats hold for the same tensor: every format of a seed is
+    /// the same model, as a real checkpoint and its conversions are.
+    Quantized {
+        a: f32,
+        bits: u32,
+        gs: usize,
+        part: QuantPart,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum QuantPart {
+    Codes,
+    Scales,
+    Biases,
 }
 
 impl TensorSpec {
@@ -240,37 +261,39 @@ impl Plan {
                     dtype,
                     shape: shape(&[rows, cols]),
                     fill: Fill::Uniform { a, center: 0.0 },
+                    sources: Vec::new(),
                 });
             }
             SynthFormat::Mlx4 | SynthFormat::Mlx8 => {
                 let bits = bits_override.unwrap_or(if format == SynthFormat::Mlx4 { 4 } else { 8 })
                     as usize;
                 let gs = 64;
-                let levels = ((1u32 << bits) - 1) as f32;
-                // codes uniform in 0..=levels map to [-a, a]: scale = 2a/levels, bias = -a.
+                let quantized = |part| Fill::Quantized {
+                    a,
+                    bits: bits as u32,
+                    gs,
+                    part,
+                };
                 self.tensors.push(TensorSpec {
                     name: format!("{name}.weight"),
                     dtype: "U32",
                     shape: shape(&[rows, cols * bits / 32]),
-                    fill: Fill::RandomBytes,
+                    fill: quantized(QuantPart::Codes),
+                    sources: Vec::new(),
                 });
                 self.tensors.push(TensorSpec {
                     name: format!("{name}.scales"),
                     dtype: "BF16",
                     shape: shape(&[rows, cols / gs]),
-                    fill: Fill::Uniform {
-                        a: 0.1 * 2.0 * a / levels,
-                        center: 2.0 * a / levels,
-                    },
+                    fill: quantized(QuantPart::Scales),
+                    sources: Vec::new(),
                 });
                 self.tensors.push(TensorSpec {
                     name: format!("{name}.biases"),
                     dtype: "BF16",
                     shape: shape(&[rows, cols / gs]),
-                    fill: Fill::Uniform {
-                        a: 0.1 * a,
-                        center: -a,
-                    },
+                    fill: quantized(QuantPart::Biases),
+                    sources: Vec::new(),
                 });
             }
         }
@@ -290,6 +313,7 @@ impl Plan {
                 a: 0.2,
                 center: 1.0,
             },
+            sources: Vec::new(),
         });
     }
 }
@@ -390,7 +414,12 @@ fn plan(cfg: &Value, format: SynthFormat) -> Plan {
         };
         let shapes = [(i, h), (i, h), (h, i)];
         if mlx {
-            for (n, (r, c)) in names.iter().zip(shapes) {
+            let hf_names = if arch == "mixtral" {
+                ["w1", "w3", "w2"]
+            } else {
+                names
+            };
+            for ((n, hf), (r, c)) in names.iter().zip(hf_names).zip(shapes) {
                 p.linear(
                     &format!("{moe}.switch_mlp.{n}"),
                     (Some(e), r, c),
@@ -398,6 +427,11 @@ fn plan(cfg: &Value, format: SynthFormat) -> Plan {
                     format,
                     None,
                 );
+                // The same values as the Hugging Face layout's per-expert tensors.
+                let codes = p.tensors.len() - 3;
+                p.tensors[codes].sources = (0..e)
+                    .map(|x| format!("{moe}.experts.{x}.{hf}.weight"))
+                    .collect();
             }
         } else {
             for x in 0..e {
@@ -429,6 +463,22 @@ pub fn synth(
     out: &Path,
     progress: bool,
 ) -> Result<u64> {
+    synth_layers(arch, preset, format, seed, None, out, progress)
+}
+
+/// [`synth`], keeping only the first `layers` decoder layers when given. Every tensor's values
+/// depend only on the seed and the tensor's name, so such a model holds exactly the embedding,
+/// first layers, final norm and output head of the full one: a draft made of the target's own
+/// weights, for speculative decoding.
+pub fn synth_layers(
+    arch: &str,
+    preset: &str,
+    format: SynthFormat,
+    seed: u64,
+    layers: Option<usize>,
+    out: &Path,
+    progress: bool,
+) -> Result<u64> {
     if !ARCHES.contains(&arch) {
         bail!(
             "unknown architecture `{arch}`; supported: {}",
@@ -436,6 +486,21 @@ pub fn synth(
         );
     }
     let mut cfg = preset_config(arch, preset)?;
+    if let Some(n) = layers {
+        let t = if cfg.get("text_config").is_some() {
+            &mut cfg["text_config"]
+        } else {
+            &mut cfg
+        };
+        let full = usize_of(t, "num_hidden_layers");
+        if n == 0 || n > full {
+            bail!("--layers {n}: the preset has {full} layers; keep 1 to {full}");
+        }
+        t["num_hidden_layers"] = json!(n);
+        if let Some(types) = t.get_mut("layer_types").and_then(Value::as_array_mut) {
+            types.truncate(n);
+        }
+    }
     let plan = plan(&cfg, format);
     if matches!(format, SynthFormat::Mlx4 | SynthFormat::Mlx8) {
         let bits = if format == SynthFormat::Mlx4 { 4 } else { 8 };
@@ -608,6 +673,7 @@ fn write_safetensors(out: &Path, tensors: &[TensorSpec], seed: u64, progress: bo
     );
     let n = shards.len();
     let mut weight_map = serde_json::Map::new();
+    let mut stash = Stash::new();
     for (si, shard) in shards.iter().enumerate() {
         let fname = if n == 1 {
             "model.safetensors".to_string()
@@ -633,8 +699,7 @@ fn write_safetensors(out: &Path, tensors: &[TensorSpec], seed: u64, progress: bo
         w.write_all(&(hbytes.len() as u64).to_le_bytes())?;
         w.write_all(&hbytes)?;
         for t in shard {
-            let tseed = seed ^ fxhash(&t.name);
-            write_tensor(&mut w, t, tseed, &bar)?;
+            write_tensor(&mut w, t, seed, &bar, &mut stash)?;
         }
         w.flush()?;
     }
@@ -656,12 +721,115 @@ fn fxhash(s: &str) -> u64 {
 
 const CHUNK_ELEMS: usize = 1 << 20;
 
+/// Scales and biases of quantized tensors, computed with their codes and written after them,
+/// by the name of the tensor they belong to.
+type Stash = std::collections::HashMap<String, (Vec<u8>, Vec<u8>)>;
+
+/// The generator of chunk `c` of a tensor seeded `seed`: the floats of every format come from it.
+fn chunk_rng(seed: u64, c: usize) -> impl FnMut() -> u64 {
+    let mut rng = seed ^ (c as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    }
+}
+
+fn uniform(next: &mut impl FnMut() -> u64, a: f32, center: f32) -> f32 {
+    center + a * ((next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0)
+}
+
+/// MLX affine quantization of `values` in groups of `gs`: codes packed low bit first into
+/// little-endian u32 words, scales and biases as bf16 (codes computed against the rounded
+/// scale and bias, so dequantizing gives the nearest representable value).
+fn quantize(values: &[f32], bits: u32, gs: usize) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    let levels = ((1u32 << bits) - 1) as f32;
+    let mut codes = Vec::with_capacity(values.len() * bits as usize / 8);
+    let (mut scales, mut biases) = (Vec::new(), Vec::new());
+    let (mut acc, mut filled) = (0u64, 0u32);
+    for g in values.chunks(gs) {
+        let lo = g.iter().copied().fold(f32::INFINITY, f32::min);
+        let hi = g.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let scale = half::bf16::from_f32(((hi - lo) / levels).max(1e-8));
+        let bias = half::bf16::from_f32(lo);
+        let (s, b) = (scale.to_f32(), bias.to_f32());
+        scales.extend_from_slice(&scale.to_bits().to_le_bytes());
+        biases.extend_from_slice(&bias.to_bits().to_le_bytes());
+        for &v in g {
+            let q = ((v - b) / s).round().clamp(0.0, levels) as u64;
+            acc |= q << filled;
+            filled += bits;
+            while filled >= 32 {
+                codes.extend_from_slice(&(acc as u32).to_le_bytes());
+                acc >>= 32;
+                filled -= 32;
+            }
+        }
+    }
+    debug_assert_eq!(filled, 0, "groups are whole u32 words");
+    (codes, scales, biases)
+}
+
 fn write_tensor(
     w: &mut impl Write,
     t: &TensorSpec,
     seed: u64,
     bar: &indicatif::ProgressBar,
+    stash: &mut Stash,
 ) -> Result<()> {
+    if let Fill::Quantized { a, bits, gs, part } = t.fill {
+        // Seeded by the float tensors' names below.
+        let stem = t.name.rsplit_once('.').map_or(t.name.as_str(), |p| p.0);
+        if part != QuantPart::Codes {
+            let parts = stash
+                .get_mut(stem)
+                .with_context(|| format!("{}: written before its codes", t.name))?;
+            let bytes = std::mem::take(if part == QuantPart::Scales {
+                &mut parts.0
+            } else {
+                &mut parts.1
+            });
+            w.write_all(&bytes)?;
+            bar.inc(bytes.len() as u64);
+            return Ok(());
+        }
+        // The float tensor has the codes tensor's name ("X.weight") and 32/bits times as many
+        // values; its chunks hold whole groups (CHUNK_ELEMS is a multiple of every gs).
+        let sources = if t.sources.is_empty() {
+            vec![t.name.clone()]
+        } else {
+            t.sources.clone()
+        };
+        let n = t.numel() * 32 / bits as usize / sources.len();
+        let chunks = n.div_ceil(CHUNK_ELEMS);
+        let batch = rayon::current_num_threads().max(1) * 2;
+        let (mut scales, mut biases) = (Vec::new(), Vec::new());
+        for source in &sources {
+            let fseed = seed ^ fxhash(source);
+            for c0 in (0..chunks).step_by(batch) {
+                let parts: Vec<(Vec<u8>, Vec<u8>, Vec<u8>)> = (c0..(c0 + batch).min(chunks))
+                    .into_par_iter()
+                    .map(|c| {
+                        let len = CHUNK_ELEMS.min(n - c * CHUNK_ELEMS);
+                        let mut next = chunk_rng(fseed, c);
+                        let values: Vec<f32> =
+                            (0..len).map(|_| uniform(&mut next, a, 0.0)).collect();
+                        quantize(&values, bits, gs)
+                    })
+                    .collect();
+                for (codes, s, b) in parts {
+                    w.write_all(&codes)?;
+                    bar.inc(codes.len() as u64);
+                    scales.extend(s);
+                    biases.extend(b);
+                }
+            }
+        }
+        stash.insert(stem.to_string(), (scales, biases));
+        return Ok(());
+    }
+    let seed = seed ^ fxhash(&t.name);
     let elem = t.size_bytes() / t.numel().max(1);
     let n = t.numel();
     let chunks = n.div_ceil(CHUNK_ELEMS);
@@ -674,39 +842,18 @@ fn write_tensor(
             .into_par_iter()
             .map(|c| {
                 let len = CHUNK_ELEMS.min(n - c * CHUNK_ELEMS);
-                let mut rng = seed ^ (c as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-                let mut next = move || {
-                    rng ^= rng << 13;
-                    rng ^= rng >> 7;
-                    rng ^= rng << 17;
-                    rng
-                };
+                let mut next = chunk_rng(seed, c);
                 let mut buf = Vec::with_capacity(len * elem);
-                match (t.fill, t.dtype) {
-                    (Fill::RandomBytes, _) => {
-                        for _ in 0..(len * elem).div_ceil(8) {
-                            buf.extend_from_slice(&next().to_le_bytes());
-                        }
-                        buf.truncate(len * elem);
-                    }
-                    (fill, dtype) => {
-                        for _ in 0..len {
-                            let v = match fill {
-                                Fill::Uniform { a, center } => {
-                                    center
-                                        + a * ((next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0
-                                            - 1.0)
-                                }
-                                Fill::RandomBytes => 0.0,
-                            };
-                            if dtype == "F32" {
-                                buf.extend_from_slice(&v.to_le_bytes());
-                            } else {
-                                buf.extend_from_slice(
-                                    &half::bf16::from_f32(v).to_bits().to_le_bytes(),
-                                );
-                            }
-                        }
+                let (a, center) = match t.fill {
+                    Fill::Uniform { a, center } => (a, center),
+                    Fill::Quantized { .. } => unreachable!("quantized tensors returned above"),
+                };
+                for _ in 0..len {
+                    let v = uniform(&mut next, a, center);
+                    if t.dtype == "F32" {
+                        buf.extend_from_slice(&v.to_le_bytes());
+                    } else {
+                        buf.extend_from_slice(&half::bf16::from_f32(v).to_bits().to_le_bytes());
                     }
                 }
                 buf

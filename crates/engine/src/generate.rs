@@ -6,6 +6,7 @@
 //! that could still become a stop string is held back until it cannot.
 use crate::cache::SequenceCache;
 use crate::models::{Logits, Model};
+use crate::speculative::{Speculation, SpeculationStats};
 use crate::text::{IncrementalDecoder, Tokenizer};
 use std::time::Instant;
 
@@ -55,6 +56,18 @@ impl Sampler {
     /// Picks the next token from `logits` (modified in place); `history` feeds the repetition
     /// penalty.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+        let d = self.distribution(logits, history);
+        self.draw(&d)
+    }
+
+    /// Whether this sampler is greedy (temperature 0).
+    pub fn is_greedy(&self) -> bool {
+        self.params.temperature <= 0.0
+    }
+
+    /// The distribution [`Self::sample`] draws from: repetition penalty, then argmax (greedy) or
+    /// temperature, top-k, top-p and min-p, renormalised. `logits` are penalised in place.
+    pub fn distribution(&self, logits: &mut [f32], history: &[u32]) -> Distribution {
         let p = &self.params;
         if p.repetition_penalty != 1.0 {
             let mut seen = history.to_vec();
@@ -71,7 +84,9 @@ impl Sampler {
             }
         }
         if p.temperature <= 0.0 {
-            return argmax(logits);
+            return Distribution {
+                candidates: vec![(argmax(logits), 1.0)],
+            };
         }
         let mut cand: Vec<(u32, f32)> = logits
             .iter()
@@ -102,14 +117,83 @@ impl Sampler {
             keep = keep.min(probs.iter().take_while(|&&q| q >= floor).count().max(1));
         }
         let total: f64 = probs[..keep].iter().sum();
-        let mut r = self.rng.next_f64() * total;
-        for (i, &q) in probs[..keep].iter().enumerate() {
+        Distribution {
+            candidates: cand[..keep]
+                .iter()
+                .zip(&probs)
+                .map(|(c, &q)| (c.0, q / total))
+                .collect(),
+        }
+    }
+
+    /// Draws a token from `d` (greedy: its only candidate, drawing nothing).
+    pub fn draw(&mut self, d: &Distribution) -> u32 {
+        if self.is_greedy() || d.candidates.len() == 1 {
+            return d.candidates[0].0;
+        }
+        let mut r = self.rng.next_f64();
+        for &(id, q) in &d.candidates {
             r -= q;
             if r <= 0.0 {
-                return cand[i].0;
+                return id;
             }
         }
-        cand[keep - 1].0
+        d.candidates[d.candidates.len() - 1].0
+    }
+
+    /// Speculative rejection sampling (Leviathan et al. 2023; Chen et al. 2023): `x` was drawn
+    /// from the draft's distribution `q`; it is kept with probability `min(1, p(x)/q(x))`,
+    /// else a token is drawn from `max(0, p − q)` renormalised. Either way the token that comes
+    /// out is distributed exactly as `p`. Returns `None` when `x` is kept, else the replacement.
+    /// Greedy: `x` is kept if and only if it is `p`'s argmax, which replaces it otherwise.
+    pub fn accept(&mut self, p: &Distribution, q: &Distribution, x: u32) -> Option<u32> {
+        let (px, qx) = (p.prob(x), q.prob(x));
+        if self.is_greedy() {
+            return (p.candidates[0].0 != x).then_some(p.candidates[0].0);
+        }
+        if qx > 0.0 && self.rng.next_f64() * qx < px {
+            return None;
+        }
+        let q_of: std::collections::HashMap<u32, f64> = q.candidates.iter().copied().collect();
+        let mut residual: Vec<(u32, f64)> = p
+            .candidates
+            .iter()
+            .map(|&(id, pi)| (id, (pi - q_of.get(&id).copied().unwrap_or(0.0)).max(0.0)))
+            .filter(|c| c.1 > 0.0)
+            .collect();
+        let total: f64 = residual.iter().map(|c| c.1).sum();
+        if total <= 0.0 {
+            return Some(self.draw(p));
+        }
+        residual.iter_mut().for_each(|c| c.1 /= total);
+        Some(self.draw(&Distribution {
+            candidates: residual,
+        }))
+    }
+}
+
+/// A distribution over tokens after the sampler's transformations: candidates with their
+/// probabilities (summing to 1), most likely first; tokens not listed have probability 0.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Distribution {
+    /// `(token, probability)`.
+    pub candidates: Vec<(u32, f64)>,
+}
+
+impl Distribution {
+    /// A single sure token (a deterministic proposal).
+    pub fn certain(token: u32) -> Distribution {
+        Distribution {
+            candidates: vec![(token, 1.0)],
+        }
+    }
+
+    /// The probability of `token`.
+    pub fn prob(&self, token: u32) -> f64 {
+        self.candidates
+            .iter()
+            .find(|c| c.0 == token)
+            .map_or(0.0, |c| c.1)
     }
 }
 
@@ -231,6 +315,8 @@ pub struct GenerationStats {
     pub finish_reason: FinishReason,
     /// The generated ids (EOS excluded).
     pub tokens: Vec<u32>,
+    /// Speculation counters, when speculating.
+    pub speculation: Option<SpeculationStats>,
 }
 
 /// Runs the decode loop. `on_text` receives text as it becomes final (never broken UTF-8) and
@@ -240,6 +326,19 @@ pub fn generate(
     tokenizer: Option<&Tokenizer>,
     cache: &mut SequenceCache,
     req: &GenerationRequest,
+    on_text: impl FnMut(&str) -> bool,
+) -> Result<GenerationStats, String> {
+    generate_with(model, tokenizer, cache, req, None, on_text)
+}
+
+/// [`generate`], with speculative decoding when `speculation` is given: each round may produce
+/// several tokens, the same ones (greedy) or ones distributed the same (sampling) as without.
+pub fn generate_with(
+    model: &Model,
+    tokenizer: Option<&Tokenizer>,
+    cache: &mut SequenceCache,
+    req: &GenerationRequest,
+    mut speculation: Option<&mut Speculation>,
     mut on_text: impl FnMut(&str) -> bool,
 ) -> Result<GenerationStats, String> {
     if req.prompt.is_empty() {
@@ -267,33 +366,61 @@ pub fn generate(
     let mut finish = FinishReason::Length;
     // Ended by an end-of-sequence token (not by a stop string, whose text is dropped).
     let mut eos = false;
-    while tokens.len() < req.max_tokens {
-        let next = sampler.sample(&mut logits, &history);
-        if req.eos_token_ids.contains(&next) {
-            finish = FinishReason::Stop;
-            eos = true;
-            break;
-        }
-        tokens.push(next);
-        history.push(next);
-        if let Some(tok) = tokenizer {
-            let piece = decoder.push(tok, next).map_err(|e| e.to_string())?;
-            let (out, stopped) = stops.push(&piece);
-            if !out.is_empty() && !on_text(&out) {
-                finish = FinishReason::Cancelled;
-                break;
-            }
-            if stopped {
+    let mut chosen = if req.max_tokens > 0 {
+        vec![sampler.sample(&mut logits, &history)]
+    } else {
+        Vec::new()
+    };
+    'generation: while !chosen.is_empty() {
+        for next in chosen.drain(..) {
+            if req.eos_token_ids.contains(&next) {
                 finish = FinishReason::Stop;
-                break;
+                eos = true;
+                break 'generation;
+            }
+            tokens.push(next);
+            history.push(next);
+            if let Some(tok) = tokenizer {
+                let piece = decoder.push(tok, next).map_err(|e| e.to_string())?;
+                let (out, stopped) = stops.push(&piece);
+                if !out.is_empty() && !on_text(&out) {
+                    finish = FinishReason::Cancelled;
+                    break 'generation;
+                }
+                if stopped {
+                    finish = FinishReason::Stop;
+                    break 'generation;
+                }
+            }
+            if tokens.len() == req.max_tokens {
+                break 'generation;
             }
         }
-        if tokens.len() == req.max_tokens || cache.len() >= ctx {
+        if cache.len() >= ctx {
             break;
         }
-        logits = model
-            .forward(&[next], cache, Logits::Last)
-            .map_err(|e| e.to_string())?;
+        chosen = match speculation.as_deref_mut() {
+            Some(spec) => {
+                let limit = req.max_tokens - tokens.len();
+                let mut no_adjustment = |_: &mut [f32], _: &[u32]| {};
+                spec.round(
+                    model,
+                    cache,
+                    &history,
+                    &mut sampler,
+                    limit,
+                    &mut no_adjustment,
+                )?
+                .tokens
+            }
+            None => {
+                let next = history[history.len() - 1];
+                let mut logits = model
+                    .forward(&[next], cache, Logits::Last)
+                    .map_err(|e| e.to_string())?;
+                vec![sampler.sample(&mut logits, &history)]
+            }
+        };
     }
     // At the length limit or EOS, release what was held back: the bytes of a character not yet
     // complete, and text that could have begun a stop string that never came.
@@ -317,6 +444,7 @@ pub fn generate(
         },
         finish_reason: finish,
         tokens,
+        speculation: speculation.map(|s| s.stats),
     })
 }
 
@@ -401,6 +529,53 @@ mod tests {
                 assert_eq!(s.sample(&mut logits.clone(), &[]), 0);
             }
         }
+    }
+
+    /// Whatever the draft's distribution, the tokens rejection sampling lets through are
+    /// distributed as the target's (chi-square-like bound on 20000 draws).
+    #[test]
+    fn rejection_sampling_yields_the_target_distribution() {
+        let p = Distribution {
+            candidates: vec![(0, 0.5), (1, 0.3), (2, 0.2)],
+        };
+        let drafts = [
+            Distribution {
+                candidates: vec![(2, 0.6), (3, 0.3), (0, 0.1)],
+            },
+            Distribution::certain(1),
+            p.clone(),
+        ];
+        for q in &drafts {
+            let params = SamplingParams {
+                temperature: 1.0,
+                seed: 11,
+                ..Default::default()
+            };
+            let mut s = Sampler::new(params);
+            let n = 20000;
+            let mut counts = [0usize; 4];
+            for _ in 0..n {
+                let x = s.draw(q);
+                let out = s.accept(&p, q, x).unwrap_or(x);
+                counts[out as usize] += 1;
+            }
+            for (id, want) in [(0u32, 0.5), (1, 0.3), (2, 0.2), (3, 0.0)] {
+                let got = counts[id as usize] as f64 / n as f64;
+                assert!(
+                    (got - want).abs() < 0.015,
+                    "{q:?}: token {id} {got} vs {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn greedy_acceptance_keeps_only_the_argmax() {
+        let mut s = Sampler::new(SamplingParams::default());
+        let p = s.distribution(&mut [0.1, 3.0, 2.0], &[]);
+        assert_eq!(p, Distribution::certain(1));
+        assert_eq!(s.accept(&p, &Distribution::certain(1), 1), None);
+        assert_eq!(s.accept(&p, &Distribution::certain(2), 2), Some(1));
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod cache;
 pub mod config;
 pub mod generate;
 pub mod models;
+pub mod speculative;
 pub mod store;
 pub mod text;
 pub mod weights;

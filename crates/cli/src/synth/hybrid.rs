@@ -40,6 +40,7 @@ fn vector(p: &mut Plan, name: String, shape: Vec<usize>, a: f32, center: f32, dt
         dtype,
         shape,
         fill: Fill::Uniform { a, center },
+        sources: Vec::new(),
     });
 }
 
