@@ -11,11 +11,15 @@
 //! Bytes read per decode step: every non-expert matrix except the embedding (one row of it is
 //! read), plus `top_k` experts per MoE layer. For reduced top-k rows, the quality cost is the mean
 //! KL divergence of the next-token distributions from the model's own top-k, over the prompt.
-use crate::loaded::{human_bytes, peak_rss_bytes, EngineArgs, Loaded, StreamArgs, Traffic};
+use crate::loaded::{
+    human_bytes, peak_rss_bytes, EngineArgs, Loaded, SpeculationArgs, StreamArgs, Traffic,
+};
 use anyhow::Result;
 use clap::Args;
+use moestream_engine::generate::{generate_with, GenerationRequest, SamplingParams};
 use moestream_engine::models::blocks::FeedForward;
 use moestream_engine::models::{Logits, Model};
+use moestream_engine::speculative::SpeculationStats;
 use rayon::prelude::*;
 use serde_json::json;
 use std::path::PathBuf;
@@ -52,6 +56,18 @@ pub struct BenchArgs {
     /// Decode activations, as for `run` (int16 or f32; MOESTREAM_EXACT_MATMUL=1 forces f32).
     #[arg(long, value_name = "int16|f32")]
     decode_activations: Option<moestream_kernels::features::ActivationPrecision>,
+    /// With a draft model or prompt lookup, each decode test runs twice from the same prompt,
+    /// without and with speculation (greedy: the same tokens), as rows `tgN` and `tgN spec`.
+    #[command(flatten)]
+    speculation: SpeculationArgs,
+}
+
+/// What one timed run measured itself, when it times less than the whole call (speculative
+/// decode tests exclude their prompt).
+#[derive(Default)]
+struct Timing {
+    seconds: Option<f64>,
+    speculation: Option<SpeculationStats>,
 }
 
 /// Bytes of weights one decode step reads.
@@ -116,6 +132,7 @@ struct Row {
     io_wait_fraction: f64,
     peak_rss: Option<u64>,
     kl: Option<f64>,
+    speculation: Option<SpeculationStats>,
 }
 
 pub fn bench(a: BenchArgs) -> Result<()> {
@@ -125,6 +142,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         stream: a.stream.clone(),
     };
     let mut l = Loaded::open(&a.model, &engine)?;
+    let proposer = a.speculation.proposer(&l)?;
     let own_k = l.model.top_k();
     let ks = if a.top_k.is_empty() {
         vec![own_k]
@@ -181,15 +199,19 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         } else {
             None
         };
-        let mut timed = |test: String, tokens: usize, run: &mut dyn FnMut() -> Result<()>| {
+        let mut timed = |test: String, tokens: usize, run: &mut dyn FnMut() -> Result<Timing>| {
             let mut rates = vec![];
             let mut traffic = None;
+            let mut spec: Option<SpeculationStats> = None;
             for rep in 0..a.repetitions.max(1) + warm {
                 let before = Traffic::now(m);
                 let t = Instant::now();
-                run()?;
-                let dt = t.elapsed().as_secs_f64();
+                let timing = run()?;
+                let dt = timing.seconds.unwrap_or_else(|| t.elapsed().as_secs_f64());
                 if rep >= warm {
+                    if let Some(s) = timing.speculation {
+                        spec.get_or_insert_with(SpeculationStats::default).add(&s);
+                    }
                     rates.push(tokens as f64 / dt);
                     let after = Traffic::now(m);
                     let s = after.store.since(&before.store);
@@ -221,6 +243,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 io_wait_fraction: wait / total,
                 peak_rss: peak_rss_bytes(),
                 kl,
+                speculation: spec,
             });
             Ok::<(), anyhow::Error>(())
         };
@@ -229,10 +252,42 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             timed(format!("pp{p}"), p, &mut || {
                 let mut cache = m.new_cache(p);
                 std::hint::black_box(m.forward(&ids, &mut cache, Logits::Last)?);
-                Ok(())
+                Ok(Timing::default())
             })?;
         }
         for &n in &a.n_gen {
+            if proposer.is_some() {
+                // Greedy from the same 16-token prompt, timing the decode only, without and
+                // with speculation.
+                let req = GenerationRequest {
+                    prompt: prompt(16),
+                    max_tokens: n + 1,
+                    sampling: SamplingParams::default(),
+                    eos_token_ids: vec![],
+                    stop_strings: vec![],
+                };
+                for with in [false, true] {
+                    let test = if with {
+                        format!("tg{n} spec")
+                    } else {
+                        format!("tg{n}")
+                    };
+                    timed(test, n, &mut || {
+                        let mut cache = m.new_cache(req.prompt.len() + n + 2);
+                        let mut spec = with
+                            .then(|| a.speculation.speculation(&proposer, &req.sampling))
+                            .flatten();
+                        let stats =
+                            generate_with(m, None, &mut cache, &req, spec.as_mut(), |_| true)
+                                .map_err(anyhow::Error::msg)?;
+                        Ok(Timing {
+                            seconds: Some(stats.decode_seconds),
+                            speculation: stats.speculation,
+                        })
+                    })?;
+                }
+                continue;
+            }
             timed(format!("tg{n}"), n, &mut || {
                 let mut cache = m.new_cache(n + 1);
                 let mut tok = 1u32;
@@ -240,7 +295,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                     let logits = m.forward(&[tok], &mut cache, Logits::Last)?;
                     tok = moestream_engine::generate::argmax(&logits);
                 }
-                Ok(())
+                Ok(Timing::default())
             })?;
         }
     }
@@ -267,7 +322,14 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 "prefetch_hit_rate": r.prefetch_hit_rate, "io_wait_fraction": r.io_wait_fraction,
                 "peak_rss_bytes": r.peak_rss, "kl_divergence": r.kl,
                 "memory_bandwidth_bytes_per_second": bw,
-                "bandwidth_floor_tokens_per_second": floor(r.top_k)})
+                "bandwidth_floor_tokens_per_second": floor(r.top_k),
+                "speculation": r.speculation.map(|s| json!({
+                    "verify_passes": s.verify_passes, "proposed": s.proposed,
+                    "accepted": s.accepted, "acceptance_rate": s.acceptance_rate(),
+                    "tokens_per_pass": s.tokens_per_pass(), "plain_steps": s.plain_steps,
+                    "experts_per_pass": s.experts_per_pass(),
+                    "tokens_per_verify_pass": (s.verify_passes > 0)
+                        .then(|| s.verify_tokens as f64 / s.verify_passes as f64)}))})
             );
         }
         return Ok(());
@@ -280,15 +342,24 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             human_bytes(actives[0])
         );
     }
-    println!("| model | experts | threads | top-k | test | t/s | disk/tok | prefetch hit | I/O wait | peak RSS | KL vs own top-k | vs mem floor |");
-    println!("| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| model | experts | threads | top-k | test | t/s | disk/tok | prefetch hit | I/O wait | peak RSS | KL vs own top-k | vs mem floor | accepted | tok/pass | experts/pass |");
+    println!("| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for r in &rows {
         let vs = match (r.test.starts_with("tg"), floor(r.top_k)) {
             (true, Some(f)) => format!("{:.2}x", f / r.mean),
             _ => String::new(),
         };
+        let spec = |f: &dyn Fn(&SpeculationStats) -> Option<String>| {
+            r.speculation
+                .as_ref()
+                .and_then(f)
+                .unwrap_or_else(|| "-".into())
+        };
+        let accepted = spec(&|s| s.acceptance_rate().map(|x| format!("{:.0}%", x * 100.0)));
+        let per_pass = spec(&|s| s.tokens_per_pass().map(|x| format!("{x:.2}")));
+        let experts = spec(&|s| s.experts_per_pass().map(|x| format!("{x:.0}")));
         println!(
-            "| {name} | {mode} | {threads} | {} | {} | {:.2} ± {:.2} | {} | {} | {:.0}% | {} | {} | {vs} |",
+            "| {name} | {mode} | {threads} | {} | {} | {:.2} ± {:.2} | {} | {} | {:.0}% | {} | {} | {vs} | {accepted} | {per_pass} | {experts} |",
             r.top_k,
             r.test,
             r.mean,

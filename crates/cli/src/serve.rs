@@ -1,7 +1,7 @@
 //! `moestream serve`: loads a model as `run` does (same engine and sampling options) and hands it
 //! to the OpenAI-compatible server of `moestream-server`.
 use crate::commands::SamplingArgs;
-use crate::loaded::{EngineArgs, Loaded};
+use crate::loaded::{EngineArgs, Loaded, SpeculationArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use moestream_engine::models::blocks::FeedForward;
@@ -50,6 +50,8 @@ pub struct ServeArgs {
     sampling: SamplingArgs,
     #[command(flatten)]
     engine: EngineArgs,
+    #[command(flatten)]
+    speculation: SpeculationArgs,
 }
 
 pub fn serve(a: ServeArgs) -> Result<()> {
@@ -120,6 +122,14 @@ fn load(a: &ServeArgs) -> Result<Engine> {
     let defaults = a.sampling.params(&l);
     let eos_token_ids = l.eos_ids();
     let weight_bytes = weight_bytes(&l.model);
+    let speculation =
+        a.speculation
+            .proposer(&l)?
+            .map(|proposer| moestream_server::SpeculationConfig {
+                proposer,
+                max_draft: a.speculation.num_draft_tokens,
+                fixed: a.speculation.fixed_draft_length,
+            });
     Ok(Engine {
         model: l.model,
         tokenizer,
@@ -129,6 +139,7 @@ fn load(a: &ServeArgs) -> Result<Engine> {
         defaults,
         weight_bytes,
         scripted_replies,
+        speculation,
     })
 }
 

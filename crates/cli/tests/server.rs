@@ -725,3 +725,56 @@ fn openai_python_client_suite() {
 fn load_test_with_disconnects() {
     python_driver("load_test.py");
 }
+
+/// A server with a draft model answers greedy requests with the text of a server without one
+/// (with log-probabilities, several requests interleaved), and counts its speculation in
+/// /metrics.
+#[test]
+fn speculative_server_answers_as_without() {
+    let t = tempfile::tempdir().unwrap();
+    let m = synth(t.path(), "qwen3_moe", "hf-f32");
+    let draft = synth(t.path(), "qwen3_moe", "mlx8");
+    let plain = Server::start(&m, &[]);
+    let spec = Server::start(
+        &m,
+        &[
+            "--draft-model",
+            draft.to_str().unwrap(),
+            "--fixed-draft-length",
+            "--num-draft-tokens",
+            "3",
+            "--max-concurrent",
+            "2",
+        ],
+    );
+    for prompt in ["Why is the sky blue?", "hello", "Tell me a story."] {
+        let body = json!({"model": "qwen3_moe-hf-f32", "max_tokens": 30, "temperature": 0, "logprobs": true,
+            "top_logprobs": 2, "messages": [{"role": "user", "content": prompt}]});
+        let (s1, want) = plain.post_json("/v1/chat/completions", &body);
+        let (s2, got) = spec.post_json("/v1/chat/completions", &body);
+        assert_eq!((s1, s2), (200, 200), "{want} {got}");
+        let (a, b) = (&want["choices"][0], &got["choices"][0]);
+        assert_eq!(a["message"], b["message"], "{prompt}");
+        assert_eq!(want["usage"], got["usage"], "{prompt}");
+        let lp = |c: &Value| -> Vec<f64> {
+            c["logprobs"]["content"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x["logprob"].as_f64().unwrap())
+                .collect()
+        };
+        // Verified positions have the bits of decode steps.
+        assert_eq!(lp(a), lp(b), "{prompt}");
+    }
+    let (_, metrics) = spec.request("GET", "/metrics", &[], b"");
+    let value = |name: &str| -> f64 {
+        let line = metrics.lines().find(|l| l.starts_with(&format!("{name} ")));
+        let line = line.unwrap_or_else(|| panic!("no {name} in {metrics}"));
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    assert!(value("moestream_speculative_verify_passes_total") > 0.0);
+    assert!(value("moestream_speculative_proposed_tokens_total") > 0.0);
+    let r = value("moestream_speculative_acceptance_ratio");
+    assert!((0.0..=1.0).contains(&r), "{metrics}");
+}

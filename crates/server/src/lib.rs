@@ -62,6 +62,20 @@ pub struct Engine {
     /// For tests of the tool-call and reasoning paths on random-weight models: token sequences
     /// emitted, one per request in turn, instead of sampled ones. Empty in normal use.
     pub scripted_replies: Vec<Vec<u32>>,
+    /// Speculative decoding for every sequence, when set.
+    pub speculation: Option<SpeculationConfig>,
+}
+
+/// How sequences speculate.
+#[derive(Clone)]
+pub struct SpeculationConfig {
+    /// Where proposals come from (a draft model is shared by all sequences; each has its own
+    /// draft cache).
+    pub proposer: moestream_engine::speculative::Proposer,
+    /// Most tokens proposed per round.
+    pub max_draft: usize,
+    /// Always propose `max_draft` tokens.
+    pub fixed: bool,
 }
 
 /// Sizes of a model's weights.

@@ -4,6 +4,7 @@
 //! errors included); the engine worker counts tokens, finished generations and latencies. Expert
 //! traffic comes from the expert store's own counters at scrape time. One mutex guards it all: it
 //! is taken once per request and once per generated token, far below contention.
+use moestream_engine::speculative::SpeculationStats;
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -56,6 +57,7 @@ struct Counters {
     time_to_first_token: Histogram,
     inter_token_latency: Histogram,
     last_scrape: Option<(Instant, u64)>,
+    speculation: SpeculationStats,
 }
 
 /// What the server counts.
@@ -107,6 +109,11 @@ impl Metrics {
         self.lock().time_to_first_token.observe(seconds);
     }
 
+    /// Adds a finished sequence's speculation counters.
+    pub fn speculation(&self, s: &SpeculationStats) {
+        self.lock().speculation.add(s);
+    }
+
     /// Records the time between two tokens of one sequence.
     pub fn next_token(&self, seconds: f64) {
         self.lock().inter_token_latency.observe(seconds);
@@ -142,6 +149,16 @@ impl Metrics {
         );
         let _ = writeln!(w, "# HELP moestream_queue_depth Requests waiting for the engine.\n# TYPE moestream_queue_depth gauge\nmoestream_queue_depth {}", self.queue_depth.load(Ordering::Relaxed));
         let _ = writeln!(w, "# HELP moestream_active_sequences Sequences being generated.\n# TYPE moestream_active_sequences gauge\nmoestream_active_sequences {}", self.active_sequences.load(Ordering::Relaxed));
+        let sp = c.speculation;
+        if sp.verify_passes + sp.plain_steps > 0 {
+            let _ = writeln!(w, "# HELP moestream_speculative_verify_passes_total Target passes that verified proposed tokens (finished sequences).\n# TYPE moestream_speculative_verify_passes_total counter\nmoestream_speculative_verify_passes_total {}", sp.verify_passes);
+            let _ = writeln!(w, "# HELP moestream_speculative_proposed_tokens_total Tokens proposed by the draft.\n# TYPE moestream_speculative_proposed_tokens_total counter\nmoestream_speculative_proposed_tokens_total {}", sp.proposed);
+            let _ = writeln!(w, "# HELP moestream_speculative_accepted_tokens_total Proposed tokens the target kept.\n# TYPE moestream_speculative_accepted_tokens_total counter\nmoestream_speculative_accepted_tokens_total {}", sp.accepted);
+            let _ = writeln!(w, "# HELP moestream_speculative_plain_steps_total Decode steps taken without proposals (the draft length controller chose none).\n# TYPE moestream_speculative_plain_steps_total counter\nmoestream_speculative_plain_steps_total {}", sp.plain_steps);
+            let _ = writeln!(w, "# HELP moestream_speculative_verify_experts_total Distinct experts applied by verification passes.\n# TYPE moestream_speculative_verify_experts_total counter\nmoestream_speculative_verify_experts_total {}", sp.verify_experts);
+            let _ = writeln!(w, "# HELP moestream_speculative_acceptance_ratio Share of proposed tokens kept.\n# TYPE moestream_speculative_acceptance_ratio gauge\nmoestream_speculative_acceptance_ratio {}", sp.acceptance_rate().unwrap_or(0.0));
+            let _ = writeln!(w, "# HELP moestream_speculative_tokens_per_pass Tokens produced per verification pass.\n# TYPE moestream_speculative_tokens_per_pass gauge\nmoestream_speculative_tokens_per_pass {}", sp.tokens_per_pass().unwrap_or(0.0));
+        }
         let s = &engine.store;
         let _ = writeln!(w, "# HELP moestream_expert_bytes_needed_total Bytes of the experts tokens used.\n# TYPE moestream_expert_bytes_needed_total counter\nmoestream_expert_bytes_needed_total {}", s.bytes_needed);
         let _ = writeln!(w, "# HELP moestream_expert_bytes_read_total Bytes of expert reads issued (streamed experts only).\n# TYPE moestream_expert_bytes_read_total counter\nmoestream_expert_bytes_read_total {}", s.bytes_read);

@@ -15,6 +15,7 @@ use std::time::Instant;
 use moestream_engine::cache::SequenceCache;
 use moestream_engine::generate::{FinishReason, Sampler, SamplingParams, StopStrings};
 use moestream_engine::models::Logits;
+use moestream_engine::speculative::{DraftLength, Speculation};
 use moestream_engine::text::IncrementalDecoder;
 use tokio::sync::mpsc;
 
@@ -141,7 +142,18 @@ impl Worker {
                     script_next += 1;
                     reply.clone()
                 });
-                active.push(Sequence::new(job, forced));
+                let speculation = match (&forced, &self.engine.speculation) {
+                    (None, Some(c)) => {
+                        let mut s =
+                            Speculation::new(c.proposer.clone(), c.max_draft, &job.sampling);
+                        if c.fixed {
+                            s.length = DraftLength::fixed(c.max_draft);
+                        }
+                        Some(s)
+                    }
+                    _ => None,
+                };
+                active.push(Sequence::new(job, forced, speculation));
             }
             self.metrics
                 .active_sequences
@@ -174,16 +186,17 @@ struct Sequence {
     decoder: IncrementalDecoder,
     history: Vec<u32>,
     generated: usize,
-    counts: HashMap<u32, u32>,
     last_token_at: Option<Instant>,
     /// Test scripts: tokens to emit instead of sampling (then EOS).
     forced: Option<std::collections::VecDeque<u32>>,
+    /// Speculative decoding state, when the server speculates.
+    speculation: Option<Speculation>,
     done: bool,
 }
 
 impl Sequence {
     /// A sequence for `job`; `forced`: a scripted reply (see [`Engine::scripted_replies`]).
-    fn new(job: Job, forced: Option<Vec<u32>>) -> Sequence {
+    fn new(job: Job, forced: Option<Vec<u32>>, speculation: Option<Speculation>) -> Sequence {
         Sequence {
             sampler: Sampler::new(job.sampling.clone()),
             stops: StopStrings::new(job.stop.clone()),
@@ -192,15 +205,16 @@ impl Sequence {
             cache: None,
             logits: Vec::new(),
             generated: 0,
-            counts: HashMap::new(),
             last_token_at: None,
             forced: forced.map(Into::into),
+            speculation,
             done: false,
             job,
         }
     }
 
-    /// Runs the prefill (first call) and generates one token.
+    /// Runs the prefill (first call) and generates one token, or with speculation one round
+    /// (one or more tokens).
     fn step(&mut self, engine: &Engine, metrics: &Metrics, cancel: bool) {
         if self.job.events.is_closed() {
             return self.end(FinishReason::Cancelled, engine, metrics);
@@ -208,6 +222,7 @@ impl Sequence {
         if cancel {
             let _ = self.job.events.send(Event::ShutDown);
             metrics.finished("cancelled", self.job.prompt.len(), self.generated);
+            self.record_speculation(metrics);
             self.done = true;
             return;
         }
@@ -221,44 +236,38 @@ impl Sequence {
             }
             self.cache = Some(cache);
         }
-        let raw = self
-            .job
-            .logprobs
-            .map(|n| RawDistribution::new(&self.logits, n));
-        self.adjust_logits();
-        let next = match &mut self.forced {
-            Some(f) => f
-                .pop_front()
-                .unwrap_or_else(|| engine.eos_token_ids.first().copied().unwrap_or(0)),
-            None => self.sampler.sample(&mut self.logits, &self.history),
+        let chosen: Vec<(u32, Option<RawDistribution>)> = if !self.logits.is_empty() {
+            // A position's logits are waiting (after the prefill, or a plain step).
+            let raw = self
+                .job
+                .logprobs
+                .map(|n| RawDistribution::new(&self.logits, n));
+            self.adjust_logits();
+            let next = match &mut self.forced {
+                Some(f) => f
+                    .pop_front()
+                    .unwrap_or_else(|| engine.eos_token_ids.first().copied().unwrap_or(0)),
+                None => self.sampler.sample(&mut self.logits, &self.history),
+            };
+            self.logits.clear();
+            vec![(next, raw)]
+        } else {
+            match self.speculate(engine) {
+                Ok(c) => c,
+                Err(e) => return self.fail(e, metrics),
+            }
         };
-        let now = Instant::now();
-        match self.last_token_at {
-            None => metrics.first_token((now - self.job.arrived).as_secs_f64()),
-            Some(t) => metrics.next_token((now - t).as_secs_f64()),
+        let mut last = None;
+        for (next, raw) in chosen {
+            if !self.emit(next, raw, engine, metrics) {
+                return;
+            }
+            last = Some(next);
         }
-        self.last_token_at = Some(now);
-        if engine.eos_token_ids.contains(&next) {
-            return self.end(FinishReason::Stop, engine, metrics);
+        if self.speculation.is_some() {
+            return; // the next round starts from the last token
         }
-        self.generated += 1;
-        self.history.push(next);
-        *self.counts.entry(next).or_default() += 1;
-        let piece = match self.decoder.push(&engine.tokenizer, next) {
-            Ok(p) => p,
-            Err(e) => return self.fail(e.to_string(), metrics),
-        };
-        let (text, stopped) = self.stops.push(&piece);
-        let logprob = raw.map(|r| r.entry(next, engine));
-        let _ = self.job.events.send(Event::Token { text, logprob });
-        if stopped {
-            return self.end_without_flush(FinishReason::Stop, metrics);
-        }
-        let cached_tokens = self.cache.as_ref().map_or(0, SequenceCache::len);
-        if self.generated >= self.job.max_tokens || cached_tokens >= engine.ctx_size {
-            return self.end(FinishReason::Length, engine, metrics);
-        }
-        let Some(cache) = self.cache.as_mut() else {
+        let (Some(cache), Some(next)) = (self.cache.as_mut(), last) else {
             return;
         };
         match model.forward(&[next], cache, Logits::Last) {
@@ -267,20 +276,91 @@ impl Sequence {
         }
     }
 
+    /// One speculative round after the last emitted token: the tokens with their raw
+    /// distributions.
+    fn speculate(
+        &mut self,
+        engine: &Engine,
+    ) -> Result<Vec<(u32, Option<RawDistribution>)>, String> {
+        let (Some(spec), Some(cache)) = (self.speculation.as_mut(), self.cache.as_mut()) else {
+            return Err("no logits and no speculation".into());
+        };
+        let limit = (self.job.max_tokens - self.generated)
+            .min(engine.ctx_size.saturating_sub(cache.len()))
+            .max(1);
+        let adjustments = &self.job.adjustments;
+        let prompt_len = self.job.prompt.len();
+        let mut adjust = |row: &mut [f32], seen: &[u32]| {
+            adjust_row(adjustments, &seen[prompt_len.min(seen.len())..], row)
+        };
+        let round = spec.round(
+            &engine.model,
+            cache,
+            &self.history,
+            &mut self.sampler,
+            limit,
+            &mut adjust,
+        )?;
+        let v = engine.model.config.vocab_size;
+        Ok(round
+            .tokens
+            .iter()
+            .zip(round.logits.chunks_exact(v))
+            .map(|(&t, row)| (t, self.job.logprobs.map(|n| RawDistribution::new(row, n))))
+            .collect())
+    }
+
+    /// Emits one chosen token; `false` when the sequence ended with it.
+    fn emit(
+        &mut self,
+        next: u32,
+        raw: Option<RawDistribution>,
+        engine: &Engine,
+        metrics: &Metrics,
+    ) -> bool {
+        let now = Instant::now();
+        match self.last_token_at {
+            None => metrics.first_token((now - self.job.arrived).as_secs_f64()),
+            Some(t) => metrics.next_token((now - t).as_secs_f64()),
+        }
+        self.last_token_at = Some(now);
+        if engine.eos_token_ids.contains(&next) {
+            self.end(FinishReason::Stop, engine, metrics);
+            return false;
+        }
+        self.generated += 1;
+        self.history.push(next);
+        let piece = match self.decoder.push(&engine.tokenizer, next) {
+            Ok(p) => p,
+            Err(e) => {
+                self.fail(e.to_string(), metrics);
+                return false;
+            }
+        };
+        let (text, stopped) = self.stops.push(&piece);
+        let logprob = raw.map(|r| r.entry(next, engine));
+        let _ = self.job.events.send(Event::Token { text, logprob });
+        if stopped {
+            self.end_without_flush(FinishReason::Stop, metrics);
+            return false;
+        }
+        let cached_tokens = self.cache.as_ref().map_or(0, SequenceCache::len);
+        if self.generated >= self.job.max_tokens || cached_tokens >= engine.ctx_size {
+            self.end(FinishReason::Length, engine, metrics);
+            return false;
+        }
+        true
+    }
+
+    fn record_speculation(&mut self, metrics: &Metrics) {
+        if let Some(s) = self.speculation.take() {
+            metrics.speculation(&s.stats);
+        }
+    }
+
     fn adjust_logits(&mut self) {
-        let a = &self.job.adjustments;
-        for &(id, bias) in &a.logit_bias {
-            if let Some(l) = self.logits.get_mut(id as usize) {
-                *l += bias;
-            }
-        }
-        if a.presence_penalty != 0.0 || a.frequency_penalty != 0.0 {
-            for (&id, &n) in &self.counts {
-                if let Some(l) = self.logits.get_mut(id as usize) {
-                    *l -= a.presence_penalty + a.frequency_penalty * n as f32;
-                }
-            }
-        }
+        let generated = &self.history[self.job.prompt.len()..];
+        adjust_row(&self.job.adjustments, generated, &mut self.logits);
     }
 
     /// Ends with the text still held back (partial character, possible stop prefix) released.
@@ -311,6 +391,7 @@ impl Sequence {
             FinishReason::Cancelled => "cancelled",
         };
         metrics.finished(label, self.job.prompt.len(), self.generated);
+        self.record_speculation(metrics);
         self.done = true;
         self.cache = None;
     }
@@ -319,8 +400,30 @@ impl Sequence {
         tracing::error!("generation failed: {message}");
         let _ = self.job.events.send(Event::Failed(message));
         metrics.finished("error", self.job.prompt.len(), self.generated);
+        self.record_speculation(metrics);
         self.done = true;
         self.cache = None;
+    }
+}
+
+/// Applies a request's logit bias and its presence and frequency penalties (over the tokens
+/// `generated` so far) to one row of logits.
+fn adjust_row(a: &LogitAdjustments, generated: &[u32], row: &mut [f32]) {
+    for &(id, bias) in &a.logit_bias {
+        if let Some(l) = row.get_mut(id as usize) {
+            *l += bias;
+        }
+    }
+    if a.presence_penalty != 0.0 || a.frequency_penalty != 0.0 {
+        let mut counts: HashMap<u32, u32> = HashMap::new();
+        for &t in generated {
+            *counts.entry(t).or_default() += 1;
+        }
+        for (&id, &n) in &counts {
+            if let Some(l) = row.get_mut(id as usize) {
+                *l -= a.presence_penalty + a.frequency_penalty * n as f32;
+            }
+        }
     }
 }
 
