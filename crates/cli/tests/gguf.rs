@@ -30,11 +30,20 @@ fn ids(v: &serde_json::Value) -> Vec<String> {
 
 fn worst(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
 }
 
 fn score_with(model: &std::path::Path, tokens: &str, extra: &[&str]) -> Vec<f64> {
-    let mut args = vec!["score", "--model", model.to_str().unwrap(), "--tokens", tokens];
+    let mut args = vec![
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        "--tokens",
+        tokens,
+    ];
     args.extend(extra);
     let o = moestream(&args);
     assert!(o.status.success(), "score failed: {}", stderr(&o));
@@ -142,13 +151,7 @@ fn unsupported_tensor_type_names_type_and_tensor() {
     // blk.0.attn_q.weight's info: name, n_dims 2, dims 256 256, type Q4_K (12) -> IQ4_XS (23),
     // which is smaller, so the file still holds it.
     let name = b"blk.0.attn_q.weight";
-    let at = bytes
-        .windows(name.len())
-        .position(|w| w == name)
-        .unwrap()
-        + name.len()
-        + 4
-        + 16;
+    let at = bytes.windows(name.len()).position(|w| w == name).unwrap() + name.len() + 4 + 16;
     assert_eq!(bytes[at..at + 4], 12u32.to_le_bytes());
     bytes[at..at + 4].copy_from_slice(&23u32.to_le_bytes());
     let dir = tempfile::tempdir().unwrap();
