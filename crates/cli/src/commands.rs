@@ -692,11 +692,15 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
             }
         }
     }
-    let files: u64 = moestream_formats::SafetensorsIndex::open(&l.dir)?
-        .files()
-        .iter()
-        .map(|f| f.bytes().len() as u64)
-        .sum();
+    let files: u64 = if moestream_engine::gguf::is_gguf_path(&l.dir) {
+        moestream_formats::gguf::GgufIndex::open(&l.dir)?.total_bytes()
+    } else {
+        moestream_formats::SafetensorsIndex::open(&l.dir)?
+            .files()
+            .iter()
+            .map(|f| f.bytes().len() as u64)
+            .sum()
+    };
     let moe_layers = (0..c.num_hidden_layers)
         .filter(|&i| c.is_moe_layer(i))
         .count();

@@ -249,11 +249,13 @@ pub struct Loaded {
 }
 
 impl Loaded {
-    /// Opens a local folder or a Hugging Face repository id (see [`crate::hub`]).
+    /// Opens a local folder, a GGUF file (or the first part of a split one), or a Hugging Face
+    /// repository id (see [`crate::hub`]).
     pub fn open(spec: &Path, engine: &EngineArgs) -> Result<Loaded> {
         let dir = &crate::hub::resolve_model(spec)?;
-        if !dir.is_dir() {
-            anyhow::bail!("{}: not a model folder", dir.display());
+        let gguf = moestream_engine::gguf::is_gguf_path(dir) && dir.is_file();
+        if !dir.is_dir() && !gguf {
+            anyhow::bail!("{}: not a model folder or GGUF file", dir.display());
         }
         moestream_kernels::features::set_activation_precision(
             engine
@@ -264,13 +266,20 @@ impl Loaded {
         if let Some(k) = engine.top_k {
             model.set_top_k(k).map_err(anyhow::Error::msg)?;
         }
-        let tokenizer = if dir.join("tokenizer.json").is_file() {
-            Some(Tokenizer::from_dir(dir)?)
+        let (tokenizer, template, generation) = if gguf {
+            gguf_text(dir)?
         } else {
-            None
+            let tokenizer = if dir.join("tokenizer.json").is_file() {
+                Some(Tokenizer::from_dir(dir)?)
+            } else {
+                None
+            };
+            (
+                tokenizer,
+                ChatTemplate::from_dir(dir)?,
+                GenerationConfig::from_dir(dir)?,
+            )
         };
-        let template = ChatTemplate::from_dir(dir)?;
-        let generation = GenerationConfig::from_dir(dir)?;
         Ok(Loaded {
             dir: dir.to_path_buf(),
             model,
@@ -299,6 +308,43 @@ impl Loaded {
         }
         ids
     }
+}
+
+/// Tokenizer, chat template and stop ids of a GGUF file: a `tokenizer.json` beside the file
+/// wins (with the folder's `tokenizer_config.json`, chat template and generation config); else
+/// they come from the file's metadata. A tokenizer that cannot be built from the metadata is a
+/// warning, not an error: token ids still work.
+fn gguf_text(path: &Path) -> Result<(Option<Tokenizer>, Option<ChatTemplate>, GenerationConfig)> {
+    let folder = path.parent().unwrap_or(Path::new("."));
+    let source = moestream_engine::gguf::GgufSource::open(path, false)?;
+    let mut generation = source.generation_config();
+    if folder.join("tokenizer.json").is_file() {
+        let tokenizer = Tokenizer::from_dir(folder)?;
+        let template = match ChatTemplate::from_dir(folder)? {
+            Some(t) => Some(t),
+            None => source
+                .chat_template_source()
+                .map(|t| ChatTemplate::new("tokenizer.chat_template", t, source.special_tokens()))
+                .transpose()?,
+        };
+        let beside = GenerationConfig::from_dir(folder)?;
+        if !beside.eos_token_ids.is_empty() {
+            generation = beside;
+        }
+        return Ok((Some(tokenizer), template, generation));
+    }
+    let tokenizer = match source.tokenizer() {
+        Ok(t) => Some(t),
+        Err(e) => {
+            eprintln!("warning: {e:#}; pass token ids instead of text");
+            None
+        }
+    };
+    let template = source
+        .chat_template_source()
+        .map(|t| ChatTemplate::new("tokenizer.chat_template", t, source.special_tokens()))
+        .transpose()?;
+    Ok((tokenizer, template, generation))
 }
 
 /// Peak resident memory of this process in bytes (Linux `VmHWM`).

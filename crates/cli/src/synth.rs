@@ -6,6 +6,7 @@
 //! Writing is streamed: the safetensors header is computed from the tensor list first, then each
 //! tensor's bytes are generated in parallel chunks and written, so a 17 GB model needs a few MB of
 //! memory and runs at disk speed.
+mod gguf;
 mod hybrid;
 
 use anyhow::{bail, Context, Result};
@@ -25,6 +26,15 @@ pub enum SynthFormat {
     Mlx4,
     /// mlx-lm 8-bit, group size 64, bf16 scales.
     Mlx8,
+    /// One GGUF file with llama-quantize's Q4_K_M type mix (OUT is the `.gguf` file).
+    #[value(name = "gguf-q4km")]
+    GgufQ4km,
+    /// One GGUF file, every matrix Q8_0.
+    #[value(name = "gguf-q8_0")]
+    GgufQ8_0,
+    /// One GGUF file, everything F32.
+    #[value(name = "gguf-f32")]
+    GgufF32,
 }
 
 /// Architecture names accepted by `--arch`.
@@ -56,6 +66,13 @@ fn preset_config(arch: &str, preset: &str) -> Result<Value> {
             "vocab_size": 512, "hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
             "head_dim": 32, "intermediate_size": 256, "moe_intermediate_size": 128, "num_experts": 8, "num_experts_per_tok": 2,
             "norm_topk_prob": true, "decoder_sparse_step": 1, "mlp_only_layers": [], "max_position_embeddings": 4096,
+            "tie_word_embeddings": false})),
+        // K-quant rows need multiples of 256 columns; one MoE layer and one dense layer, small
+        // enough (~0.5 MB at Q4_K_M) to commit as a test fixture.
+        ("qwen3_moe", "tiny-gguf") => qwen(json!({"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+            "vocab_size": 384, "hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 64, "intermediate_size": 256, "moe_intermediate_size": 256, "num_experts": 4, "num_experts_per_tok": 2,
+            "norm_topk_prob": true, "decoder_sparse_step": 1, "mlp_only_layers": [1], "max_position_embeddings": 4096,
             "tie_word_embeddings": false})),
         ("qwen3_moe", "qwen3-30b-a3b") => qwen(json!({"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
             "vocab_size": 151936, "hidden_size": 2048, "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4,
@@ -266,6 +283,9 @@ impl Plan {
                     fill: Fill::Uniform { a, center: 0.0 },
                     sources: Vec::new(),
                 });
+            }
+            SynthFormat::GgufQ4km | SynthFormat::GgufQ8_0 | SynthFormat::GgufF32 => {
+                unreachable!("GGUF models are planned by synth/gguf.rs")
             }
             SynthFormat::Mlx4 | SynthFormat::Mlx8 => {
                 let bits = bits_override.unwrap_or(if format == SynthFormat::Mlx4 { 4 } else { 8 })
@@ -503,6 +523,24 @@ pub fn synth_layers(
         if let Some(types) = t.get_mut("layer_types").and_then(Value::as_array_mut) {
             types.truncate(n);
         }
+    }
+    let mix = match format {
+        SynthFormat::GgufQ4km => Some(gguf::GgufMix::Q4KM),
+        SynthFormat::GgufQ8_0 => Some(gguf::GgufMix::Q8_0),
+        SynthFormat::GgufF32 => Some(gguf::GgufMix::F32),
+        _ => None,
+    };
+    if let Some(mix) = mix {
+        if !moestream_formats::gguf::is_gguf_path(out) {
+            bail!(
+                "{}: a GGUF format writes one file; name it NAME.gguf",
+                out.display()
+            );
+        }
+        if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        return gguf::write(&cfg, mix, seed, out);
     }
     let plan = plan(&cfg, format);
     if matches!(format, SynthFormat::Mlx4 | SynthFormat::Mlx8) {

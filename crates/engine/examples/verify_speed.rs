@@ -7,20 +7,22 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let dir = args.next().expect("usage: verify_speed MODEL_DIR [n...]");
     let ns: Vec<usize> = args.map(|a| a.parse().expect("n")).collect();
-    let ns = if ns.is_empty() { vec![1, 2, 3, 4, 5] } else { ns };
+    let ns = if ns.is_empty() {
+        vec![1, 2, 3, 4, 5]
+    } else {
+        ns
+    };
     let m = Model::load(std::path::Path::new(&dir)).expect("load");
     let mut cache = m.new_cache(256);
     let prompt: Vec<u32> = (0..16).map(|i| 100 + i * 7).collect();
-    m.forward(&prompt, &mut cache, Logits::Last).expect("prefill");
+    m.forward(&prompt, &mut cache, Logits::Last)
+        .expect("prefill");
     let base = cache.len();
     let reps = 4;
     // Warm up, then one decode step.
     for _ in 0..2 {
-        m.forward(&[5], &mut cache, Logits::Last).expect("step");
-        m.take_back(&mut cache, base).ok();
-        if cache.len() != base {
-            cache.truncate(base);
-        }
+        m.verify(&[5], &mut cache).expect("step");
+        m.take_back(&mut cache, base).expect("take back");
     }
     let t = Instant::now();
     for _ in 0..reps {

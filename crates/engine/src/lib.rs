@@ -17,6 +17,7 @@
 pub mod cache;
 pub mod config;
 pub mod generate;
+pub mod gguf;
 pub mod models;
 pub mod speculative;
 pub mod store;

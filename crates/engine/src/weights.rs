@@ -6,11 +6,18 @@
 //! expert into ordinary `Linear`s: each expert is a contiguous byte range of each tensor, which is
 //! also what the expert store will read from disk.
 //!
+//! GGUF files ([`crate::gguf`]) are read through the same loader: the model code asks for Hugging
+//! Face names, the GGUF source answers with the llama.cpp tensor under them (with the
+//! converter's transformations undone), whose llama.cpp blocks become [`Storage::Ggml`].
+//!
 //! Every tensor's dtype and shape are checked against what `config.json` implies, so a mismatch is
 //! an error naming the file, tensor and both shapes, never a panic or a silent misread.
+use crate::gguf::GgufSource;
 use moestream_formats::{DType, FormatError, MappedFile, SafetensorsIndex, TensorLocation};
 use moestream_kernels::features::ProductMode;
+use moestream_kernels::ggml::BlockFormat;
 use moestream_kernels::{FloatKind, Matrix, Weights};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 /// What a [`Bytes`] range points into.
@@ -32,10 +39,24 @@ pub struct Bytes {
 
 impl Bytes {
     fn of(t: &TensorLocation) -> Bytes {
+        Bytes::mapped(&t.file, t.offset, t.len)
+    }
+    /// `len` bytes at `offset` of a mapped file (the caller checked the range).
+    pub(crate) fn mapped(file: &Arc<MappedFile>, offset: usize, len: usize) -> Bytes {
+        debug_assert!(offset + len <= file.bytes().len());
         Bytes {
-            backing: Backing::Mapped(t.file.clone()),
-            offset: t.offset,
-            len: t.len,
+            backing: Backing::Mapped(file.clone()),
+            offset,
+            len,
+        }
+    }
+    /// Bytes held in process memory.
+    pub(crate) fn owned(bytes: Vec<u8>) -> Bytes {
+        let len = bytes.len();
+        Bytes {
+            backing: Backing::Owned(Arc::from(bytes)),
+            offset: 0,
+            len,
         }
     }
     /// The bytes.
@@ -106,6 +127,13 @@ pub enum Storage {
         /// Scale/bias element type.
         scale_kind: FloatKind,
     },
+    /// llama.cpp block quantization (GGUF).
+    Ggml {
+        /// Block format.
+        format: BlockFormat,
+        /// `rows` rows of `format.row_bytes(cols)` bytes.
+        data: Bytes,
+    },
 }
 
 impl Storage {
@@ -130,6 +158,10 @@ impl Storage {
                 scales: f(scales),
                 biases: f(biases),
                 scale_kind: *scale_kind,
+            },
+            Storage::Ggml { format, data } => Storage::Ggml {
+                format: *format,
+                data: f(data),
             },
         }
     }
@@ -169,6 +201,10 @@ impl Linear {
                 biases: biases.as_slice(),
                 scale_kind: *scale_kind,
             },
+            Storage::Ggml { format, data } => Weights::Ggml {
+                format: *format,
+                data: data.as_slice(),
+            },
         };
         Matrix {
             rows: self.rows,
@@ -186,7 +222,7 @@ impl Linear {
     /// Bytes of weights.
     pub fn size_bytes(&self) -> usize {
         match &self.storage {
-            Storage::Float { data, .. } => data.len(),
+            Storage::Float { data, .. } | Storage::Ggml { data, .. } => data.len(),
             Storage::Affine {
                 packed,
                 scales,
@@ -214,6 +250,7 @@ impl Linear {
             Storage::Affine {
                 bits, group_size, ..
             } => format!("q{bits}g{group_size}"),
+            Storage::Ggml { format, .. } => format.name().to_lowercase(),
         }
     }
 
@@ -246,6 +283,13 @@ impl Linear {
                     scale_kind: *scale_kind,
                 }
             }
+            Storage::Ggml { format, data } => {
+                let rb = format.row_bytes(self.cols);
+                Storage::Ggml {
+                    format: *format,
+                    data: data.slice(start * rb, n * rb),
+                }
+            }
         };
         Linear {
             rows: n,
@@ -255,34 +299,144 @@ impl Linear {
     }
 }
 
-fn float_kind(t: &TensorLocation) -> Result<FloatKind, FormatError> {
-    match t.dtype {
-        DType::F32 => Ok(FloatKind::F32),
-        DType::F16 => Ok(FloatKind::F16),
-        DType::BF16 => Ok(FloatKind::BF16),
-        d => Err(t.error(format!(
-            "unsupported dtype {d}; supported: F32, F16, BF16 (and U32 for MLX packed weights)"
-        ))),
+/// How a tensor's elements are stored, whatever the file format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ElementKind {
+    /// Plain floats.
+    Float(FloatKind),
+    /// llama.cpp blocks.
+    Block(BlockFormat),
+    /// u32 words (MLX packed codes).
+    U32,
+    /// Anything no kernel reads; named for errors.
+    Other(&'static str),
+}
+
+impl std::fmt::Display for ElementKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ElementKind::Float(k) => write!(f, "{}", format!("{k:?}").to_uppercase()),
+            ElementKind::Block(b) => f.write_str(b.name()),
+            ElementKind::U32 => f.write_str("U32"),
+            ElementKind::Other(s) => f.write_str(s),
+        }
     }
 }
 
-fn shape_error(t: &TensorLocation, expected: &[usize]) -> FormatError {
+/// One tensor as the loader sees it: from a safetensors index or a GGUF file.
+#[derive(Clone, Debug)]
+pub(crate) struct TensorView {
+    /// The name in its file (a GGUF tensor keeps its llama.cpp name, for error messages).
+    pub name: String,
+    /// The file that holds it.
+    pub path: PathBuf,
+    /// Element storage.
+    pub kind: ElementKind,
+    /// PyTorch-order shape in elements.
+    pub shape: Vec<usize>,
+    /// The bytes.
+    pub bytes: Bytes,
+}
+
+impl TensorView {
+    fn of_safetensors(t: &TensorLocation) -> TensorView {
+        TensorView {
+            name: t.name.clone(),
+            path: t.file.path().to_path_buf(),
+            kind: match t.dtype {
+                DType::F32 => ElementKind::Float(FloatKind::F32),
+                DType::F16 => ElementKind::Float(FloatKind::F16),
+                DType::BF16 => ElementKind::Float(FloatKind::BF16),
+                DType::U32 => ElementKind::U32,
+                DType::Other(s) => ElementKind::Other(s),
+            },
+            shape: t.shape.clone(),
+            bytes: Bytes::of(t),
+        }
+    }
+
+    /// An error about this tensor.
+    pub fn error(&self, reason: impl Into<String>) -> FormatError {
+        FormatError::BadTensor {
+            path: self.path.clone(),
+            tensor: self.name.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    fn float_kind(&self) -> Result<FloatKind, FormatError> {
+        match self.kind {
+            ElementKind::Float(k) => Ok(k),
+            d => Err(self.error(format!(
+                "unsupported dtype {d} here; supported: F32, F16, BF16"
+            ))),
+        }
+    }
+}
+
+fn shape_error(t: &TensorView, expected: &[usize]) -> FormatError {
     t.error(format!(
-        "shape {:?} disagrees with config.json, which implies {:?}",
+        "shape {:?} disagrees with the model's configuration, which implies {:?}",
         t.shape, expected
     ))
 }
 
-/// Reads tensors out of a [`SafetensorsIndex`] as typed, shape-checked views.
+/// Where a [`WeightLoader`] finds tensors.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    Safetensors(&'a SafetensorsIndex),
+    Gguf(&'a GgufSource),
+}
+
+/// Reads tensors, by their Hugging Face names, out of a [`SafetensorsIndex`] or a GGUF file as
+/// typed, shape-checked views.
 pub struct WeightLoader<'a> {
-    /// The checkpoint's tensors.
-    pub index: &'a SafetensorsIndex,
+    source: Source<'a>,
 }
 
 impl<'a> WeightLoader<'a> {
+    /// A loader over a safetensors checkpoint.
+    pub fn safetensors(index: &'a SafetensorsIndex) -> Self {
+        WeightLoader {
+            source: Source::Safetensors(index),
+        }
+    }
+
+    /// A loader over a GGUF file.
+    pub fn gguf(source: &'a GgufSource) -> Self {
+        WeightLoader {
+            source: Source::Gguf(source),
+        }
+    }
+
     /// Whether a tensor exists.
     pub fn has(&self, name: &str) -> bool {
-        self.index.contains(name)
+        match self.source {
+            Source::Safetensors(i) => i.contains(name),
+            Source::Gguf(g) => g.contains(name),
+        }
+    }
+
+    /// The Hugging Face names of every tensor (for GGUF: of those that have one).
+    pub fn tensor_names(&self) -> Vec<String> {
+        match self.source {
+            Source::Safetensors(i) => i.tensors().iter().map(|t| t.name.clone()).collect(),
+            Source::Gguf(g) => g.hf_names(),
+        }
+    }
+
+    fn get(&self, name: &str) -> Result<Option<TensorView>, FormatError> {
+        match self.source {
+            Source::Safetensors(i) => Ok(i.get(name).map(TensorView::of_safetensors)),
+            Source::Gguf(g) => g.tensor(name),
+        }
+    }
+
+    fn require(&self, name: &str) -> Result<TensorView, FormatError> {
+        match self.source {
+            Source::Safetensors(i) => i.require(name).map(TensorView::of_safetensors),
+            Source::Gguf(g) => g.tensor(name)?.ok_or_else(|| g.missing(name)),
+        }
     }
 
     /// A 1-D float tensor of `len` elements, converted to f32 (norm weights: small).
@@ -297,10 +451,10 @@ impl<'a> WeightLoader<'a> {
         name: &str,
         shapes: &[&[usize]],
     ) -> Result<(Vec<f32>, usize), FormatError> {
-        let t = self.index.require(name)?;
-        let kind = float_kind(t)?;
+        let t = self.require(name)?;
+        let kind = t.float_kind()?;
         let Some(which) = shapes.iter().position(|s| t.shape.as_slice() == *s) else {
-            return Err(shape_error(t, shapes.first().copied().unwrap_or(&[])));
+            return Err(shape_error(&t, shapes.first().copied().unwrap_or(&[])));
         };
         let len: usize = shapes[which].iter().product();
         let mut out = vec![0f32; len];
@@ -309,9 +463,10 @@ impl<'a> WeightLoader<'a> {
             cols: len,
             weights: Weights::Float {
                 kind,
-                data: t.bytes(),
+                data: t.bytes.as_slice(),
             },
         };
+        m.validate().map_err(|e| t.error(e.0))?;
         moestream_kernels::dequantize_row(&m, 0, &mut out);
         Ok((out, which))
     }
@@ -359,24 +514,24 @@ impl<'a> WeightLoader<'a> {
         cols: usize,
         has_expert_axis: bool,
     ) -> Result<Vec<Linear>, FormatError> {
-        let w = self.index.require(weight_name)?;
+        let w = self.require(weight_name)?;
         let lead: Vec<usize> = if has_expert_axis {
             vec![experts]
         } else {
             vec![]
         };
         let scales_name = format!("{prefix}.scales");
-        if let Some(s) = self.index.get(&scales_name) {
+        if let Some(s) = self.get(&scales_name)? {
             // MLX quantized: bits and group size follow from the shapes, checked for consistency.
-            let b = self.index.require(&format!("{prefix}.biases"))?;
-            if w.dtype != DType::U32 {
-                return Err(w.error(format!("quantized weight must be U32, found {}", w.dtype)));
+            let b = self.require(&format!("{prefix}.biases"))?;
+            if w.kind != ElementKind::U32 {
+                return Err(w.error(format!("quantized weight must be U32, found {}", w.kind)));
             }
-            let scale_kind = float_kind(s)?;
-            if b.dtype != s.dtype {
+            let scale_kind = s.float_kind()?;
+            if b.kind != s.kind {
                 return Err(b.error(format!(
                     "biases dtype {} differs from scales dtype {}",
-                    b.dtype, s.dtype
+                    b.kind, s.kind
                 )));
             }
             let (Some(&packed_cols), Some(&groups)) = (w.shape.last(), s.shape.last()) else {
@@ -407,20 +562,20 @@ impl<'a> WeightLoader<'a> {
             let mut ws = lead.clone();
             ws.extend([rows, packed_cols]);
             if w.shape != ws {
-                return Err(shape_error(w, &ws));
+                return Err(shape_error(&w, &ws));
             }
             let mut ss = lead.clone();
             ss.extend([rows, groups]);
             if s.shape != ss {
-                return Err(shape_error(s, &ss));
+                return Err(shape_error(&s, &ss));
             }
             if b.shape != ss {
-                return Err(shape_error(b, &ss));
+                return Err(shape_error(&b, &ss));
             }
-            let (pw, ps, pb) = (Bytes::of(w), Bytes::of(s), Bytes::of(b));
+            let (pw, ps, pb) = (&w.bytes, &s.bytes, &b.bytes);
             let pe = rows * packed_cols * 4;
             let se = rows * groups * scale_kind.size_bytes();
-            Ok((0..experts)
+            return Ok((0..experts)
                 .map(|e| Linear {
                     rows,
                     cols,
@@ -433,26 +588,48 @@ impl<'a> WeightLoader<'a> {
                         scale_kind,
                     },
                 })
-                .collect())
-        } else {
-            let kind = float_kind(w)?;
-            let mut ws = lead.clone();
-            ws.extend([rows, cols]);
-            if w.shape != ws {
-                return Err(shape_error(w, &ws));
-            }
-            let data = Bytes::of(w);
-            let per = rows * cols * kind.size_bytes();
-            Ok((0..experts)
-                .map(|e| Linear {
-                    rows,
-                    cols,
-                    storage: Storage::Float {
-                        kind,
-                        data: data.slice(e * per, per),
-                    },
-                })
-                .collect())
+                .collect());
         }
+        let mut ws = lead.clone();
+        ws.extend([rows, cols]);
+        if w.shape != ws {
+            return Err(shape_error(&w, &ws));
+        }
+        let (per, storage): (usize, &dyn Fn(Bytes) -> Storage) = match w.kind {
+            ElementKind::Float(kind) => (rows * cols * kind.size_bytes(), &move |data| {
+                Storage::Float { kind, data }
+            }),
+            ElementKind::Block(format) if cols.is_multiple_of(format.block_elements()) => {
+                (rows * format.row_bytes(cols), &move |data| Storage::Ggml {
+                    format,
+                    data,
+                })
+            }
+            ElementKind::Block(format) => {
+                return Err(w.error(format!(
+                    "{cols} columns are not whole {} blocks",
+                    format.name()
+                )))
+            }
+            d => {
+                return Err(w.error(format!(
+                    "unsupported tensor type {d}; supported: F32, F16, BF16, Q4_0, Q8_0, Q4_K, Q5_K, Q6_K (and U32 for MLX packed weights)"
+                )))
+            }
+        };
+        if w.bytes.len() != per * experts {
+            return Err(w.error(format!(
+                "{} bytes, its shape and type need {}",
+                w.bytes.len(),
+                per * experts
+            )));
+        }
+        Ok((0..experts)
+            .map(|e| Linear {
+                rows,
+                cols,
+                storage: storage(w.bytes.slice(e * per, per)),
+            })
+            .collect())
     }
 }

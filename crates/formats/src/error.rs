@@ -19,6 +19,14 @@ pub enum FormatError {
         /// What the parser found.
         reason: String,
     },
+    /// A GGUF file's header is malformed, inconsistent with the file, or lacks what is needed.
+    #[error("{path}: invalid GGUF file: {reason}")]
+    Gguf {
+        /// The file.
+        path: PathBuf,
+        /// What the parser found.
+        reason: String,
+    },
     /// A JSON file (config, index) is malformed or lacks a field.
     #[error("{path}: {reason}")]
     Json {

@@ -10,10 +10,14 @@
 //!
 //! [`QuantizationConfig`] parses the `quantization` entry mlx-lm writes into `config.json`.
 //!
+//! [`gguf::GgufIndex`] does the same for llama.cpp's GGUF files (single or split), with their
+//! metadata.
+//!
 //! Every error names the file and, where there is one, the tensor.
 #![deny(missing_docs)]
 
 mod error;
+pub mod gguf;
 mod mlx;
 mod safetensors_index;
 

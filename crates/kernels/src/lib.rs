@@ -43,6 +43,7 @@
 
 pub mod deltanet;
 pub mod features;
+pub mod ggml;
 pub mod ops;
 
 mod matmul;
@@ -99,6 +100,14 @@ pub enum Weights<'a> {
         biases: &'a [u8],
         /// Element type of scales and biases.
         scale_kind: FloatKind,
+    },
+    /// llama.cpp block quantization ([`ggml`]): each row is `cols / block_elements` blocks of
+    /// `format`, rows end to end.
+    Ggml {
+        /// The block format.
+        format: ggml::BlockFormat,
+        /// `rows * format.row_bytes(cols)` bytes.
+        data: &'a [u8],
     },
 }
 
@@ -177,6 +186,26 @@ impl<'a> Matrix<'a> {
                     )));
                 }
             }
+            Weights::Ggml { format, data } => {
+                if !self.cols.is_multiple_of(format.block_elements()) {
+                    return Err(LayoutError(format!(
+                        "{} columns are not whole {} blocks of {}",
+                        self.cols,
+                        format.name(),
+                        format.block_elements()
+                    )));
+                }
+                let need = self.rows * format.row_bytes(self.cols);
+                if data.len() != need {
+                    return Err(LayoutError(format!(
+                        "{}x{} {} matrix needs {need} bytes, has {}",
+                        self.rows,
+                        self.cols,
+                        format.name(),
+                        data.len()
+                    )));
+                }
+            }
         }
         Ok(())
     }
@@ -184,7 +213,7 @@ impl<'a> Matrix<'a> {
     /// Bytes of weight data this matrix reads per full product.
     pub fn size_bytes(&self) -> usize {
         match self.weights {
-            Weights::Float { data, .. } => data.len(),
+            Weights::Float { data, .. } | Weights::Ggml { data, .. } => data.len(),
             Weights::Affine {
                 packed,
                 scales,

@@ -76,6 +76,7 @@
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+mod ggml_blocks;
 mod int16;
 mod scalar;
 #[cfg(test)]
@@ -429,7 +430,7 @@ impl<'a> Activations<'a> {
                 debug_assert_eq!(sums.len(), n_tokens * (cols / group_size));
                 (sums, cols / group_size)
             }
-            Weights::Float { .. } => (Vec::new(), 0),
+            Weights::Float { .. } | Weights::Ggml { .. } => (Vec::new(), 0),
         };
         let int16 = match (m.weights, int16) {
             (

@@ -24,12 +24,36 @@ pub enum LoadError {
 }
 
 pub(super) fn load(dir: &Path, options: &StoreOptions) -> Result<Model, LoadError> {
+    if crate::gguf::is_gguf_path(dir) {
+        return load_gguf(dir, options);
+    }
     let config = ModelConfig::from_dir(dir)?;
-    let fits = match (
-        moestream_formats::weight_files_bytes(dir),
-        available_memory_bytes(),
-    ) {
-        (Ok(size), Some(avail)) => size < avail / 10 * 9,
+    let size = moestream_formats::weight_files_bytes(dir).ok();
+    let (fits, stream) = residency(&config, size, options);
+    let index = SafetensorsIndex::open_with(dir, fits && !stream)?;
+    let model = build(config, &WeightLoader::safetensors(&index))?;
+    finish(model, stream, options)
+}
+
+/// A GGUF file (or the first part of a split one): configuration and tensors from the file.
+fn load_gguf(path: &Path, options: &StoreOptions) -> Result<Model, LoadError> {
+    let probe = crate::gguf::GgufSource::open(path, false)?;
+    let config = probe.model_config()?;
+    let (fits, stream) = residency(&config, Some(probe.index().total_bytes()), options);
+    let source = if fits && !stream {
+        drop(probe);
+        crate::gguf::GgufSource::open(path, true)?
+    } else {
+        probe
+    };
+    let model = build(config, &WeightLoader::gguf(&source))?;
+    finish(model, stream, options)
+}
+
+/// Whether the weights (`size` bytes) fit in memory, and whether the experts stream.
+fn residency(config: &ModelConfig, size: Option<u64>, options: &StoreOptions) -> (bool, bool) {
+    let fits = match (size, available_memory_bytes()) {
+        (Some(size), Some(avail)) => size < avail / 10 * 9,
         _ => false,
     };
     let stream = config.num_experts > 0
@@ -42,16 +66,20 @@ pub(super) fn load(dir: &Path, options: &StoreOptions) -> Result<Model, LoadErro
     // token's first touch of an expert costs a page fault per 4 KiB, which showed up as a third
     // of decode time. A streamed model is mapped lazily: only its non-expert weights are read,
     // once, into process memory; the expert store reads experts itself.
-    let populate = fits && !stream;
-    let index = SafetensorsIndex::open_with(dir, populate)?;
-    let loader = WeightLoader { index: &index };
-    let model = match config.arch {
-        Arch::Qwen3Moe | Arch::Qwen3 => super::qwen3_moe::load(config, &loader)?,
-        Arch::Mixtral => super::mixtral::load(config, &loader)?,
+    (fits, stream)
+}
+
+fn build(config: ModelConfig, loader: &WeightLoader) -> Result<Model, LoadError> {
+    Ok(match config.arch {
+        Arch::Qwen3Moe | Arch::Qwen3 => super::qwen3_moe::load(config, loader)?,
+        Arch::Mixtral => super::mixtral::load(config, loader)?,
         Arch::Qwen3Next | Arch::Qwen35 | Arch::Qwen35Moe => {
-            super::qwen3_next::load(config, &loader)?
+            super::qwen3_next::load(config, loader)?
         }
-    };
+    })
+}
+
+fn finish(model: Model, stream: bool, options: &StoreOptions) -> Result<Model, LoadError> {
     if stream {
         Ok(model.stream_experts(options)?)
     } else {

@@ -183,11 +183,9 @@ fn mtp_head(
     zero_centred: NormReader,
 ) -> Result<Option<MtpHead>, FormatError> {
     let names: Vec<String> = l
-        .index
-        .tensors()
-        .iter()
-        .filter(|t| t.name.starts_with("mtp."))
-        .map(|t| t.name.clone())
+        .tensor_names()
+        .into_iter()
+        .filter(|n| n.starts_with("mtp."))
         .collect();
     if names.is_empty() {
         return Ok(None);

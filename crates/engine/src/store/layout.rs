@@ -38,6 +38,7 @@ enum Format {
         group_size: usize,
         scale_kind: FloatKind,
     },
+    Ggml(moestream_kernels::ggml::BlockFormat),
 }
 
 /// A projection's shape, format, and the slot ranges of its tensors.
@@ -111,6 +112,7 @@ impl ExpertLayout {
             let l = linears[p];
             let format = match &l.storage {
                 Storage::Float { kind, .. } => Format::Float(*kind),
+                Storage::Ggml { format, .. } => Format::Ggml(*format),
                 Storage::Affine {
                     bits,
                     group_size,
@@ -151,6 +153,10 @@ impl ExpertLayout {
                     kind,
                     data: part(0),
                 },
+                Format::Ggml(format) => Weights::Ggml {
+                    format,
+                    data: part(0),
+                },
                 Format::Affine {
                     bits,
                     group_size,
@@ -176,7 +182,7 @@ impl ExpertLayout {
 /// The tensors behind a projection, in the order [`ExpertLayout::matrices`] expects.
 fn tensor_bytes(l: &Linear) -> Vec<&Bytes> {
     match &l.storage {
-        Storage::Float { data, .. } => vec![data],
+        Storage::Float { data, .. } | Storage::Ggml { data, .. } => vec![data],
         Storage::Affine {
             packed,
             scales,

@@ -37,16 +37,22 @@ impl Tokenizer {
             path: tokenizer_json.to_owned(),
             source,
         })?;
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|source| {
+        Self::from_json_bytes(&bytes, config, tokenizer_json)
+    }
+
+    /// Builds a tokenizer from the contents of a `tokenizer.json` (e.g. one made from GGUF
+    /// metadata); `path` names its origin in errors.
+    pub fn from_json_bytes(bytes: &[u8], config: TokenizerConfig, path: &Path) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(|source| {
             TextError::LoadTokenizer {
-                path: tokenizer_json.to_owned(),
+                path: path.to_owned(),
                 source,
             }
         })?;
         Ok(Self {
             inner,
             config,
-            path: tokenizer_json.to_owned(),
+            path: path.to_owned(),
         })
     }
 

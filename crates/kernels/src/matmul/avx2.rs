@@ -120,6 +120,9 @@ pub(super) unsafe fn matmul_block(
         Weights::Affine { bits: 6, .. } => affine_block::<6>(m, act, rows, tokens, out),
         Weights::Affine { bits: 8, .. } => affine_block::<8>(m, act, rows, tokens, out),
         Weights::Affine { bits, .. } => unreachable!("validated matrix with {bits}-bit codes"),
+        Weights::Ggml { format, data } => {
+            super::ggml_blocks::avx2::matmul_block(format, data, m.cols, act, rows, tokens, out)
+        }
     }
 }
 

@@ -58,6 +58,9 @@ pub(super) unsafe fn matmul_block(
         Weights::Affine { bits: 4, .. } => affine_block::<4>(m, act, rows, tokens, out),
         Weights::Affine { bits: 8, .. } => affine_block::<8>(m, act, rows, tokens, out),
         Weights::Affine { bits, .. } => unreachable!("avx512 backend called for {bits}-bit codes"),
+        Weights::Ggml { format, .. } => {
+            unreachable!("avx512 backend called for {}", format.name())
+        }
     }
 }
 

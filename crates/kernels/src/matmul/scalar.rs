@@ -27,6 +27,9 @@ pub(super) fn matmul_block(
     match m.weights {
         Weights::Float { kind, data } => float_block(kind, data, m.cols, act, rows, tokens, out),
         Weights::Affine { .. } => affine_block(m, act, rows, tokens, out),
+        Weights::Ggml { format, data } => {
+            super::ggml_blocks::matmul_block(format, data, m.cols, act, rows, tokens, out)
+        }
     }
 }
 
@@ -147,6 +150,10 @@ pub(super) fn dequantize_row(m: &Matrix, row: usize, out: &mut [f32]) {
                 }
             }
         }
+        Weights::Ggml { format, data } => {
+            let rb = format.row_bytes(cols);
+            crate::ggml::dequantize_row(format, &data[row * rb..(row + 1) * rb], out);
+        }
     }
 }
 
@@ -193,7 +200,7 @@ pub(super) fn unpack_codes(bytes: &[u8], bits: usize, out: &mut [u8; BLOCK]) {
 
 /// `Σ a[i]·b[i]` in eight interleaved partial sums, which the compiler can keep in vector
 /// registers of any target (strictly sequential f32 sums cannot be vectorised).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = a8
         .remainder()

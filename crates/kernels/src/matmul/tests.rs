@@ -238,6 +238,16 @@ pub(super) fn naive_dequantize(m: &Matrix) -> Vec<f32> {
             }
             w
         }
+        Weights::Ggml { format, data } => {
+            let mut w = vec![0f32; rows * cols];
+            for (row, out) in data
+                .chunks_exact(format.row_bytes(cols))
+                .zip(w.chunks_exact_mut(cols))
+            {
+                crate::ggml::dequantize_row(format, row, out);
+            }
+            w
+        }
     }
 }
 
