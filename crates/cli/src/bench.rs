@@ -60,6 +60,14 @@ pub struct BenchArgs {
     /// without and with speculation (greedy: the same tokens), as rows `tgN` and `tgN spec`.
     #[command(flatten)]
     speculation: SpeculationArgs,
+    /// Sampling temperature of the decode tests with speculation (0: greedy). Random-weight
+    /// models often repeat one token greedily, which any draft predicts; sampling measures
+    /// how much the draft's distribution overlaps the target's.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Seed of the sampled decode tests.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 /// What one timed run measured itself, when it times less than the whole call (speculative
@@ -262,7 +270,11 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 let req = GenerationRequest {
                     prompt: prompt(16),
                     max_tokens: n + 1,
-                    sampling: SamplingParams::default(),
+                    sampling: SamplingParams {
+                        temperature: a.temperature,
+                        seed: a.seed,
+                        ..SamplingParams::default()
+                    },
                     eos_token_ids: vec![],
                     stop_strings: vec![],
                 };

@@ -93,6 +93,12 @@ fn preset_config(arch: &str, preset: &str) -> Result<Value> {
         ("qwen3", "qwen3-4b") => qwen(json!({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
             "vocab_size": 151936, "hidden_size": 2560, "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
             "head_dim": 128, "intermediate_size": 9728, "max_position_embeddings": 40960, "tie_word_embeddings": true})),
+        // With random weights a tied output head makes the model repeat its input token (its
+        // own embedding dominates every logit), which any draft predicts; the untied variant
+        // gives speculation benchmarks a real distribution.
+        ("qwen3", "qwen3-4b-untied") => qwen(json!({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+            "vocab_size": 151936, "hidden_size": 2560, "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "head_dim": 128, "intermediate_size": 9728, "max_position_embeddings": 40960, "tie_word_embeddings": false})),
         ("qwen3", "qwen3-8b") => qwen(json!({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
             "vocab_size": 151936, "hidden_size": 4096, "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
             "head_dim": 128, "intermediate_size": 12288, "max_position_embeddings": 40960, "tie_word_embeddings": false})),
@@ -109,7 +115,7 @@ fn preset_config(arch: &str, preset: &str) -> Result<Value> {
         ("qwen3_next" | "qwen3_5" | "qwen3_5_moe", _) => return hybrid_preset(arch, preset),
         _ => bail!(
             "no preset `{preset}` for architecture `{arch}`; presets: qwen3_moe: tiny, qwen3-30b-a3b, qwen3-235b-a22b; \
-             qwen3: tiny, qwen3-0.6b, qwen3-4b, qwen3-8b; mixtral: tiny, mixtral-8x7b; qwen3_next: tiny, qwen3-next-80b-a3b; \
+             qwen3: tiny, qwen3-0.6b, qwen3-4b, qwen3-4b-untied, qwen3-8b; mixtral: tiny, mixtral-8x7b; qwen3_next: tiny, qwen3-next-80b-a3b; \
              qwen3_5: tiny; qwen3_5_moe: tiny, qwen3.5-35b-a3b, qwen3.5-122b-a10b"
         ),
     };

@@ -93,9 +93,18 @@ impl Sampler {
             .enumerate()
             .map(|(i, &l)| (i as u32, l / p.temperature))
             .collect();
-        cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        // Most likely first, but only as far as the cuts need: the k best when top-k cuts
+        // (a selection, then a sort of k), all of them for top-p or min-p alone, none otherwise
+        // (a full sort of a 150k vocabulary costs about as much as a small model's step).
+        let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if p.top_k > 0 && p.top_k < cand.len() {
+            cand.select_nth_unstable_by(p.top_k - 1, order);
             cand.truncate(p.top_k);
+            cand.sort_by(order);
+        } else if p.top_p < 1.0 || p.min_p > 0.0 {
+            cand.sort_by(order);
+        } else if let Some(best) = (0..cand.len()).max_by(|&i, &j| order(&cand[j], &cand[i])) {
+            cand.swap(0, best);
         }
         let max = cand[0].1;
         let mut probs: Vec<f64> = cand.iter().map(|c| ((c.1 - max) as f64).exp()).collect();

@@ -28,6 +28,7 @@ use crate::cache::{Checkpoint, SequenceCache};
 use crate::generate::{Distribution, Sampler, SamplingParams};
 use crate::models::{Logits, Model};
 use crate::text::Tokenizer;
+use moestream_kernels::features::ProductMode;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -106,14 +107,20 @@ pub struct DraftLength {
     pass_cost: Vec<Option<f64>>,
     /// Plain steps since the last round that proposed something.
     since_probe: usize,
+    /// Rounds with proposals since the last plain step.
+    since_plain: usize,
     /// Always `max`.
     fixed: bool,
 }
 
 /// Weight of the newest measurement in the decayed means.
 const DECAY: f64 = 0.2;
-/// Plain steps between two probes of a one-token proposal.
+/// Plain steps between two probes of a one-token proposal (and rounds with proposals between
+/// two plain steps).
 const PROBE_EVERY: usize = 16;
+/// What each extra verified token is assumed to cost, as a share of a plain step, until
+/// measured: about what a dense model costs on a CPU whose decode is compute-bound.
+const PRIOR_EXTRA_COST: f64 = 0.3;
 
 impl DraftLength {
     /// At most `max` tokens per round.
@@ -125,6 +132,7 @@ impl DraftLength {
             draft_cost: None,
             pass_cost: vec![None; max + 1],
             since_probe: 0,
+            since_plain: 0,
             fixed: false,
         }
     }
@@ -142,40 +150,42 @@ impl DraftLength {
         self.kept / (self.kept + self.rejected)
     }
 
-    /// The estimated cost of a target pass over `k + 1` tokens: measured, else interpolated
-    /// between measured lengths, else (nothing measured beyond) the nearest measured one, which
-    /// is optimistic and so gets measured.
+    /// The estimated cost of a target pass over `k + 1` tokens: measured, else a plain step's
+    /// cost plus `k` times the extra cost per token seen in the lengths measured (before any,
+    /// [`PRIOR_EXTRA_COST`] of a step). `None` before a plain step was measured.
     fn pass_cost(&self, k: usize) -> Option<f64> {
+        let c0 = self.pass_cost[0]?;
         if let Some(c) = self.pass_cost[k] {
             return Some(c);
         }
-        let below = (0..k).rev().find_map(|j| self.pass_cost[j].map(|c| (j, c)));
-        let above = (k + 1..=self.max).find_map(|j| self.pass_cost[j].map(|c| (j, c)));
-        match (below, above) {
-            (Some((j0, c0)), Some((j1, c1))) => {
-                Some(c0 + (c1 - c0) * (k - j0) as f64 / (j1 - j0) as f64)
-            }
-            (Some((_, c)), None) | (None, Some((_, c))) => Some(c),
-            (None, None) => None,
-        }
+        let slopes: Vec<f64> = (1..=self.max)
+            .filter_map(|j| self.pass_cost[j].map(|c| (c / c0 - 1.0).max(0.0) / j as f64))
+            .collect();
+        let slope = if slopes.is_empty() {
+            PRIOR_EXTRA_COST
+        } else {
+            slopes.iter().sum::<f64>() / slopes.len() as f64
+        };
+        Some(c0 * (1.0 + slope * k as f64))
     }
 
-    /// The number of tokens to propose next round (`0`: a plain decode step).
+    /// The number of tokens to propose next round (`0`: a plain decode step). Measures a plain
+    /// step first, then a one-token round (cheap to try, and it measures the draft), then takes
+    /// the length with the most expected tokens per second.
     pub fn choose(&mut self) -> usize {
         if self.max == 0 || self.fixed {
             return self.max;
         }
-        // Measure a plain step first (never a waste), then the longest rounds.
-        if self.pass_cost[0].is_none() {
+        let Some(plain) = self.pass_cost(0) else {
             return 0;
-        }
+        };
         let Some(draft) = self.draft_cost else {
-            return self.max;
+            return 1;
         };
         let a = self.acceptance();
         let rate = |k: usize| -> f64 {
             let tokens = (0..=k).map(|i| a.powi(i as i32)).sum::<f64>();
-            let cost = k as f64 * draft + self.pass_cost(k).unwrap_or(f64::INFINITY);
+            let cost = k as f64 * draft + self.pass_cost(k).unwrap_or(plain);
             tokens / cost
         };
         let best = (0..=self.max)
@@ -186,6 +196,14 @@ impl DraftLength {
             if self.since_probe >= PROBE_EVERY {
                 self.since_probe = 0;
                 return 1;
+            }
+        } else {
+            // Re-measure a plain step now and then: the one measured at the start of a
+            // sequence (short context, cold caches) is not the one speculation competes with.
+            self.since_plain += 1;
+            if self.since_plain >= PROBE_EVERY {
+                self.since_plain = 0;
+                return 0;
             }
         }
         best
@@ -358,9 +376,16 @@ impl Speculation {
                 let model = Arc::clone(model);
                 let cache = self.draft_cache.as_mut().ok_or("draft cache missing")?;
                 let vocab = model.config.vocab_size;
-                // The draft catches up on what it has not seen (at least `next`).
+                // The draft catches up on what it has not seen (at least `next`; a few tokens
+                // after a round, as decode steps sharing weight loads; the prompt as a prefill).
+                let unseen = &history[cache.len()..];
+                let mode = if unseen.len() <= 8 {
+                    ProductMode::decode()
+                } else {
+                    ProductMode::Prefill
+                };
                 let mut logits = model
-                    .forward(&history[cache.len()..], cache, Logits::Last)
+                    .forward_in(mode, unseen, cache, Logits::Last)
                     .map_err(|e| format!("draft model: {e}"))?;
                 self.draft_checkpoint = cache.has_recurrent_state().then(|| cache.checkpoint());
                 let mut seen = history.to_vec();

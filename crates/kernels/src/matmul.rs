@@ -182,8 +182,10 @@ fn matmul_token_wise(
     let block = |b: usize| {
         let r = b * block_rows..((b + 1) * block_rows).min(rows);
         let mut out = vec![0f32; r.len() * n_tokens];
-        for (act, o) in acts.iter().zip(out.chunks_exact_mut(r.len())) {
-            backend.run(m, act, r.clone(), 0..1, o);
+        if !backend.run_token_wise(m, &acts, r.clone(), &mut out) {
+            for (act, o) in acts.iter().zip(out.chunks_exact_mut(r.len())) {
+                backend.run(m, act, r.clone(), 0..1, o);
+            }
         }
         out
     };
@@ -348,6 +350,31 @@ impl Backend {
             (Backend::Scalar, _) => ColumnOrder::Natural,
             (_, Weights::Affine { bits: 4, .. }) => ColumnOrder::NibbleSplit,
             _ => ColumnOrder::Natural,
+        }
+    }
+
+    /// A token-wise decode product of rows `rows` for every token of `acts` (one-token
+    /// activations each) into `out[t * rows.len() + r]`, by a kernel that shares weight loads
+    /// between tokens while giving each token the bits of [`Backend::run`] alone. `false` where
+    /// no such kernel exists (the caller runs the tokens one by one).
+    fn run_token_wise(
+        self,
+        m: &Matrix,
+        acts: &[Activations],
+        rows: Range<usize>,
+        out: &mut [f32],
+    ) -> bool {
+        debug_assert_eq!(out.len(), rows.len() * acts.len());
+        match (self, m.weights) {
+            #[cfg(target_arch = "x86_64")]
+            (Backend::Avx2, Weights::Float { .. }) => {
+                let xs: Vec<&[f32]> = acts.iter().map(|a| a.tokens(0..1)).collect();
+                // SAFETY: as for `run` (Avx2 only on an AVX2+FMA+F16C CPU, validated matrix,
+                // rows inside it); each activation holds one token of `m.cols` values.
+                unsafe { avx2::float_rows_token_wise(m, &xs, rows, out) };
+                true
+            }
+            _ => false,
         }
     }
 

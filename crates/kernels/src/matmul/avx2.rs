@@ -241,6 +241,114 @@ unsafe fn float_dot<const K: u8>(w: &[u8], x: &[f32]) -> f32 {
     sum
 }
 
+/// [`float_dot`] for `T` tokens at once (`T <= 3`, so that the `4·T` accumulators and one
+/// widened weight vector fit in the 16 registers): each weight is loaded and widened once for
+/// all of them, and each token's sums are formed in exactly [`float_dot`]'s order, so each
+/// result has the bits [`float_dot`] gives that token alone (token-wise decode products,
+/// `matmul` module docs).
+///
+/// # Safety
+/// As [`float_dot`], for every `xs[t]`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn float_dot_tokens<const K: u8, const T: usize>(w: &[u8], xs: [&[f32]; T]) -> [f32; T] {
+    let size = kind_of(K).size_bytes();
+    let n = w.len() / size;
+    debug_assert!(xs.iter().all(|x| x.len() == n));
+    let wp = w.as_ptr();
+    let mut acc = [[_mm256_setzero_ps(); 4]; T];
+    let mut i = 0;
+    // Loads cover [i, i + 32) and [i, i + 8) below, inside every slice.
+    while i + 32 <= n {
+        for k in 0..4 {
+            let c = i + 8 * k;
+            let wv = load8::<K>(wp.add(c * size));
+            for t in 0..T {
+                acc[t][k] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xs[t].as_ptr().add(c)), acc[t][k]);
+            }
+        }
+        i += 32;
+    }
+    while i + 8 <= n {
+        let wv = load8::<K>(wp.add(i * size));
+        for t in 0..T {
+            acc[t][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xs[t].as_ptr().add(i)), acc[t][0]);
+        }
+        i += 8;
+    }
+    let mut out = [0f32; T];
+    for t in 0..T {
+        let a = acc[t];
+        let mut sum = hsum(_mm256_add_ps(
+            _mm256_add_ps(a[0], a[1]),
+            _mm256_add_ps(a[2], a[3]),
+        ));
+        for j in i..n {
+            sum += read_float(kind_of(K), &w[j * size..]) * xs[t][j];
+        }
+        out[t] = sum;
+    }
+    out
+}
+
+/// Token-wise decode product of float weights: `out[t * rows.len() + r]` for every token `t` of
+/// `xs`, each with the bits of a one-token product ([`float_dot`]), tokens taken in threes and
+/// pairs that share each weight load.
+///
+/// # Safety
+/// AVX2+FMA+F16C; `m` validated float weights, every `xs[t].len() == m.cols`, `rows` inside
+/// the matrix, `out.len() == xs.len() * rows.len()`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn float_rows_token_wise(
+    m: &Matrix,
+    xs: &[&[f32]],
+    rows: Range<usize>,
+    out: &mut [f32],
+) {
+    let Weights::Float { kind, data } = m.weights else {
+        unreachable!("float_rows_token_wise called with quantized weights")
+    };
+    match kind {
+        FloatKind::F32 => float_rows::<F32>(data, m.cols, xs, rows, out),
+        FloatKind::F16 => float_rows::<F16>(data, m.cols, xs, rows, out),
+        FloatKind::BF16 => float_rows::<BF16>(data, m.cols, xs, rows, out),
+    }
+}
+
+/// # Safety
+/// As [`float_rows_token_wise`], with `data` the weights of a `[_, cols]` matrix of kind `K`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn float_rows<const K: u8>(
+    data: &[u8],
+    cols: usize,
+    xs: &[&[f32]],
+    rows: Range<usize>,
+    out: &mut [f32],
+) {
+    let row_bytes = cols * kind_of(K).size_bytes();
+    let len = rows.len();
+    for (r, o) in rows.enumerate() {
+        let w = &data[o * row_bytes..(o + 1) * row_bytes];
+        let mut t = 0;
+        // Threes, then a pair or a single: 4 tokens go as two pairs.
+        while xs.len() - t >= 3 && xs.len() - t != 4 {
+            let y = float_dot_tokens::<K, 3>(w, [xs[t], xs[t + 1], xs[t + 2]]);
+            for (j, v) in y.into_iter().enumerate() {
+                out[(t + j) * len + r] = v;
+            }
+            t += 3;
+        }
+        while t + 2 <= xs.len() {
+            let y = float_dot_tokens::<K, 2>(w, [xs[t], xs[t + 1]]);
+            out[t * len + r] = y[0];
+            out[(t + 1) * len + r] = y[1];
+            t += 2;
+        }
+        if t < xs.len() {
+            out[t * len + r] = float_dot::<K>(w, xs[t]);
+        }
+    }
+}
+
 /// `dst[t] += Σ_{i∈span} w[i]·x[t * cols + i]` for a tile of `T` tokens (`cols = w.len() / size`),
 /// reading the activations of whole runs of 8 columns from `packed` ([`pack_tile`]) and those of
 /// the last `cols % 8` columns from `xs`.
