@@ -250,6 +250,7 @@ unsafe fn float_dot<const K: u8>(w: &[u8], x: &[f32]) -> f32 {
 /// # Safety
 /// As [`float_dot`], for every `xs[t]`.
 #[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)] // acc[t][k]: two indices, as float_dot's acc[k]
 unsafe fn float_dot_tokens<const K: u8, const T: usize>(w: &[u8], xs: [&[f32]; T]) -> [f32; T] {
     let size = kind_of(K).size_bytes();
     let n = w.len() / size;
