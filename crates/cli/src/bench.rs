@@ -56,8 +56,9 @@ pub struct BenchArgs {
     /// Decode activations, as for `run` (int16 or f32; MOESTREAM_EXACT_MATMUL=1 forces f32).
     #[arg(long, value_name = "int16|f32")]
     decode_activations: Option<moestream_kernels::features::ActivationPrecision>,
-    /// With a draft model or prompt lookup, each decode test runs twice from the same prompt,
-    /// without and with speculation (greedy: the same tokens), as rows `tgN` and `tgN spec`.
+    /// With a draft model or prompt lookup, each decode test runs from the same prompt without
+    /// and with speculation, taking turns (greedy: the same tokens), as rows `tgN` and
+    /// `tgN spec`.
     #[command(flatten)]
     speculation: SpeculationArgs,
     /// Sampling temperature of the decode tests with speculation (0: greedy). Random-weight
@@ -207,57 +208,79 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         } else {
             None
         };
-        let mut timed = |test: String, tokens: usize, run: &mut dyn FnMut() -> Result<Timing>| {
-            let mut rates = vec![];
-            let mut traffic = None;
-            let mut spec: Option<SpeculationStats> = None;
-            for rep in 0..a.repetitions.max(1) + warm {
-                let before = Traffic::now(m);
-                let t = Instant::now();
-                let timing = run()?;
-                let dt = timing.seconds.unwrap_or_else(|| t.elapsed().as_secs_f64());
-                if rep >= warm {
-                    if let Some(s) = timing.speculation {
-                        spec.get_or_insert_with(SpeculationStats::default).add(&s);
-                    }
-                    rates.push(tokens as f64 / dt);
-                    let after = Traffic::now(m);
-                    let s = after.store.since(&before.store);
-                    let disk = match (before.disk_read_bytes, after.disk_read_bytes) {
-                        (Some(x), Some(y)) => Some(y.saturating_sub(x)),
-                        _ => None,
-                    };
-                    let (d0, r0, h0, w0, t0) = traffic.unwrap_or((Some(0), 0, (0, 0), 0.0, 0.0));
-                    traffic = Some((
-                        d0.zip(disk).map(|(a, b): (u64, u64)| a + b),
-                        r0 + s.bytes_read,
-                        (h0.0 + s.prefetch_hits, h0.1 + s.prefetch_opportunities),
-                        w0 + s.wait_ns as f64 / 1e9,
-                        t0 + dt,
-                    ));
+        // Runs each test of `tests` (`run(i)` runs test i) once per repetition, the tests
+        // taking turns so that a machine whose speed drifts affects them alike.
+        let mut timed =
+            |tests: Vec<String>, tokens: usize, run: &mut dyn FnMut(usize) -> Result<Timing>| {
+                #[derive(Default)]
+                struct Acc {
+                    rates: Vec<f64>,
+                    disk: Option<u64>,
+                    read: u64,
+                    hits: (u64, u64),
+                    wait: f64,
+                    total: f64,
+                    spec: Option<SpeculationStats>,
                 }
-            }
-            let (mean, std) = mean_std(&rates);
-            let (disk, read, hits, wait, total) = traffic.expect("at least one timed run");
-            let n_tok = (tokens * rates.len()) as u64;
-            rows.push(Row {
-                test,
-                top_k: k,
-                mean,
-                std,
-                disk_bytes_per_token: disk.map(|d| d / n_tok),
-                read_bytes_per_token: read / n_tok,
-                prefetch_hit_rate: (hits.1 > 0).then(|| hits.0 as f64 / hits.1 as f64),
-                io_wait_fraction: wait / total,
-                peak_rss: peak_rss_bytes(),
-                kl,
-                speculation: spec,
-            });
-            Ok::<(), anyhow::Error>(())
-        };
+                let mut accs: Vec<Acc> = tests
+                    .iter()
+                    .map(|_| Acc {
+                        disk: Some(0),
+                        ..Acc::default()
+                    })
+                    .collect();
+                for rep in 0..a.repetitions.max(1) + warm {
+                    for (i, acc) in accs.iter_mut().enumerate() {
+                        let before = Traffic::now(m);
+                        let t = Instant::now();
+                        let timing = run(i)?;
+                        let dt = timing.seconds.unwrap_or_else(|| t.elapsed().as_secs_f64());
+                        if rep < warm {
+                            continue;
+                        }
+                        if let Some(s) = timing.speculation {
+                            acc.spec
+                                .get_or_insert_with(SpeculationStats::default)
+                                .add(&s);
+                        }
+                        acc.rates.push(tokens as f64 / dt);
+                        let after = Traffic::now(m);
+                        let s = after.store.since(&before.store);
+                        let disk = match (before.disk_read_bytes, after.disk_read_bytes) {
+                            (Some(x), Some(y)) => Some(y.saturating_sub(x)),
+                            _ => None,
+                        };
+                        acc.disk = acc.disk.zip(disk).map(|(a, b)| a + b);
+                        acc.read += s.bytes_read;
+                        acc.hits.0 += s.prefetch_hits;
+                        acc.hits.1 += s.prefetch_opportunities;
+                        acc.wait += s.wait_ns as f64 / 1e9;
+                        acc.total += dt;
+                    }
+                }
+                for (test, acc) in tests.into_iter().zip(accs) {
+                    let (mean, std) = mean_std(&acc.rates);
+                    let n_tok = (tokens * acc.rates.len()) as u64;
+                    rows.push(Row {
+                        test,
+                        top_k: k,
+                        mean,
+                        std,
+                        disk_bytes_per_token: acc.disk.map(|d| d / n_tok),
+                        read_bytes_per_token: acc.read / n_tok,
+                        prefetch_hit_rate: (acc.hits.1 > 0)
+                            .then(|| acc.hits.0 as f64 / acc.hits.1 as f64),
+                        io_wait_fraction: acc.wait / acc.total,
+                        peak_rss: peak_rss_bytes(),
+                        kl,
+                        speculation: acc.spec,
+                    });
+                }
+                Ok::<(), anyhow::Error>(())
+            };
         for &p in &a.n_prompt {
             let ids = prompt(p);
-            timed(format!("pp{p}"), p, &mut || {
+            timed(vec![format!("pp{p}")], p, &mut |_| {
                 let mut cache = m.new_cache(p);
                 std::hint::black_box(m.forward(&ids, &mut cache, Logits::Last)?);
                 Ok(Timing::default())
@@ -278,29 +301,22 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                     eos_token_ids: vec![],
                     stop_strings: vec![],
                 };
-                for with in [false, true] {
-                    let test = if with {
-                        format!("tg{n} spec")
-                    } else {
-                        format!("tg{n}")
-                    };
-                    timed(test, n, &mut || {
-                        let mut cache = m.new_cache(req.prompt.len() + n + 2);
-                        let mut spec = with
-                            .then(|| a.speculation.speculation(&proposer, &req.sampling))
-                            .flatten();
-                        let stats =
-                            generate_with(m, None, &mut cache, &req, spec.as_mut(), |_| true)
-                                .map_err(anyhow::Error::msg)?;
-                        Ok(Timing {
-                            seconds: Some(stats.decode_seconds),
-                            speculation: stats.speculation,
-                        })
-                    })?;
-                }
+                let tests = vec![format!("tg{n}"), format!("tg{n} spec")];
+                timed(tests, n, &mut |variant| {
+                    let mut cache = m.new_cache(req.prompt.len() + n + 2);
+                    let mut spec = (variant == 1)
+                        .then(|| a.speculation.speculation(&proposer, &req.sampling))
+                        .flatten();
+                    let stats = generate_with(m, None, &mut cache, &req, spec.as_mut(), |_| true)
+                        .map_err(anyhow::Error::msg)?;
+                    Ok(Timing {
+                        seconds: Some(stats.decode_seconds),
+                        speculation: stats.speculation,
+                    })
+                })?;
                 continue;
             }
-            timed(format!("tg{n}"), n, &mut || {
+            timed(vec![format!("tg{n}")], n, &mut |_| {
                 let mut cache = m.new_cache(n + 1);
                 let mut tok = 1u32;
                 for _ in 0..n {
