@@ -150,8 +150,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         decode_activations: a.decode_activations,
         stream: a.stream.clone(),
     };
+    let draft = a.speculation.load_draft()?;
     let mut l = Loaded::open(&a.model, &engine)?;
-    let proposer = a.speculation.proposer(&l)?;
+    let proposer = a.speculation.proposer(draft, &l)?;
     let own_k = l.model.top_k();
     let ks = if a.top_k.is_empty() {
         vec![own_k]

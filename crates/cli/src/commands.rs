@@ -204,6 +204,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         Some(d) => d.clone(),
         None => demo_model_dir()?,
     };
+    let draft = a.speculation.load_draft()?;
     let l = Loaded::open(&dir, &a.engine)?;
     let mut sampling = a.sampling.params(&l);
     if a.json && a.sampling.temperature.is_none() {
@@ -215,7 +216,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         extra.insert("enable_thinking".into(), json!(t));
     }
     let ctx = l.model.config.max_position_embeddings;
-    let proposer = a.speculation.proposer(&l)?;
+    let proposer = a.speculation.proposer(draft, &l)?;
     let speculation = |proposer: &Option<Proposer>| a.speculation.speculation(proposer, &sampling);
     let one_shot = |prompt: Vec<u32>| -> Result<()> {
         let req = GenerationRequest {

@@ -68,18 +68,17 @@ impl SpeculationArgs {
         })
     }
 
-    /// The proposer these options ask for, checked against `target` (`None`: no speculation).
-    pub fn proposer(&self, target: &Loaded) -> Result<Option<Proposer>> {
+    /// Loads the draft model, if any, into process memory. Called before the target is
+    /// loaded, so that the target's automatic expert cache leaves the draft its memory.
+    pub fn load_draft(&self) -> Result<Option<Draft>> {
         if self.num_draft_tokens > 16 {
             anyhow::bail!("--num-draft-tokens must be at most 16");
         }
-        if self.num_draft_tokens == 0 {
-            return Ok(None);
-        }
-        if self.prompt_lookup {
-            return Ok(Some(Proposer::PromptLookup));
-        }
-        let Some(dir) = &self.draft_model else {
+        let Some(dir) = self
+            .draft_model
+            .as_ref()
+            .filter(|_| self.num_draft_tokens > 0)
+        else {
             return Ok(None);
         };
         let dir = crate::hub::resolve_model(dir)?;
@@ -87,28 +86,55 @@ impl SpeculationArgs {
             stream: StreamMode::Off,
             ..StoreOptions::default()
         };
-        let draft = Model::load_with(&dir, &options)
-            .with_context(|| format!("loading the draft model {}", dir.display()))?;
+        let model = Model::load_with(&dir, &options)
+            .with_context(|| format!("loading the draft model {}", dir.display()))?
+            .into_memory();
         let tokenizer = if dir.join("tokenizer.json").is_file() {
             Some(Tokenizer::from_dir(&dir)?)
         } else {
             None
         };
+        Ok(Some(Draft {
+            dir,
+            model,
+            tokenizer,
+        }))
+    }
+
+    /// The proposer these options ask for, the draft checked against `target` (`None`: no
+    /// speculation).
+    pub fn proposer(&self, draft: Option<Draft>, target: &Loaded) -> Result<Option<Proposer>> {
+        if self.num_draft_tokens == 0 {
+            return Ok(None);
+        }
+        if self.prompt_lookup {
+            return Ok(Some(Proposer::PromptLookup));
+        }
+        let Some(draft) = draft else {
+            return Ok(None);
+        };
         check_vocabularies(
             target.tokenizer.as_ref(),
             target.model.config.vocab_size,
-            tokenizer.as_ref(),
-            draft.config.vocab_size,
+            draft.tokenizer.as_ref(),
+            draft.model.config.vocab_size,
         )
         .map_err(|e| {
             anyhow::anyhow!(
                 "the draft model {} cannot draft for {}: {e}",
-                dir.display(),
+                draft.dir.display(),
                 target.dir.display()
             )
         })?;
-        Ok(Some(Proposer::Draft(std::sync::Arc::new(draft))))
+        Ok(Some(Proposer::Draft(std::sync::Arc::new(draft.model))))
     }
+}
+
+/// A draft model loaded for speculative decoding.
+pub struct Draft {
+    dir: PathBuf,
+    model: Model,
+    tokenizer: Option<Tokenizer>,
 }
 
 /// Where expert weights come from (`bench` takes these without `--top-k`, which it sweeps).

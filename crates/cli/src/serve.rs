@@ -91,6 +91,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
 }
 
 fn load(a: &ServeArgs) -> Result<Engine> {
+    let draft = a.speculation.load_draft()?;
     let l = Loaded::open(&a.model, &a.engine)?;
     let tokenizer = l.tokenizer.clone().with_context(|| {
         format!(
@@ -124,7 +125,7 @@ fn load(a: &ServeArgs) -> Result<Engine> {
     let weight_bytes = weight_bytes(&l.model);
     let speculation =
         a.speculation
-            .proposer(&l)?
+            .proposer(draft, &l)?
             .map(|proposer| moestream_server::SpeculationConfig {
                 proposer,
                 max_draft: a.speculation.num_draft_tokens,

@@ -243,6 +243,18 @@ impl Model {
         Ok(self)
     }
 
+    /// Copies every weight into process memory, so that nothing is read from the files again
+    /// (a draft model for speculative decoding must not compete with a streamed target for the
+    /// page cache). A streamed store stays streamed.
+    pub fn into_memory(mut self) -> Model {
+        self.embed_tokens = self.embed_tokens.to_resident();
+        self.lm_head = self.lm_head.to_resident();
+        self.layers = self.layers.iter().map(DecoderLayer::to_resident).collect();
+        let store = std::mem::replace(&mut self.experts, ExpertStore::resident(Vec::new()));
+        self.experts = store.into_memory();
+        self
+    }
+
     /// Overrides the number of experts each token uses (1 to the model's own); the chosen
     /// weights are renormalised as the model's router does.
     pub fn set_top_k(&mut self, k: usize) -> Result<(), String> {

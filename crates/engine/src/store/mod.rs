@@ -357,6 +357,19 @@ impl ExpertStore {
         }
     }
 
+    /// The same store with resident experts copied into process memory (a streamed store is
+    /// returned as it is).
+    pub fn into_memory(self) -> ExpertStore {
+        match self.policy {
+            Policy::Resident(e) => ExpertStore::resident(
+                e.iter()
+                    .map(|layer| layer.iter().map(Mlp::to_resident).collect())
+                    .collect(),
+            ),
+            Policy::Streamed(_) => self,
+        }
+    }
+
     /// Streams the experts of a resident store from their files instead (unchanged if already
     /// streamed). `top_k` is the most experts one token uses in a layer (it sizes the minimum
     /// pool).
