@@ -369,6 +369,9 @@ pub fn generate_with(
     let mut logits = model
         .forward(&req.prompt, cache, Logits::Last)
         .map_err(|e| e.to_string())?;
+    if let Some(spec) = speculation.as_deref_mut() {
+        spec.prefill(&req.prompt)?;
+    }
     let prefill_seconds = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let mut tokens = Vec::new();

@@ -123,6 +123,8 @@ const DECAY: f64 = 0.2;
 const PROBE_EVERY: usize = 16;
 /// The longest wait between probes.
 const MAX_PROBE_EVERY: usize = 256;
+/// Most tokens the draft catches up on before a proposal; beyond, it restarts from that many.
+const DRAFT_WINDOW: usize = 8;
 /// What each extra verified token is assumed to cost, as a share of a plain step, until
 /// measured: about what a dense model costs on a CPU whose decode is compute-bound.
 const PRIOR_EXTRA_COST: f64 = 0.3;
@@ -253,6 +255,11 @@ pub type AdjustLogits<'a> = dyn FnMut(&mut [f32], &[u32]) + 'a;
 pub struct Speculation {
     proposer: Proposer,
     draft_cache: Option<SequenceCache>,
+    /// The history position the draft's cache starts at: after plain steps the draft does not
+    /// catch up on everything it missed (that would cost a prefill of all of it), it restarts
+    /// from the last [`DRAFT_WINDOW`] tokens. Its proposals then see less context, which costs
+    /// acceptance, never correctness.
+    draft_base: usize,
     /// A hybrid draft's state after the history of the current round (it cannot be cut).
     draft_checkpoint: Option<Checkpoint>,
     draft_sampler: Sampler,
@@ -277,11 +284,25 @@ impl Speculation {
         Speculation {
             proposer,
             draft_cache,
+            draft_base: 0,
             draft_checkpoint: None,
             draft_sampler: Sampler::new(draft_params),
             length: DraftLength::new(max_draft),
             stats: SpeculationStats::default(),
         }
+    }
+
+    /// Runs the prompt through the draft model (part of prompt processing, like the target's
+    /// prefill), so that its first proposals see the whole prompt.
+    pub fn prefill(&mut self, prompt: &[u32]) -> Result<(), String> {
+        if let (Proposer::Draft(model), Some(cache)) = (&self.proposer, self.draft_cache.as_mut()) {
+            let _ = cache.truncate(0);
+            self.draft_base = 0;
+            model
+                .forward(prompt, cache, Logits::Last)
+                .map_err(|e| format!("draft model: {e}"))?;
+        }
+        Ok(())
     }
 
     /// One round after `history`, whose last token is chosen but not yet in `cache`: returns at
@@ -306,10 +327,10 @@ impl Speculation {
             .saturating_sub(cache.len() + 1);
         let k = self.length.choose().min(limit.saturating_sub(1)).min(room);
         let t0 = Instant::now();
-        let (drafts, dists) = if k > 0 {
+        let (drafts, dists, catch_up_seconds) = if k > 0 {
             self.propose(history, k, vocab, adjust)?
         } else {
-            (Vec::new(), Vec::new())
+            (Vec::new(), Vec::new(), 0.0)
         };
         let draft_seconds = t0.elapsed().as_secs_f64();
         let k = drafts.len();
@@ -351,7 +372,10 @@ impl Speculation {
         target.take_back(cache, start + 1 + kept)?;
         let pass_seconds = t1.elapsed().as_secs_f64();
         self.sync_draft(history.len(), &drafts, kept)?;
-        self.length.record(k, kept, draft_seconds, pass_seconds);
+        // The draft's steady cost: without catching up on a prompt or on plain steps' tokens,
+        // which speculating every round does not pay.
+        self.length
+            .record(k, kept, draft_seconds - catch_up_seconds, pass_seconds);
         let s = &mut self.stats;
         if k > 0 {
             s.verify_passes += 1;
@@ -368,35 +392,49 @@ impl Speculation {
         Ok(Round { tokens, logits })
     }
 
-    /// Up to `k` proposed tokens after `history`, with the distributions they were drawn from.
+    /// Up to `k` proposed tokens after `history`, with the distributions they were drawn from,
+    /// and the seconds the draft spent catching up on more than the two tokens a round leaves
+    /// it (the prompt, or tokens of plain steps).
+    #[allow(clippy::type_complexity)]
     fn propose(
         &mut self,
         history: &[u32],
         k: usize,
         target_vocab: usize,
         adjust: &mut AdjustLogits,
-    ) -> Result<(Vec<u32>, Vec<Distribution>), String> {
+    ) -> Result<(Vec<u32>, Vec<Distribution>, f64), String> {
         match &self.proposer {
             Proposer::PromptLookup => {
                 let drafts = prompt_lookup(history, k);
                 let dists = drafts.iter().map(|&t| Distribution::certain(t)).collect();
-                Ok((drafts, dists))
+                Ok((drafts, dists, 0.0))
             }
             Proposer::Draft(model) => {
                 let model = Arc::clone(model);
                 let cache = self.draft_cache.as_mut().ok_or("draft cache missing")?;
+                if history.len() - (self.draft_base + cache.len()) > DRAFT_WINDOW {
+                    let _ = cache.truncate(0);
+                    self.draft_base = history.len() - DRAFT_WINDOW;
+                }
+                let base = self.draft_base;
                 let vocab = model.config.vocab_size;
                 // The draft catches up on what it has not seen (at least `next`; a few tokens
                 // after a round, as decode steps sharing weight loads; the prompt as a prefill).
-                let unseen = &history[cache.len()..];
+                let unseen = &history[base + cache.len()..];
                 let mode = if unseen.len() <= 8 {
                     ProductMode::decode()
                 } else {
                     ProductMode::Prefill
                 };
+                let t = Instant::now();
                 let mut logits = model
                     .forward_in(mode, unseen, cache, Logits::Last)
                     .map_err(|e| format!("draft model: {e}"))?;
+                let catch_up = if unseen.len() > 2 {
+                    t.elapsed().as_secs_f64()
+                } else {
+                    0.0
+                };
                 self.draft_checkpoint = cache.has_recurrent_state().then(|| cache.checkpoint());
                 let mut seen = history.to_vec();
                 let (mut drafts, mut dists) = (Vec::with_capacity(k), Vec::with_capacity(k));
@@ -416,7 +454,7 @@ impl Speculation {
                             .map_err(|e| format!("draft model: {e}"))?;
                     }
                 }
-                Ok((drafts, dists))
+                Ok((drafts, dists, catch_up))
             }
         }
     }
@@ -433,7 +471,7 @@ impl Speculation {
         else {
             return Ok(());
         };
-        let want = history_len + kept;
+        let want = history_len + kept - self.draft_base;
         if drafts.is_empty() || cache.len() <= want {
             return Ok(());
         }
@@ -444,7 +482,7 @@ impl Speculation {
         let checkpoint = self
             .draft_checkpoint
             .as_ref()
-            .filter(|c| c.len() == history_len)
+            .filter(|c| c.len() == history_len - self.draft_base)
             .ok_or("the draft's checkpoint is missing")?;
         cache.restore(checkpoint)?;
         if kept > 0 {

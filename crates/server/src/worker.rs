@@ -234,6 +234,11 @@ impl Sequence {
                 Ok(l) => self.logits = l,
                 Err(e) => return self.fail(e.to_string(), metrics),
             }
+            if let Some(spec) = self.speculation.as_mut() {
+                if let Err(e) = spec.prefill(&self.job.prompt) {
+                    return self.fail(e, metrics);
+                }
+            }
             self.cache = Some(cache);
         }
         let chosen: Vec<(u32, Option<RawDistribution>)> = if !self.logits.is_empty() {
