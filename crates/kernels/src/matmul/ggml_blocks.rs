@@ -9,7 +9,7 @@
 #[cfg(target_arch = "x86_64")]
 pub(super) mod avx2;
 #[cfg(test)]
-mod tests;
+pub(super) mod tests;
 
 use std::ops::Range;
 
