@@ -7,9 +7,10 @@ timed as `moestream bench` times itself, printed as one JSON line per test.
   tg{N}: N single-token `eval` calls on an empty context, starting from token 1, each next
          token the argmax of the last logits (greedy), as `moestream bench`'s tgN.
 
-Each test runs once to warm up, then R times; the rate is from llama.cpp's own performance
-counters (`llama_perf_context`: t_p_eval_ms / n_p_eval for prompts, t_eval_ms / n_eval for
-single tokens), with the wall-clock rate beside it.
+Each test runs once to warm up, then R times; the rate is tokens over the wall-clock time of the
+`eval` calls (the Python between calls is microseconds against milliseconds per token). llama.cpp's
+own counters (`llama_perf_context`) are printed beside it when they count anything: through
+llama-cpp-python 0.3.36 they stayed at zero here (its `eval` path does not feed them).
     pip install llama-cpp-python==0.3.36
     python3 scripts/bench/llamacpp_timing.py FILE.gguf [-t 2] [-p 128] [-n 32] [-r 2]
 """
@@ -65,11 +66,14 @@ def main():
                 ms, n = perf.t_eval_ms + perf.t_p_eval_ms, perf.n_eval + perf.n_p_eval
             if rep == 0:
                 continue
-            rates.append(n / (ms / 1e3) if ms > 0 else float("nan"))
+            if ms > 0:
+                rates.append(n / (ms / 1e3))
             walls.append(tokens / wall)
-        print(json.dumps({**base, "test": test, "tokens_per_second": statistics.mean(rates),
-                          "std": statistics.pstdev(rates), "wall_tokens_per_second": statistics.mean(walls)}),
-              flush=True)
+        line = {**base, "test": test, "tokens_per_second": statistics.mean(walls),
+                "std": statistics.pstdev(walls), "runs": len(walls)}
+        if rates:
+            line["perf_counter_tokens_per_second"] = statistics.mean(rates)
+        print(json.dumps(line), flush=True)
 
     ids = prompt(args.n_prompt, vocab)
 
