@@ -183,7 +183,7 @@ pub fn mutate(file: &[u8], state: &mut u64) -> Vec<u8> {
                 // (types, versions): overwrite a field-sized run with a boundary value.
                 let v = COUNTS[(next(state) % COUNTS.len() as u64) as usize]
                     .wrapping_add(next(state) % 3);
-                let width = if next(state) % 2 == 0 { 8 } else { 4 };
+                let width = if next(state).is_multiple_of(2) { 8 } else { 4 };
                 for (k, byte) in v.to_le_bytes()[..width].iter().enumerate() {
                     if let Some(b) = out.get_mut(at + k) {
                         *b = *byte;
@@ -194,7 +194,7 @@ pub fn mutate(file: &[u8], state: &mut u64) -> Vec<u8> {
             5 => {
                 let run = (next(state) % 16) as usize;
                 let fill = next(state) as u8;
-                out.splice(at..at, std::iter::repeat(fill).take(run));
+                out.splice(at..at, std::iter::repeat_n(fill, run));
             }
             6 => {
                 let end = (at + 1 + (next(state) % 16) as usize).min(out.len());
@@ -217,6 +217,8 @@ pub fn mutate(file: &[u8], state: &mut u64) -> Vec<u8> {
 mod tests {
     use super::*;
 
+    type Parser = fn(&[u8]) -> Result<usize, String>;
+
     fn seed() -> u64 {
         std::env::var("MOESTREAM_TEST_SEED")
             .ok()
@@ -230,7 +232,7 @@ mod tests {
     /// `cases` mutants of `file` (and mutants of mutants), each parsed without a panic; returns
     /// how many the parser accepted. Half the cases come from fixed seeds (the same in every
     /// run), half from a fresh one.
-    fn fuzz(file: &[u8], parse: fn(&[u8]) -> Result<usize, String>, cases: u64) -> usize {
+    fn fuzz(file: &[u8], parse: Parser, cases: u64) -> usize {
         let fresh = seed();
         let mut accepted = 0;
         for case in 0..cases {
@@ -279,7 +281,7 @@ mod tests {
     #[test]
     fn fuzz_corpus_parses_without_panic() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus");
-        let targets: [(&str, fn(&[u8]) -> Result<usize, String>); 2] = [
+        let targets: [(&str, Parser); 2] = [
             ("gguf_header", gguf_header),
             ("safetensors_header", safetensors_header),
         ];
@@ -321,7 +323,7 @@ mod tests {
             let len = (next(&mut state) % 512) as usize;
             let mut bytes: Vec<u8> = (0..len).map(|_| next(&mut state) as u8).collect();
             // Half with a valid magic, so that the GGUF parser reads further.
-            if next(&mut state) % 2 == 0 && bytes.len() >= 8 {
+            if next(&mut state).is_multiple_of(2) && bytes.len() >= 8 {
                 bytes[..8].copy_from_slice(b"GGUF\x03\x00\x00\x00");
             }
             let _ = gguf_header(&bytes);
