@@ -7,13 +7,16 @@
 //! - `avx2` (AVX2+FMA+F16C, every format) and `avx512` (AVX-512F/BW: float formats and 4-/8-bit
 //!   affine; other formats use `avx2` on such CPUs), chosen at run time;
 //! - [`int16`]: decode products of affine weights with int16 activations, its scalar twin and its
-//!   AVX2 and AVX-512 kernels (see "Activation precision").
+//!   AVX2 and AVX-512 kernels (see "Activation precision");
+//! - `ggml_blocks`: llama.cpp block formats, f32 activations (decode each row, then FMAs) and, in
+//!   `ggml_blocks/int16`, int16 decode products (integer dot products per 32 columns).
 //!
 //! # Activation precision
 //! A decode product (one token) with affine weights rounds the activation row to int16, with one
 //! step per span of 32 to 128 columns, and multiplies the integer codes with the integer
 //! activations, exactly, in i32 ([`ActivationPrecision::Int16`]; the method and its error bound
-//! are in [`int16`]). That is the default. Prefill (several tokens), float weights, and every
+//! are in [`int16`]); with llama.cpp blocks likewise, with spans of 32 columns
+//! (`ggml_blocks/int16.rs`). That is the default. Prefill (several tokens), float weights, and every
 //! product when `MOESTREAM_EXACT_MATMUL=1` ([`activation_precision`], read once) use f32
 //! activations, as do [`matmul_scalar`] and [`matmul_with_precision`] with
 //! [`ActivationPrecision::F32`]. "One token" means the forward pass, not the product: model code
