@@ -1,20 +1,23 @@
 #!/usr/bin/env python3
-"""Make the GGUF agreement fixture: a tiny random Q4_K_M GGUF (moestream synth) and the scores of
+"""Make a GGUF agreement fixture: a tiny random Q4_K_M GGUF (moestream synth) and the scores of
 the float checkpoint that gguf-py's dequantization of it gives.
 
-  1. `moestream synth --arch qwen3_moe --preset tiny-gguf --format gguf-q4km` -> OUT/model.gguf
+  1. `moestream synth --arch ARCH --preset tiny-gguf --format gguf-q4km` -> OUT/model.gguf
   2. every tensor dequantized with `gguf.quants.dequantize` (gguf-py, not our code), renamed to
-     Hugging Face names, the converter's transformations undone (qwen3moe has none to undo; the
-     `llama` q/k row permutation would be inverted here), stacked experts split per expert, written
+     Hugging Face names, the converter's transformations undone (qwen3moe and qwen3 have none to
+     undo; the `llama` (Mixtral) q/k row permutation is inverted here, independently of the Rust
+     loader's inverse), stacked experts split per expert, written
      as an HF float32 checkpoint (config.json from the GGUF metadata) in a temporary folder
   3. `moestream score` and greedy `run` on that float checkpoint (the engine's f32 path, itself
      checked against transformers by the other fixtures) -> OUT/gguf_reference.json
 
 The Rust test (crates/cli/tests/gguf.rs) then requires `score` on the GGUF to match within 1e-4
 and the same greedy tokens, resident and streamed; it needs no Python.
-Needs `pip install gguf numpy`.
+Needs `pip install gguf numpy`. The three committed fixtures:
     python3 scripts/reference/make_gguf_fixtures.py --bin target/release/moestream \
-        --out tests/fixtures/models/qwen3_moe_gguf_q4km
+        --arch qwen3_moe --out tests/fixtures/models/qwen3_moe_gguf_q4km
+    python3 scripts/reference/make_gguf_fixtures.py --arch qwen3 --out tests/fixtures/models/qwen3_gguf_q4km
+    python3 scripts/reference/make_gguf_fixtures.py --arch mixtral --out tests/fixtures/models/mixtral_gguf_q4km
 """
 
 import argparse
@@ -97,6 +100,10 @@ def gguf_to_hf(path, out):
         "num_experts_per_tok": a("expert_used_count"), "moe_intermediate_size": a("expert_feed_forward_length"),
         "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": dense,
     }
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    if arch != "qwen3moe":
+        for k in ("norm_topk_prob", "decoder_sparse_step", "mlp_only_layers"):
+            cfg.pop(k)
     os.makedirs(out, exist_ok=True)
     json.dump(cfg, open(os.path.join(out, "config.json"), "w"), indent=1)
     header, off, blobs = {}, 0, []
@@ -125,12 +132,13 @@ def run(binary, *args):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", default="target/release/moestream")
+    ap.add_argument("--arch", default="qwen3_moe", choices=["qwen3_moe", "qwen3", "mixtral"])
     ap.add_argument("--out", default="tests/fixtures/models/qwen3_moe_gguf_q4km")
     ap.add_argument("--seed", type=int, default=5)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     model = os.path.join(args.out, "model.gguf")
-    subprocess.run([args.bin, "synth", "--arch", "qwen3_moe", "--preset", "tiny-gguf", "--format", "gguf-q4km",
+    subprocess.run([args.bin, "synth", "--arch", args.arch, "--preset", "tiny-gguf", "--format", "gguf-q4km",
                     "--seed", str(args.seed), model], check=True, capture_output=True)
     rng = np.random.default_rng(args.seed)
     with tempfile.TemporaryDirectory() as hf:
@@ -142,7 +150,7 @@ def main():
                 "--temperature", "0", "--ignore-eos", "--json", "--decode-activations", "f32")
     ref = {
         "source": f"moestream f32 on the gguf-py {gguf.__name__} dequantized checkpoint",
-        "gguf": "model.gguf (moestream synth qwen3_moe tiny-gguf gguf-q4km seed %d)" % args.seed,
+        "gguf": "model.gguf (moestream synth %s tiny-gguf gguf-q4km seed %d)" % (args.arch, args.seed),
         "config": cfg, "tokens": s["tokens"], "logprobs": s["logprobs"],
         "greedy": {"prompt": prompt, "generated": g["generated_tokens"]},
     }

@@ -87,6 +87,10 @@ fn preset_config(arch: &str, preset: &str) -> Result<Value> {
         ("qwen3", "tiny") => qwen(json!({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
             "vocab_size": 512, "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
             "head_dim": 32, "intermediate_size": 256, "max_position_embeddings": 4096, "tie_word_embeddings": true})),
+        // The GGUF fixtures' dense model: tied embeddings (the Q6_K token_embd is the output too).
+        ("qwen3", "tiny-gguf") => qwen(json!({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+            "vocab_size": 384, "hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 64, "intermediate_size": 512, "max_position_embeddings": 4096, "tie_word_embeddings": true})),
         ("qwen3", "qwen3-0.6b") => qwen(json!({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
             "vocab_size": 151936, "hidden_size": 1024, "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
             "head_dim": 128, "intermediate_size": 3072, "max_position_embeddings": 40960, "tie_word_embeddings": true})),
@@ -107,6 +111,13 @@ fn preset_config(arch: &str, preset: &str) -> Result<Value> {
             "intermediate_size": 128, "num_local_experts": 8, "num_experts_per_tok": 2, "rms_norm_eps": 1e-5,
             "rope_theta": 1000000.0, "max_position_embeddings": 4096, "tie_word_embeddings": false,
             "bos_token_id": 256, "eos_token_id": 257, "hidden_act": "silu", "torch_dtype": "bfloat16"}),
+        // The GGUF fixtures' Mixtral (`llama` with experts, permuted q/k rows): one layer of four
+        // experts keeps the Q4_K_M file under 1 MB (eight experts of 256 x 256 alone would not).
+        ("mixtral", "tiny-gguf") => json!({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+            "vocab_size": 384, "hidden_size": 256, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "intermediate_size": 256, "num_local_experts": 4, "num_experts_per_tok": 2, "rms_norm_eps": 1e-5,
+            "rope_theta": 1000000.0, "max_position_embeddings": 4096, "tie_word_embeddings": false,
+            "bos_token_id": 256, "eos_token_id": 257, "hidden_act": "silu", "torch_dtype": "bfloat16"}),
         ("mixtral", "mixtral-8x7b") => json!({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
             "vocab_size": 32000, "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
             "intermediate_size": 14336, "num_local_experts": 8, "num_experts_per_tok": 2, "rms_norm_eps": 1e-5,
@@ -114,8 +125,8 @@ fn preset_config(arch: &str, preset: &str) -> Result<Value> {
             "bos_token_id": 256, "eos_token_id": 257, "hidden_act": "silu", "torch_dtype": "bfloat16"}),
         ("qwen3_next" | "qwen3_5" | "qwen3_5_moe", _) => return hybrid_preset(arch, preset),
         _ => bail!(
-            "no preset `{preset}` for architecture `{arch}`; presets: qwen3_moe: tiny, qwen3-30b-a3b, qwen3-235b-a22b; \
-             qwen3: tiny, qwen3-0.6b, qwen3-4b, qwen3-4b-untied, qwen3-8b; mixtral: tiny, mixtral-8x7b; qwen3_next: tiny, qwen3-next-80b-a3b; \
+            "no preset `{preset}` for architecture `{arch}`; presets: qwen3_moe: tiny, tiny-gguf, qwen3-30b-a3b, qwen3-235b-a22b; \
+             qwen3: tiny, tiny-gguf, qwen3-0.6b, qwen3-4b, qwen3-4b-untied, qwen3-8b; mixtral: tiny, tiny-gguf, mixtral-8x7b; qwen3_next: tiny, qwen3-next-80b-a3b; \
              qwen3_5: tiny; qwen3_5_moe: tiny, qwen3.5-35b-a3b, qwen3.5-122b-a10b"
         ),
     };

@@ -17,6 +17,8 @@
 #![deny(missing_docs)]
 
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gguf;
 mod mlx;
 mod safetensors_index;

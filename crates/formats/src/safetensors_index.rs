@@ -310,43 +310,62 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, FormatError> {
 /// Parses and validates one file's header: offsets must be in bounds, contiguous, and agree with
 /// dtype x shape (the `safetensors` crate's validation), so later slicing cannot go out of range.
 fn parse_header(file: &Arc<MappedFile>) -> Result<Vec<TensorLocation>, FormatError> {
-    let bytes = file.bytes();
-    let bad = |reason: String| FormatError::Safetensors {
+    let located = locate_tensors(file.bytes()).map_err(|reason| FormatError::Safetensors {
         path: file.path().to_path_buf(),
         reason,
-    };
-    precheck_header(bytes).map_err(bad)?;
+    })?;
+    Ok(located
+        .into_iter()
+        .map(|t| TensorLocation {
+            name: t.name,
+            dtype: t.dtype,
+            shape: t.shape,
+            file: file.clone(),
+            offset: t.offset,
+            len: t.len,
+        })
+        .collect())
+}
+
+/// A tensor of a safetensors file, located in its bytes.
+pub(crate) struct Located {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    /// Absolute byte offset; `offset + len` is at most the file's length.
+    pub offset: usize,
+    pub len: usize,
+}
+
+/// [`parse_header`] on the bytes of a file; the error is the problem, without the file name.
+pub(crate) fn locate_tensors(bytes: &[u8]) -> Result<Vec<Located>, String> {
+    precheck_header(bytes)?;
     let (header_len, metadata) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| {
-        let hint = match e {
+        match e {
             safetensors::SafeTensorError::MetadataIncompleteBuffer => {
                 format!("{e} (the tensors' byte ranges do not match the file's length: truncated or corrupt)")
             }
             _ => e.to_string(),
-        };
-        bad(hint)
+        }
     })?;
     let data_start = 8 + header_len;
     let mut out = Vec::new();
     for (name, info) in metadata.tensors() {
         let (start, end) = info.data_offsets;
-        let offset = data_start
-            .checked_add(start)
-            .ok_or_else(|| bad(format!("tensor `{name}` offset overflows")))?;
-        let stop = data_start
-            .checked_add(end)
-            .ok_or_else(|| bad(format!("tensor `{name}` offset overflows")))?;
+        let overflow = || format!("tensor `{name}` offset overflows");
+        let offset = data_start.checked_add(start).ok_or_else(overflow)?;
+        let stop = data_start.checked_add(end).ok_or_else(overflow)?;
         if end < start || stop > bytes.len() {
-            return Err(bad(format!(
+            return Err(format!(
                 "tensor `{name}` byte range {start}..{end} runs past the end of the file"
-            )));
+            ));
         }
-        out.push(TensorLocation {
-            name,
+        out.push(Located {
             dtype: DType::from_safetensors(info.dtype),
             shape: info.shape.clone(),
-            file: file.clone(),
             offset,
             len: end - start,
+            name,
         });
     }
     Ok(out)

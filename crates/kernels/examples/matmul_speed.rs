@@ -1,7 +1,7 @@
 //! Speed of the matrix-product kernels against this machine's memory bandwidth.
 //!
 //! ```text
-//! cargo run -p moestream-kernels --release --example matmul_speed [-- --quick] [--decode] [--hot] [--rounds N]
+//! cargo run -p moestream-kernels --release --example matmul_speed [-- --quick] [--decode] [--hot] [--rounds N] [--ggml]
 //! ```
 //!
 //! Times decode (1 token) and prefill (128 tokens) for 4-bit and 8-bit gs64 affine weights (bf16
@@ -12,7 +12,9 @@
 //! has f32 activations. `--quick` leaves out the lm_head, `--decode` the prefill rows. `--rounds N`
 //! measures everything N times, round after round, and keeps the fastest of each (the memory
 //! bandwidth likewise), so that a burst of other work on a shared machine spoils one round of a
-//! measurement, not all of them.
+//! measurement, not all of them. `--ggml` times llama.cpp block formats (Q4_K, Q5_K, Q6_K, Q8_0,
+//! random blocks with finite scales) instead of the MLX and bf16 ones, decode at both activation
+//! precisions (the scalar level only on the expert shapes).
 //!
 //! The expert matrices are far smaller than the last-level cache, but during MoE decoding experts
 //! arrive from RAM; each measurement therefore cycles through enough copies of the matrix to fill
@@ -29,6 +31,7 @@
 use std::time::{Duration, Instant};
 
 use moestream_kernels::features::{cpu_level, ActivationPrecision, SimdLevel};
+use moestream_kernels::ggml::BlockFormat;
 use moestream_kernels::{matmul_with_precision, FloatKind, Matrix, Weights};
 use rayon::prelude::*;
 
@@ -86,7 +89,18 @@ fn main() {
     if cpu_level() >= SimdLevel::Avx512 {
         levels.push(SimdLevel::Avx512);
     }
-    let formats = [Format::Affine(4), Format::Affine(8), Format::Bf16];
+    let formats: Vec<Format> = if args.iter().any(|a| a == "--ggml") {
+        [
+            BlockFormat::Q4_K,
+            BlockFormat::Q5_K,
+            BlockFormat::Q6_K,
+            BlockFormat::Q8_0,
+        ]
+        .map(Format::Ggml)
+        .to_vec()
+    } else {
+        vec![Format::Affine(4), Format::Affine(8), Format::Bf16]
+    };
     let mut shapes = vec![(768, 2048), (2048, 768)];
     if !quick {
         shapes.push((151_936, 2048));
@@ -101,7 +115,7 @@ fn main() {
         bw_all = bw_all.max(all);
         bw_one = bw_one.max(one);
         let mut line = 0;
-        for format in formats {
+        for &format in &formats {
             for &(rows, cols) in &shapes {
                 let pool = Pool::new(format, rows, cols, pool_bytes);
                 for &n_tokens in token_counts {
@@ -111,7 +125,7 @@ fn main() {
                         .collect();
                     let mut y = vec![0f32; n_tokens * rows];
                     let precisions: &[ActivationPrecision] = match format {
-                        Format::Affine(_) if n_tokens == 1 => {
+                        Format::Affine(_) | Format::Ggml(_) if n_tokens == 1 => {
                             &[ActivationPrecision::F32, ActivationPrecision::Int16]
                         }
                         _ => &[ActivationPrecision::F32],
@@ -119,6 +133,13 @@ fn main() {
                     for &level in &levels {
                         // The scalar lm_head prefill takes minutes; its ratio to AVX2 is visible on the experts.
                         if level == SimdLevel::Scalar && n_tokens > 1 && rows > 100_000 {
+                            continue;
+                        }
+                        // Likewise the scalar block decode of the lm_head.
+                        if level == SimdLevel::Scalar
+                            && matches!(format, Format::Ggml(_))
+                            && rows > 100_000
+                        {
                             continue;
                         }
                         for &precision in precisions {
@@ -319,6 +340,8 @@ enum Format {
     /// MLX affine, group size 64, bf16 scales and biases.
     Affine(u32),
     Bf16,
+    /// llama.cpp blocks.
+    Ggml(BlockFormat),
 }
 
 impl Format {
@@ -326,6 +349,7 @@ impl Format {
         match self {
             Format::Affine(bits) => format!("q{bits} gs64"),
             Format::Bf16 => "bf16".to_string(),
+            Format::Ggml(f) => f.name().to_string(),
         }
     }
 }
@@ -348,6 +372,7 @@ impl Pool {
         let (data_len, params_len) = match format {
             Format::Affine(bits) => (rows * cols * bits as usize / 8, rows * cols / 64 * 2),
             Format::Bf16 => (rows * cols * 2, 0),
+            Format::Ggml(f) => (rows * f.row_bytes(cols), 0),
         };
         let matrix_bytes = data_len + 2 * params_len;
         let copies = pool_bytes.div_ceil(matrix_bytes).max(1);
@@ -364,6 +389,24 @@ impl Pool {
                 (0..copies * data_len).map(|_| next(&mut s) as u8).collect()
             }
             Format::Bf16 => bf16_values(copies * data_len, 7),
+            Format::Ggml(f) => {
+                // Random bytes, with every block's f16 scales set to finite values near 2^-7.
+                let mut s = 7u64;
+                let mut data: Vec<u8> =
+                    (0..copies * data_len).map(|_| next(&mut s) as u8).collect();
+                let f16_at: &[usize] = match f {
+                    BlockFormat::Q4_0 | BlockFormat::Q8_0 => &[0],
+                    BlockFormat::Q4_K | BlockFormat::Q5_K => &[0, 2],
+                    BlockFormat::Q6_K => &[208],
+                };
+                for block in data.chunks_exact_mut(f.block_bytes()) {
+                    for &at in f16_at {
+                        let v = (next(&mut s) as u16 & 0x83ff) | (0x08 << 10);
+                        block[at..at + 2].copy_from_slice(&v.to_le_bytes());
+                    }
+                }
+                data
+            }
         };
         Pool {
             format,
@@ -393,6 +436,10 @@ impl Pool {
             },
             Format::Bf16 => Weights::Float {
                 kind: FloatKind::BF16,
+                data: part(&self.data),
+            },
+            Format::Ggml(format) => Weights::Ggml {
+                format,
                 data: part(&self.data),
             },
         };

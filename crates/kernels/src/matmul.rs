@@ -7,13 +7,16 @@
 //! - `avx2` (AVX2+FMA+F16C, every format) and `avx512` (AVX-512F/BW: float formats and 4-/8-bit
 //!   affine; other formats use `avx2` on such CPUs), chosen at run time;
 //! - [`int16`]: decode products of affine weights with int16 activations, its scalar twin and its
-//!   AVX2 and AVX-512 kernels (see "Activation precision").
+//!   AVX2 and AVX-512 kernels (see "Activation precision");
+//! - `ggml_blocks`: llama.cpp block formats, f32 activations (decode each row, then FMAs) and, in
+//!   `ggml_blocks/int16`, int16 decode products (integer dot products per 32 columns).
 //!
 //! # Activation precision
 //! A decode product (one token) with affine weights rounds the activation row to int16, with one
 //! step per span of 32 to 128 columns, and multiplies the integer codes with the integer
 //! activations, exactly, in i32 ([`ActivationPrecision::Int16`]; the method and its error bound
-//! are in [`int16`]). That is the default. Prefill (several tokens), float weights, and every
+//! are in [`int16`]); with llama.cpp blocks likewise, with spans of 32 columns
+//! (`ggml_blocks/int16.rs`). That is the default. Prefill (several tokens), float weights, and every
 //! product when `MOESTREAM_EXACT_MATMUL=1` ([`activation_precision`], read once) use f32
 //! activations, as do [`matmul_scalar`] and [`matmul_with_precision`] with
 //! [`ActivationPrecision::F32`]. "One token" means the forward pass, not the product: model code
@@ -169,9 +172,8 @@ fn matmul_token_wise(
         return;
     }
     let backend = Backend::select(level, m);
-    let int16 = (precision == ActivationPrecision::Int16
-        && matches!(m.weights, Weights::Affine { .. }))
-    .then(|| int16::ValueOrder::of(backend, m));
+    let int16 = (precision == ActivationPrecision::Int16 && has_int16_kernel(m))
+        .then(|| int16::ValueOrder::of(backend, m));
     let acts: Vec<Activations> = x
         .chunks_exact(cols)
         .map(|xt| Activations::new(m, xt, 1, backend.column_order(m), int16))
@@ -254,14 +256,17 @@ pub fn matmul_with_precision(
         return;
     }
     let backend = Backend::select(level, m);
-    let int16 = (precision == ActivationPrecision::Int16
-        && n_tokens == 1
-        && matches!(m.weights, Weights::Affine { .. }))
-    .then(|| int16::ValueOrder::of(backend, m));
+    let int16 = (precision == ActivationPrecision::Int16 && n_tokens == 1 && has_int16_kernel(m))
+        .then(|| int16::ValueOrder::of(backend, m));
     let act = Activations::new(m, x, n_tokens, backend.column_order(m), int16);
     run_tasks(m, n_tokens, y, &|rows, tokens, out| {
         backend.run(m, &act, rows, tokens, out)
     });
+}
+
+/// Whether decode products of `m` have an int16 kernel: affine weights and llama.cpp blocks.
+fn has_int16_kernel(m: &Matrix) -> bool {
+    matches!(m.weights, Weights::Affine { .. } | Weights::Ggml { .. })
 }
 
 /// The value `bits`-bit affine codes are centred on in the f32 kernels (module docs).
@@ -390,6 +395,24 @@ impl Backend {
         if let Some(xq) = &act.int16 {
             debug_assert_eq!(tokens, 0..1);
             let sums = act.group_sums(0..1);
+            if let Weights::Ggml { format, data } = m.weights {
+                let cols = m.cols;
+                match self {
+                    Backend::Scalar => {
+                        ggml_blocks::int16::matvec_block(format, data, cols, xq, sums, rows, out)
+                    }
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: as for the f32 kernels below (`select` never returns Avx512 for
+                    // block weights); `Activations::new` quantized the single token's row with
+                    // `quantize_activations` and, for formats with minimums, its span sums.
+                    Backend::Avx2 | Backend::Avx512 => unsafe {
+                        ggml_blocks::int16::avx2::matvec_block(
+                            format, data, cols, xq, sums, rows, out,
+                        )
+                    },
+                }
+                return;
+            }
             match self {
                 Backend::Scalar => int16::matvec_block(m, xq, sums, rows, out),
                 #[cfg(target_arch = "x86_64")]
@@ -457,6 +480,12 @@ impl<'a> Activations<'a> {
                 debug_assert_eq!(sums.len(), n_tokens * (cols / group_size));
                 (sums, cols / group_size)
             }
+            Weights::Ggml { format, .. }
+                if int16.is_some() && ggml_blocks::int16::has_mins(format) =>
+            {
+                let span = ggml_blocks::int16::SPAN;
+                (x.chunks_exact(span).map(scalar::sum).collect(), cols / span)
+            }
             Weights::Float { .. } | Weights::Ggml { .. } => (Vec::new(), 0),
         };
         let int16 = match (m.weights, int16) {
@@ -468,6 +497,10 @@ impl<'a> Activations<'a> {
             ) => {
                 debug_assert_eq!(n_tokens, 1);
                 Some(int16::QuantizedRow::new(x, bits, group_size, int16_order))
+            }
+            (Weights::Ggml { format, .. }, Some(_)) => {
+                debug_assert_eq!(n_tokens, 1);
+                Some(ggml_blocks::int16::quantize_activations(x, format))
             }
             _ => None,
         };

@@ -116,11 +116,14 @@ pub fn write(cfg: &Value, mix: GgufMix, seed: u64, out: &Path) -> Result<u64> {
         })
     };
     let embd_type = if tied { GgmlType::Q6_K } else { GgmlType::Q4_K };
+    // A tied embedding is the output projection too: std 4/sqrt(h) keeps the logits of normed
+    // states near std 4, as in real models, where std 1 would spread them over ~100.
+    let embd_std = if tied { 4.0 * s(h) } else { 1.0 };
     add(
         "token_embd.weight".into(),
         q(embd_type, h),
         vec![v, h],
-        1.0,
+        embd_std,
         None,
     );
     let rope = |heads: usize| (arch == "llama").then_some(heads);

@@ -20,7 +20,7 @@ pub const DEFAULT_ALIGNMENT: u64 = 32;
 
 /// One tensor as the header declares it.
 #[derive(Clone, Debug)]
-pub(super) struct TensorInfo {
+pub(crate) struct TensorInfo {
     pub name: String,
     /// ggml order: `dims[0]` is the contiguous dimension.
     pub dims: Vec<u64>,
@@ -33,7 +33,7 @@ pub(super) struct TensorInfo {
 
 /// A parsed header.
 #[derive(Clone, Debug)]
-pub(super) struct Header {
+pub(crate) struct Header {
     pub version: u32,
     pub metadata: Vec<(String, MetadataValue)>,
     pub tensors: Vec<TensorInfo>,
@@ -44,7 +44,7 @@ pub(super) struct Header {
 
 /// Parses and validates the header of a GGUF file whose bytes are `bytes`. The error is the
 /// problem, without the file name (the caller adds it).
-pub(super) fn parse(bytes: &[u8]) -> Result<Header, String> {
+pub(crate) fn parse(bytes: &[u8]) -> Result<Header, String> {
     let mut c = Cursor { bytes, pos: 0 };
     let magic = c
         .u32()

@@ -19,7 +19,7 @@
 //! Shapes: ggml lists dimensions innermost first (`dims[0]` is contiguous); [`GgufTensor::shape`]
 //! is the reverse, the PyTorch/numpy shape of the same row-major bytes.
 mod ggml_type;
-mod header;
+pub(crate) mod header;
 mod metadata;
 #[cfg(test)]
 mod tests;

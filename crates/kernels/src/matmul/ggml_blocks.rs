@@ -8,8 +8,9 @@
 //! L2. The two paths differ only in the order of the f32 additions of the dot products.
 #[cfg(target_arch = "x86_64")]
 pub(super) mod avx2;
+pub(super) mod int16;
 #[cfg(test)]
-mod tests;
+pub(super) mod tests;
 
 use std::ops::Range;
 

@@ -119,6 +119,17 @@ impl QuantizedRow {
     /// Quantizes the single row `x` of a product with `bits`-bit affine weights of `group_size`;
     /// the column count `x.len()` is a multiple of the group size ([`Matrix::validate`]).
     pub(super) fn new(x: &[f32], bits: u32, group_size: usize, order: ValueOrder) -> Self {
+        Self::with_centre(x, group_size, ((1u32 << bits) - 1) as f32 / 2.0, order)
+    }
+
+    /// [`Self::new`] for codes centred on `center` (the llama.cpp block formats, whose codes are
+    /// signed or carry a fifth bit: `matmul/ggml_blocks/int16.rs`).
+    pub(super) fn with_centre(
+        x: &[f32],
+        group_size: usize,
+        center: f32,
+        order: ValueOrder,
+    ) -> Self {
         let span = span_columns(group_size);
         debug_assert!(x.len().is_multiple_of(group_size));
         let mut row = QuantizedRow {
@@ -127,7 +138,6 @@ impl QuantizedRow {
             span,
             corrections: vec![0.0; x.len() / group_size],
         };
-        let center = ((1u32 << bits) - 1) as f32 / 2.0;
         #[cfg(target_arch = "x86_64")]
         if cpu_level() >= SimdLevel::Avx2 {
             // SAFETY: the CPU supports AVX2, FMA and F16C.

@@ -20,8 +20,10 @@
 
 use std::io::Write;
 
+use super::ggml_blocks::tests::random_blocks;
 use super::{matmul_in_mode, matmul_scalar, matmul_with, matmul_with_precision, Backend};
 use crate::features::{cpu_level, ActivationPrecision, ProductMode, SimdLevel};
+use crate::ggml::BlockFormat;
 use crate::{dequantize_row, FloatKind, Matrix, Weights};
 
 pub(super) const KINDS: [FloatKind; 3] = [FloatKind::F32, FloatKind::F16, FloatKind::BF16];
@@ -108,6 +110,10 @@ enum TestWeights {
         biases: Misaligned,
         kind: FloatKind,
     },
+    Ggml {
+        format: BlockFormat,
+        data: Misaligned,
+    },
 }
 
 pub(super) struct TestMatrix {
@@ -157,6 +163,18 @@ impl TestMatrix {
         }
     }
 
+    /// Random llama.cpp blocks with finite scales ([`random_blocks`]).
+    pub(super) fn ggml(rng: &mut Rng, format: BlockFormat, rows: usize, cols: usize) -> Self {
+        TestMatrix {
+            rows,
+            cols,
+            weights: TestWeights::Ggml {
+                format,
+                data: Misaligned::new(&random_blocks(rng, format, rows, cols)),
+            },
+        }
+    }
+
     pub(super) fn matrix(&self) -> Matrix<'_> {
         let weights = match &self.weights {
             TestWeights::Float { kind, data } => Weights::Float {
@@ -177,6 +195,10 @@ impl TestMatrix {
                 scales: scales.get(),
                 biases: biases.get(),
                 scale_kind: *kind,
+            },
+            TestWeights::Ggml { format, data } => Weights::Ggml {
+                format: *format,
+                data: data.get(),
             },
         };
         Matrix {
@@ -753,6 +775,10 @@ fn token_wise_decode_equals_one_token_products() {
         1024,
     ));
     matrices.push(TestMatrix::float(&mut rng, FloatKind::BF16, 257, 1000));
+    for format in BlockFormat::ALL {
+        matrices.push(TestMatrix::ggml(&mut rng, format, 3, 256));
+        matrices.push(TestMatrix::ggml(&mut rng, format, 700, 2048));
+    }
     let levels = [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512];
     for tm in &matrices {
         let m = tm.matrix();

@@ -1,5 +1,6 @@
-//! The block kernels: SIMD decoding bit-identical to the scalar decoder, products against the
-//! scalar twin (tolerance of `matmul/tests.rs`), and the quantizer's round trip.
+//! The block kernels with f32 activations: SIMD decoding bit-identical to the scalar decoder,
+//! products against the scalar twin (tolerance of `matmul/tests.rs`), and the quantizer's round
+//! trip. (The int16 decode path: `int16/tests.rs`.)
 //! (Bit-exactness against gguf-py is `crates/kernels/tests/ggml_blocks.rs`.)
 use super::super::tests::{fresh_seed, report, Rng};
 use super::super::{matmul_scalar, matmul_with_precision};
@@ -94,7 +95,7 @@ fn avx2_products_match_scalar() {
                 let mut want = vec![f32::NAN; n * rows];
                 matmul_with_precision(
                     SimdLevel::Avx512,
-                    ActivationPrecision::Int16,
+                    ActivationPrecision::F32,
                     &m,
                     &x,
                     n,
