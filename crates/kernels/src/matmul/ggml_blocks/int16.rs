@@ -48,7 +48,7 @@
 //! | Q6_K | 0.250 → 0.113 (2.2x) | 0.188 → 0.092 (2.0x) | 54.4 → 18.6 (2.9x) | 30.8 → 11.4 (2.7x) |
 //! | Q8_0 | 0.253 → 0.099 (2.6x) | 0.194 → 0.103 (1.9x) | 54.8 → 19.3 (2.8x) | 31.3 → 12.7 (2.5x) |
 //!
-//! The int16 path reads 42-80% of the memory bandwidth (the f32 path 13-30%): it is still bound
+//! The int16 path reads 42-80% of the memory bandwidth (the f32 path 13-32%): it is still bound
 //! by its instructions more than by memory, most for Q4_K/Q5_K (bytes widened to i16 before
 //! `vpmaddwd`; int8 activations with `vpmaddubsw`, as llama.cpp does, would halve that work at
 //! 256 times the activation rounding error). The scalar twin is slower than the scalar f32 path
