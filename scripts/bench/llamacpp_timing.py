@@ -37,7 +37,20 @@ def main():
     ap.add_argument("-n", "--n-gen", type=int, default=32)
     ap.add_argument("-r", "--repetitions", type=int, default=2)
     ap.add_argument("--no-mmap", action="store_true", help="read the whole file into memory")
+    ap.add_argument("--no-repack", action="store_true",
+                    help="compute on the mapped file (llama.cpp's --no-repack): by default its CPU backend "
+                         "copies Q4_0/Q4_K tensors into an interleaved layout in anonymous memory")
     args = ap.parse_args()
+    if args.no_repack:
+        low = llama_cpp.llama_cpp
+        default = low.llama_model_default_params
+
+        def no_extra_bufts():
+            params = default()
+            params.use_extra_bufts = False
+            return params
+
+        low.llama_model_default_params = no_extra_bufts
 
     t0 = time.time()
     llm = llama_cpp.Llama(model_path=args.model, n_threads=args.threads, n_threads_batch=args.threads,
@@ -47,7 +60,7 @@ def main():
     vocab = llm.n_vocab()
     ctx = llm._ctx.ctx
     base = {"engine": f"llama.cpp (llama-cpp-python {llama_cpp.__version__})", "threads": args.threads,
-            "model": args.model}
+            "model": args.model, "repack": not args.no_repack}
     print(json.dumps({**base, "test": "load", "seconds": round(load_s, 2)}), flush=True)
 
     def timed(test, run):

@@ -6,7 +6,8 @@
 #   FILE defaults to /work/bench/q3-30b-q4km.gguf, written first if missing with
 #   moestream synth --arch qwen3_moe --preset qwen3-30b-a3b --format gguf-q4km --seed 0 FILE (~17 GB)
 #   CAPS defaults to "8G 4G". Environment: BIN (moestream binary), THREADS (2), P (32), N (32),
-#   R (2), LLAMA_TIMEOUT (seconds per capped llama.cpp run, 600), MOE_TIMEOUT (600).
+#   R (2), LLAMA_TIMEOUT (seconds per capped llama.cpp run, 600), MOE_TIMEOUT (600),
+#   LLAMA_CAPPED_N (decode steps of the capped --no-repack llama.cpp runs, 8).
 # Needs: pip install llama-cpp-python==0.3.36; root, for ../shared/tools/with-memory-limit.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -46,13 +47,19 @@ echo "-- moestream again (alternating, for the noise)"
 moe --stream-experts off
 echo "-- llama.cpp again"
 lcpp
+echo "-- llama.cpp --no-repack (Q4_K tensors used in place in the mapping, as under the caps)"
+lcpp --no-repack
 
 for cap in $caps; do
   echo "== under a $cap cap (cold page cache: --drop-caches)"
   echo "-- moestream (experts streamed: the default when the model does not fit)"
   timeout "${MOE_TIMEOUT:-600}" "$wml" "$cap" --drop-caches -- "$bin" bench --model "$model" -t "$t" \
     -p "$p" -n "$n" -r 1 --no-bandwidth || echo "moestream: exit $? (timeout 124)"
-  echo "-- llama.cpp (memory-mapped, its default)"
+  echo "-- llama.cpp (memory-mapped, its default: Q4_K tensors repacked into anonymous memory)"
   timeout "${LLAMA_TIMEOUT:-600}" "$wml" "$cap" --drop-caches -- \
     python3 "$here/llamacpp_timing.py" "$model" -t "$t" -p "$p" -n "$n" -r 1 || echo "llama.cpp: exit $? (timeout 124)"
+  echo "-- llama.cpp --no-repack (computes on the mapping; tg${LLAMA_CAPPED_N:-8}: it is slow here)"
+  timeout "${LLAMA_TIMEOUT:-600}" "$wml" "$cap" --drop-caches -- \
+    python3 "$here/llamacpp_timing.py" "$model" --no-repack -t "$t" -p "$p" -n "${LLAMA_CAPPED_N:-8}" -r 1 \
+    || echo "llama.cpp: exit $? (timeout 124)"
 done
