@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use moestream_engine::config::GenerationConfig;
 use moestream_engine::models::Model;
-use moestream_engine::speculative::{check_vocabularies, DraftLength, Proposer, Speculation};
+use moestream_engine::speculative::{check_vocabularies, Proposer, Speculation};
 use moestream_engine::store::io::IoBackend;
 use moestream_engine::store::{
     self, CacheSize, DirectIo, Eviction, Prefetch, ReadMode, StoreOptions, StoreStats, StreamMode,
@@ -59,13 +59,9 @@ impl SpeculationArgs {
         proposer: &Option<Proposer>,
         sampling: &moestream_engine::generate::SamplingParams,
     ) -> Option<Speculation> {
-        proposer.clone().map(|p| {
-            let mut s = Speculation::new(p, self.num_draft_tokens, sampling);
-            if self.fixed_draft_length {
-                s.length = DraftLength::fixed(self.num_draft_tokens);
-            }
-            s
-        })
+        proposer
+            .clone()
+            .map(|p| Speculation::new(p, self.num_draft_tokens, self.fixed_draft_length, sampling))
     }
 
     /// Loads the draft model, if any, into process memory. Called before the target is

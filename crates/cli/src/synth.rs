@@ -628,13 +628,10 @@ fn byte_to_unicode() -> Vec<char> {
 
 /// A byte-level BPE tokenizer with the 256 bytes and the family's special tokens: every string
 /// round-trips, so `run`, `score --text` and chat work on synthetic models.
-fn write_tokenizer(out: &Path, arch: &str) -> Result<()> {
-    let map = byte_to_unicode();
-    let mut vocab = serde_json::Map::new();
-    for (i, c) in map.iter().enumerate() {
-        vocab.insert(c.to_string(), json!(i));
-    }
-    let specials: &[&str] = if arch == "mixtral" {
+/// The special tokens of the synthetic vocabularies, after the 256 byte tokens: Mistral's for
+/// Mixtral, Qwen's otherwise (shared by the tokenizer.json and GGUF writers).
+pub(crate) fn special_tokens(mistral: bool) -> &'static [&'static str] {
+    if mistral {
         &["<s>", "</s>", "<unk>", "[INST]", "[/INST]"]
     } else {
         &[
@@ -646,7 +643,16 @@ fn write_tokenizer(out: &Path, arch: &str) -> Result<()> {
             "<tool_call>",
             "</tool_call>",
         ]
-    };
+    }
+}
+
+fn write_tokenizer(out: &Path, arch: &str) -> Result<()> {
+    let map = byte_to_unicode();
+    let mut vocab = serde_json::Map::new();
+    for (i, c) in map.iter().enumerate() {
+        vocab.insert(c.to_string(), json!(i));
+    }
+    let specials = special_tokens(arch == "mixtral");
     // Qwen layout: <|endoftext|>=256 (bos), <|im_start|>=257, <|im_end|>=258 (eos).
     // Mixtral layout: <s>=256 (bos), </s>=257 (eos).
     // As in Qwen3's own tokenizer, the think and tool-call tags are not special: decoding keeps

@@ -270,9 +270,15 @@ pub struct Speculation {
 }
 
 impl Speculation {
-    /// Speculation with `proposer`, at most `max_draft` tokens per round; `sampling` as the
-    /// target's (the draft samples with the same settings, from its own random stream).
-    pub fn new(proposer: Proposer, max_draft: usize, sampling: &SamplingParams) -> Speculation {
+    /// Speculation with `proposer`, at most `max_draft` tokens per round (always `max_draft`
+    /// when `fixed`); `sampling` as the target's (the draft samples with the same settings,
+    /// from its own random stream).
+    pub fn new(
+        proposer: Proposer,
+        max_draft: usize,
+        fixed: bool,
+        sampling: &SamplingParams,
+    ) -> Speculation {
         let draft_cache = match &proposer {
             Proposer::Draft(m) => Some(m.new_cache(256)),
             Proposer::PromptLookup => None,
@@ -287,7 +293,11 @@ impl Speculation {
             draft_base: 0,
             draft_checkpoint: None,
             draft_sampler: Sampler::new(draft_params),
-            length: DraftLength::new(max_draft),
+            length: if fixed {
+                DraftLength::fixed(max_draft)
+            } else {
+                DraftLength::new(max_draft)
+            },
             stats: SpeculationStats::default(),
         }
     }

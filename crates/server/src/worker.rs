@@ -15,7 +15,7 @@ use std::time::Instant;
 use moestream_engine::cache::SequenceCache;
 use moestream_engine::generate::{FinishReason, Sampler, SamplingParams, StopStrings};
 use moestream_engine::models::Logits;
-use moestream_engine::speculative::{DraftLength, Speculation};
+use moestream_engine::speculative::Speculation;
 use moestream_engine::text::IncrementalDecoder;
 use tokio::sync::mpsc;
 
@@ -143,14 +143,12 @@ impl Worker {
                     reply.clone()
                 });
                 let speculation = match (&forced, &self.engine.speculation) {
-                    (None, Some(c)) => {
-                        let mut s =
-                            Speculation::new(c.proposer.clone(), c.max_draft, &job.sampling);
-                        if c.fixed {
-                            s.length = DraftLength::fixed(c.max_draft);
-                        }
-                        Some(s)
-                    }
+                    (None, Some(c)) => Some(Speculation::new(
+                        c.proposer.clone(),
+                        c.max_draft,
+                        c.fixed,
+                        &job.sampling,
+                    )),
                     _ => None,
                 };
                 active.push(Sequence::new(job, forced, speculation));

@@ -398,19 +398,7 @@ fn metadata(cfg: &Value, arch: &str, mix: GgufMix, g: Geometry) -> Result<Vec<(S
     }
     // The synth byte-level vocabulary (as in its tokenizer.json), padded to vocab_size.
     let map = super::byte_to_unicode();
-    let specials: &[&str] = if arch == "llama" {
-        &["<s>", "</s>", "<unk>", "[INST]", "[/INST]"]
-    } else {
-        &[
-            "<|endoftext|>",
-            "<|im_start|>",
-            "<|im_end|>",
-            "<think>",
-            "</think>",
-            "<tool_call>",
-            "</tool_call>",
-        ]
-    };
+    let specials = super::special_tokens(arch == "llama");
     let mut tokens: Vec<String> = map.iter().map(|c| c.to_string()).collect();
     let mut types: Vec<i32> = vec![1; 256];
     for s in specials {
