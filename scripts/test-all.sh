@@ -16,3 +16,6 @@ if [ -f scripts/reference/check_fresh_mlx.py ]; then
     echo "note: mlx-lm not installed (pip install mlx 'mlx[cpu]' mlx-lm); skipping the fresh-model check" >&2
   fi
 fi
+# The CUDA backend builds without CUDA installed (its GPU tests run on a GPU machine:
+# scripts/cuda/device_tests.sh); last, so the binary above served every check.
+cargo build --release --locked --features cuda

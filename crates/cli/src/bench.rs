@@ -53,6 +53,8 @@ pub struct BenchArgs {
     json: bool,
     #[command(flatten)]
     stream: StreamArgs,
+    #[command(flatten)]
+    device: crate::device::DeviceArgs,
     /// Decode activations, as for `run` (int16 or f32; MOESTREAM_EXACT_MATMUL=1 forces f32).
     #[arg(long, value_name = "int16|f32")]
     decode_activations: Option<moestream_kernels::features::ActivationPrecision>,
@@ -149,6 +151,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         top_k: None,
         decode_activations: a.decode_activations,
         stream: a.stream.clone(),
+        device: a.device.clone(),
     };
     let draft = a.speculation.load_draft()?;
     let mut l = Loaded::open(&a.model, &engine)?;

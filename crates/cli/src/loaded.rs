@@ -28,6 +28,8 @@ pub struct EngineArgs {
     #[arg(long, value_name = "int16|f32")]
     pub decode_activations: Option<ActivationPrecision>,
     #[command(flatten)]
+    pub device: crate::device::DeviceArgs,
+    #[command(flatten)]
     pub stream: StreamArgs,
 }
 
@@ -288,6 +290,7 @@ impl Loaded {
         if let Some(k) = engine.top_k {
             model.set_top_k(k).map_err(anyhow::Error::msg)?;
         }
+        engine.device.place(&mut model)?;
         let (tokenizer, template, generation) = if gguf {
             gguf_text(dir)?
         } else {
@@ -446,6 +449,11 @@ impl Traffic {
                 s.compute_ns as f64 / 1e9 / seconds.max(1e-9) * 100.0,
                 seconds
             ));
+        }
+        if let Some(device) = model.accelerator() {
+            for (k, v) in device.stats() {
+                parts.push(format!("{k} {v}"));
+            }
         }
         format!("[{}]", parts.join(" | "))
     }

@@ -5,6 +5,7 @@
 //! of real geometries).
 mod bench;
 mod commands;
+mod device;
 mod hub;
 mod kl;
 mod loaded;

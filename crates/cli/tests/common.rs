@@ -3,8 +3,12 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// The binary under test: `MOESTREAM_BIN` when set (a test binary carried to another machine,
+/// such as the GPU machine, with the binary beside it), else the one cargo built.
 pub fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_moestream"))
+    std::env::var_os("MOESTREAM_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_moestream")))
 }
 
 pub fn moestream(args: &[&str]) -> Output {

@@ -2,6 +2,7 @@
 mod bad_input;
 mod cli;
 mod common;
+mod cuda;
 mod gguf;
 mod hybrid_state;
 mod kl;

@@ -205,6 +205,9 @@ pub struct SequenceCache {
     len: usize,
     /// The length before the last pass, when that pass recorded its trail.
     trail_start: Option<usize>,
+    /// The state an [`crate::accelerator::Accelerator`] keeps on its device for this sequence
+    /// (keys and values in device memory); its length is this cache's `len`.
+    pub device: Option<Box<dyn crate::accelerator::DeviceState>>,
 }
 
 /// A copy of a sequence's state at some length, to go back to with
@@ -250,6 +253,7 @@ impl SequenceCache {
             kv_width,
             len: 0,
             trail_start: None,
+            device: None,
         }
     }
 
@@ -277,7 +281,7 @@ impl SequenceCache {
 
     /// Marks `n` more tokens as held (after every layer appended them) and commits the linear
     /// layers' new states.
-    pub(crate) fn advance(&mut self, n: usize) {
+    pub fn advance(&mut self, n: usize) {
         let mut recorded = false;
         for l in &mut self.layers {
             if let LayerState::Linear(s) = l {

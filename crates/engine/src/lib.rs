@@ -14,6 +14,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod accelerator;
 pub mod cache;
 pub mod config;
 pub mod generate;

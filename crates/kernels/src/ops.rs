@@ -43,6 +43,16 @@ impl Rope {
         Rope { rot, inv_freq }
     }
 
+    /// Rotated dimensions per head.
+    pub fn rotary_dim(&self) -> usize {
+        self.rot
+    }
+
+    /// `theta^(-2i/rot)` for `i < rot / 2`, as f32.
+    pub fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
+    }
+
     /// Rotates every head of `x` (`n_heads * head_dim` values) for position `pos`, NeoX layout:
     /// `x_r' = x_r cos + rotate_half(x_r) sin` on the first `rot` dims, the rest unchanged.
     pub fn apply(&self, x: &mut [f32], head_dim: usize, pos: usize) {

@@ -510,8 +510,13 @@ impl SparseMoe {
         let e = self.router.rows;
         let mut logits = vec![0f32; n * e];
         self.router.forward(mode, x, n, &mut logits);
+        self.choose(&mut logits, top_k)
+    }
+
+    /// Routing from router logits `[n, E]` (overwritten with the probabilities).
+    pub fn choose(&self, logits: &mut [f32], top_k: usize) -> Vec<Routing> {
         logits
-            .chunks_exact_mut(e)
+            .chunks_exact_mut(self.router.rows)
             .map(|p| {
                 ops::softmax(p);
                 let mut chosen = ops::top_k(p, top_k);

@@ -13,6 +13,7 @@ pub mod mixtral;
 pub mod qwen3_moe;
 pub mod qwen3_next;
 
+use crate::accelerator::Accelerator;
 use crate::cache::{Checkpoint, LayerState, SequenceCache};
 use crate::config::{Arch, ModelConfig};
 use crate::store::{ExpertStore, Prefetch, StoreError, StoreOptions};
@@ -188,6 +189,8 @@ pub struct Model {
     prefetch: Prefetch,
     /// Distinct (layer, expert) pairs the last forward pass applied.
     pass_experts: AtomicUsize,
+    /// The device that runs the forward passes instead of the CPU kernels, if any.
+    accelerator: Option<Box<dyn Accelerator>>,
 }
 
 impl Model {
@@ -214,6 +217,7 @@ impl Model {
             top_k,
             prefetch: Prefetch::default(),
             pass_experts: AtomicUsize::new(0),
+            accelerator: None,
         }
     }
 
@@ -278,6 +282,22 @@ impl Model {
     /// Experts per token in use.
     pub fn top_k(&self) -> usize {
         self.top_k
+    }
+
+    /// Hands every forward pass from now on to `accelerator` (a GPU). Caches made before keep
+    /// working: the device state is built on their next pass from nothing, so use fresh ones.
+    pub fn set_accelerator(&mut self, accelerator: Box<dyn Accelerator>) {
+        self.accelerator = Some(accelerator);
+    }
+
+    /// The device running the forward passes, if not the CPU.
+    pub fn accelerator(&self) -> Option<&dyn Accelerator> {
+        self.accelerator.as_deref()
+    }
+
+    /// Rotary position embedding tables.
+    pub fn rope(&self) -> &Rope {
+        &self.rope
     }
 
     /// An empty sequence cache for this model: KV for attention layers, zero states for linear
@@ -394,6 +414,9 @@ impl Model {
         cache: &mut SequenceCache,
         want: Logits,
     ) -> Result<Vec<f32>, StoreError> {
+        if let Some(device) = &self.accelerator {
+            return device.forward(self, mode, tokens, cache, want);
+        }
         self.experts.check_files()?;
         let mut experts_used = 0;
         let h = self.config.hidden_size;

@@ -238,6 +238,9 @@ pub enum StoreError {
     /// The options contradict each other.
     #[error("{0}")]
     Options(String),
+    /// The device running the model failed (a CUDA error, device memory exhausted).
+    #[error("device: {0}")]
+    Device(String),
     /// The files could not be opened for streaming.
     #[error("cannot stream experts from {path}: {reason}")]
     Open {

@@ -1,0 +1,463 @@
+// moestream's CUDA kernels, compiled at start-up by NVRTC for the GPU present (see ptx.rs).
+//
+// Activations are f32 row-major. Weights stay in their checkpoint's bytes (floats, MLX group-affine
+// codes, llama.cpp blocks) and are dequantized inside the products, as on the CPU. Every kernel
+// has a CPU twin in moestream-kernels that the tests compare it with.
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef signed char i8;
+
+#define WARP 32
+
+__device__ __forceinline__ float half_to_float(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ float bf16_to_float(u16 h) { return __uint_as_float(((u32)h) << 16); }
+__device__ __forceinline__ u16 load_u16(const u8* p) { return *(const u16*)p; }
+
+// Scale kinds: 0 f32, 1 f16, 2 bf16 (FloatKind).
+__device__ __forceinline__ float load_float(const u8* p, u32 kind, u64 idx) {
+    if (kind == 0) return ((const float*)p)[idx];
+    u16 h = ((const u16*)p)[idx];
+    return kind == 1 ? half_to_float(h) : bf16_to_float(h);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Where one matrix's bytes are: `data` (floats, packed codes or blocks), and for MLX affine
+// weights `scales` and `biases`. Offsets are added to a per-group base pointer (grouped launches
+// over the experts of a layer) or to 0 (a plain matrix: the offsets are device addresses).
+struct MatArgs {
+    u64 data;
+    u64 scales;
+    u64 biases;
+    u32 scale_kind;
+    u32 group_size;
+    u32 rows;
+    u32 cols;
+    u32 n;          // tokens
+    u32 pad;
+    u64 x_group_stride;  // floats between consecutive groups' inputs (0: one shared input)
+    u64 y_group_stride;  // floats between consecutive groups' outputs
+};
+
+// ---- dequantization of 32 consecutive elements (chunk c of row r) into w[32] ----
+
+struct F32W {
+    static __device__ __forceinline__ void chunk(const MatArgs& a, u64 base, u64 r, u32 c, float* w) {
+        const float4* p = (const float4*)(base + a.data) + (r * a.cols + (u64)c * 32) / 4;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            float4 v = p[i];
+            w[4 * i] = v.x; w[4 * i + 1] = v.y; w[4 * i + 2] = v.z; w[4 * i + 3] = v.w;
+        }
+    }
+};
+
+template <int KIND>  // 1 f16, 2 bf16
+struct HalfW {
+    static __device__ __forceinline__ void chunk(const MatArgs& a, u64 base, u64 r, u32 c, float* w) {
+        const uint4* p = (const uint4*)((const u16*)(base + a.data) + r * a.cols + (u64)c * 32);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            uint4 v = p[i];
+            u32 words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                u16 lo = words[j] & 0xffff, hi = words[j] >> 16;
+                w[8 * i + 2 * j] = KIND == 1 ? half_to_float(lo) : bf16_to_float(lo);
+                w[8 * i + 2 * j + 1] = KIND == 1 ? half_to_float(hi) : bf16_to_float(hi);
+            }
+        }
+    }
+};
+
+// MLX affine: 32 codes of BITS bits are BITS consecutive u32 words of the row's bitstream.
+template <int BITS>
+struct AffineW {
+    static __device__ __forceinline__ void chunk(const MatArgs& a, u64 base, u64 r, u32 c, float* w) {
+        u64 elem = r * a.cols + (u64)c * 32;
+        const u32* p = (const u32*)(base + a.data) + elem * BITS / 32;
+        u32 words[BITS + 1];
+#pragma unroll
+        for (int i = 0; i < BITS; i++) words[i] = p[i];
+        words[BITS] = 0;
+        u64 g = elem / a.group_size;
+        float s = load_float((const u8*)(base + a.scales), a.scale_kind, g);
+        float b = load_float((const u8*)(base + a.biases), a.scale_kind, g);
+        const u32 mask = (1u << BITS) - 1;
+#pragma unroll
+        for (int i = 0; i < 32; i++) {
+            int bit = i * BITS, wi = bit / 32, sh = bit % 32;
+            u32 q = words[wi] >> sh;
+            if (sh + BITS > 32) q |= words[wi + 1] << (32 - sh);
+            w[i] = s * (float)(q & mask) + b;
+        }
+    }
+};
+
+// llama.cpp Q8_0: 34-byte blocks of 32: f16 d, 32 int8.
+struct Q8_0W {
+    static __device__ __forceinline__ void chunk(const MatArgs& a, u64 base, u64 r, u32 c, float* w) {
+        const u8* blk = (const u8*)(base + a.data) + (r * (a.cols / 32) + c) * 34;
+        float d = half_to_float(load_u16(blk));
+#pragma unroll
+        for (int i = 0; i < 16; i++) {
+            u16 q = load_u16(blk + 2 + 2 * i);
+            w[2 * i] = d * (float)(i8)(q & 0xff);
+            w[2 * i + 1] = d * (float)(i8)(q >> 8);
+        }
+    }
+};
+
+// Q4_0: 18-byte blocks of 32: f16 d, 16 bytes; element j low nibble, j + 16 high, minus 8.
+struct Q4_0W {
+    static __device__ __forceinline__ void chunk(const MatArgs& a, u64 base, u64 r, u32 c, float* w) {
+        const u8* blk = (const u8*)(base + a.data) + (r * (a.cols / 32) + c) * 18;
+        float d = half_to_float(load_u16(blk));
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            u16 q = load_u16(blk + 2 + 2 * i);
+            u8 q0 = q & 0xff, q1 = q >> 8;
+            w[2 * i] = d * (float)((int)(q0 & 15) - 8);
+            w[2 * i + 1] = d * (float)((int)(q1 & 15) - 8);
+            w[2 * i + 16] = d * (float)((int)(q0 >> 4) - 8);
+            w[2 * i + 17] = d * (float)((int)(q1 >> 4) - 8);
+        }
+    }
+};
+
+// 6-bit scale and min of sub-block j of a Q4_K/Q5_K super-block.
+__device__ __forceinline__ void scale_min_k4(int j, const u8* q, float* sc, float* m) {
+    u8 d, mn;
+    if (j < 4) {
+        d = q[j] & 63;
+        mn = q[j + 4] & 63;
+    } else {
+        d = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        mn = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+    *sc = d;
+    *m = mn;
+}
+
+// Q4_K: 144-byte super-blocks of 256: f16 d, f16 dmin, 12 bytes of scales, 128 bytes of codes.
+// Sub-blocks 2j and 2j+1 are the low and high nibbles of qs[32j .. 32j+32].
+struct Q4_KW {
+    static __device__ __forceinline__ void chunk(const MatArgs& a, u64 base, u64 r, u32 c, float* w) {
+        const u8* blk = (const u8*)(base + a.data) + (r * (a.cols / 256) + c / 8) * 144;
+        int s = c % 8;
+        float d = half_to_float(load_u16(blk)), dmin = half_to_float(load_u16(blk + 2));
+        float sc, mn;
+        scale_min_k4(s, blk + 4, &sc, &mn);
+        float d1 = d * sc, m1 = dmin * mn;
+        const u32* qs = (const u32*)(blk + 16 + 32 * (s / 2));
+        int shift = (s % 2) * 4;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            u32 q = qs[i] >> shift;
+#pragma unroll
+            for (int j = 0; j < 4; j++) w[4 * i + j] = d1 * (float)((q >> (8 * j)) & 15) - m1;
+        }
+    }
+};
+
+// Q5_K: 176 bytes: f16 d, f16 dmin, 12 bytes of scales, 32 bytes of high bits, 128 of nibbles.
+struct Q5_KW {
+    static __device__ __forceinline__ void chunk(const MatArgs& a, u64 base, u64 r, u32 c, float* w) {
+        const u8* blk = (const u8*)(base + a.data) + (r * (a.cols / 256) + c / 8) * 176;
+        int s = c % 8;
+        float d = half_to_float(load_u16(blk)), dmin = half_to_float(load_u16(blk + 2));
+        float sc, mn;
+        scale_min_k4(s, blk + 4, &sc, &mn);
+        float d1 = d * sc, m1 = dmin * mn;
+        const u32* qh = (const u32*)(blk + 16);
+        const u32* qs = (const u32*)(blk + 48 + 32 * (s / 2));
+        int shift = (s % 2) * 4;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            u32 q = qs[i] >> shift;
+            u32 h = qh[i] >> s;
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                u32 v = ((q >> (8 * j)) & 15) | (((h >> (8 * j)) & 1) << 4);
+                w[4 * i + j] = d1 * (float)v - m1;
+            }
+        }
+    }
+};
+
+// Q6_K: 210 bytes: 128 bytes of low nibbles, 64 of high 2-bit pairs, 16 int8 scales, f16 d.
+// Chunk s: half n = s / 4, part p = s % 4 (ql offset 32·(p&1), nibble p/2, qh shift 2p).
+struct Q6_KW {
+    static __device__ __forceinline__ void chunk(const MatArgs& a, u64 base, u64 r, u32 c, float* w) {
+        const u8* blk = (const u8*)(base + a.data) + (r * (a.cols / 256) + c / 8) * 210;
+        int s = c % 8, n = s / 4, p = s % 4;
+        const u8* ql = blk + 64 * n + 32 * (p & 1);
+        const u8* qh = blk + 128 + 32 * n;
+        const i8* sc = (const i8*)(blk + 192 + 8 * n + 2 * p);
+        float d = half_to_float(load_u16(blk + 208));
+        float d0 = d * (float)sc[0], d1 = d * (float)sc[1];
+        int nib = (p / 2) * 4, hs = 2 * p;
+#pragma unroll
+        for (int i = 0; i < 16; i++) {
+            u16 l2 = load_u16(ql + 2 * i), h2 = load_u16(qh + 2 * i);
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                int l = 2 * i + j;
+                int lo = ((j ? l2 >> 8 : l2 & 0xff) >> nib) & 15;
+                int hi = ((j ? h2 >> 8 : h2 & 0xff) >> hs) & 3;
+                w[l] = (l < 16 ? d0 : d1) * (float)((lo | (hi << 4)) - 32);
+            }
+        }
+    }
+};
+
+// ---- products ----
+
+#define TOKEN_TILE 8
+#define ROWS_PER_BLOCK 4  // one warp per output row
+
+// y[g][t][row] = Σ_k W_g[row][k] · x[g][t][k] for groups g = blockIdx.y (the experts of a layer,
+// whose slots start at bases[g]; bases == 0 for a plain matrix).
+template <class W>
+__device__ void matvec(const u64* bases, MatArgs a, const float* x, float* y) {
+    u32 row = blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / WARP;
+    int lane = threadIdx.x % WARP;
+    if (row >= a.rows) return;
+    u64 g = blockIdx.y;
+    u64 base = bases ? bases[g] : 0;
+    x += g * a.x_group_stride;
+    y += g * a.y_group_stride;
+    u32 chunks = a.cols / 32;
+    for (u32 t0 = 0; t0 < a.n; t0 += TOKEN_TILE) {
+        u32 nt = min((u32)TOKEN_TILE, a.n - t0);
+        float acc[TOKEN_TILE];
+#pragma unroll
+        for (int t = 0; t < TOKEN_TILE; t++) acc[t] = 0.f;
+        for (u32 c = lane; c < chunks; c += WARP) {
+            float w[32];
+            W::chunk(a, base, row, c, w);
+#pragma unroll
+            for (int t = 0; t < TOKEN_TILE; t++) {
+                if (t < nt) {
+                    const float4* xp = (const float4*)(x + (u64)(t0 + t) * a.cols + (u64)c * 32);
+                    float s = 0.f;
+#pragma unroll
+                    for (int i = 0; i < 8; i++) {
+                        float4 v = xp[i];
+                        s = fmaf(w[4 * i], v.x, s);
+                        s = fmaf(w[4 * i + 1], v.y, s);
+                        s = fmaf(w[4 * i + 2], v.z, s);
+                        s = fmaf(w[4 * i + 3], v.w, s);
+                    }
+                    acc[t] += s;
+                }
+            }
+        }
+#pragma unroll
+        for (int t = 0; t < TOKEN_TILE; t++) {
+            if (t < nt) {
+                float s = warp_sum(acc[t]);
+                if (lane == 0) y[(u64)(t0 + t) * a.rows + row] = s;
+            }
+        }
+    }
+}
+
+#define MATVEC(name, W) \
+    extern "C" __global__ void __launch_bounds__(ROWS_PER_BLOCK * WARP) \
+    name(const u64* bases, MatArgs a, const float* x, float* y) { matvec<W>(bases, a, x, y); }
+
+MATVEC(matvec_f32, F32W)
+MATVEC(matvec_f16, HalfW<1>)
+MATVEC(matvec_bf16, HalfW<2>)
+MATVEC(matvec_affine2, AffineW<2>)
+MATVEC(matvec_affine3, AffineW<3>)
+MATVEC(matvec_affine4, AffineW<4>)
+MATVEC(matvec_affine5, AffineW<5>)
+MATVEC(matvec_affine6, AffineW<6>)
+MATVEC(matvec_affine8, AffineW<8>)
+MATVEC(matvec_q8_0, Q8_0W)
+MATVEC(matvec_q4_0, Q4_0W)
+MATVEC(matvec_q4_k, Q4_KW)
+MATVEC(matvec_q5_k, Q5_KW)
+MATVEC(matvec_q6_k, Q6_KW)
+
+// ---- element-wise and normalisation ----
+
+// out[r] = w · x[r] / rms(x[r]) for rows of `width`; one block per row.
+extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, u32 width, float eps) {
+    __shared__ float part[32];
+    const float* xr = x + (u64)blockIdx.x * width;
+    float* orow = out + (u64)blockIdx.x * width;
+    float s = 0.f;
+    for (u32 i = threadIdx.x; i < width; i += blockDim.x) s += xr[i] * xr[i];
+    s = warp_sum(s);
+    if (threadIdx.x % WARP == 0) part[threadIdx.x / WARP] = s;
+    __syncthreads();
+    if (threadIdx.x < WARP) {
+        float v = threadIdx.x < blockDim.x / WARP ? part[threadIdx.x] : 0.f;
+        v = warp_sum(v);
+        if (threadIdx.x == 0) part[0] = v;
+    }
+    __syncthreads();
+    float r = 1.0f / sqrtf(part[0] / (float)width + eps);
+    for (u32 i = threadIdx.x; i < width; i += blockDim.x) orow[i] = w[i] * (xr[i] * r);
+}
+
+// NeoX rotary embedding on the first `rot` dims of every head; token t is at position start + t.
+extern "C" __global__ void rope(float* x, u32 n_tokens, u32 n_heads, u32 head_dim, u32 rot,
+                                const float* inv_freq, u32 start) {
+    u32 half = rot / 2;
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    u64 total = (u64)n_tokens * n_heads * half;
+    if (i >= total) return;
+    u32 k = i % half;
+    u64 th = i / half;  // token * n_heads + head
+    u32 t = th / n_heads;
+    float f = (float)(start + t) * inv_freq[k];
+    float c = cosf(f), s = sinf(f);
+    float* h = x + th * head_dim;
+    float a = h[k], b = h[k + half];
+    h[k] = a * c - b * s;
+    h[k + half] = b * c + a * s;
+}
+
+// Causal attention over the cache: query t of the pass (position start + t) of head h attends to
+// positions 0..=start+t of kv head h / (n_heads / n_kv). One block of 4 warps per (head, token);
+// each warp keeps an online softmax over every 4th position, then the warps are merged.
+#define ATT_WARPS 4
+#define MAX_DIMS_PER_LANE 8  // head_dim <= 256
+extern "C" __global__ void __launch_bounds__(ATT_WARPS * WARP)
+attention(const float* q, const float* k, const float* v, float* out, u32 start, u32 n_heads,
+          u32 n_kv, u32 head_dim, float scale) {
+    u32 h = blockIdx.x, t = blockIdx.y;
+    int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    u32 kvh = h / (n_heads / n_kv);
+    u32 per_lane = head_dim / WARP;
+    u64 kv_width = (u64)n_kv * head_dim;
+    const float* qh = q + ((u64)t * n_heads + h) * head_dim;
+    float qr[MAX_DIMS_PER_LANE], acc[MAX_DIMS_PER_LANE];
+#pragma unroll
+    for (int j = 0; j < MAX_DIMS_PER_LANE; j++) {
+        qr[j] = j < per_lane ? qh[lane + WARP * j] : 0.f;
+        acc[j] = 0.f;
+    }
+    float m = __int_as_float(0xff800000), l = 0.f;  // -inf
+    u32 last = start + t;
+    for (u32 p = warp; p <= last; p += ATT_WARPS) {
+        const float* kp = k + p * kv_width + (u64)kvh * head_dim;
+        float s = 0.f;
+#pragma unroll
+        for (int j = 0; j < MAX_DIMS_PER_LANE; j++)
+            if (j < per_lane) s = fmaf(qr[j], kp[lane + WARP * j], s);
+        s = warp_sum(s) * scale;
+        float m2 = fmaxf(m, s);
+        float corr = expf(m - m2), e = expf(s - m2);
+        l = l * corr + e;
+        const float* vp = v + p * kv_width + (u64)kvh * head_dim;
+#pragma unroll
+        for (int j = 0; j < MAX_DIMS_PER_LANE; j++)
+            if (j < per_lane) acc[j] = acc[j] * corr + e * vp[lane + WARP * j];
+        m = m2;
+    }
+    __shared__ float sm[ATT_WARPS], sl[ATT_WARPS];
+    __shared__ float sacc[ATT_WARPS][256];
+    if (lane == 0) { sm[warp] = m; sl[warp] = l; }
+#pragma unroll
+    for (int j = 0; j < MAX_DIMS_PER_LANE; j++)
+        if (j < per_lane) sacc[warp][lane + WARP * j] = acc[j];
+    __syncthreads();
+    float mall = __int_as_float(0xff800000);
+    for (int w = 0; w < ATT_WARPS; w++) mall = fmaxf(mall, sm[w]);
+    float lall = 0.f;
+    for (int w = 0; w < ATT_WARPS; w++) if (sl[w] > 0.f) lall += sl[w] * expf(sm[w] - mall);
+    float* oh = out + ((u64)t * n_heads + h) * head_dim;
+    for (u32 i = threadIdx.x; i < head_dim; i += blockDim.x) {
+        float s = 0.f;
+        for (int w = 0; w < ATT_WARPS; w++) if (sl[w] > 0.f) s += sacc[w][i] * expf(sm[w] - mall);
+        oh[i] = s / lall;
+    }
+}
+
+extern "C" __global__ void silu_mul(const float* g, const float* u, float* out, u64 n) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) {
+        float x = g[i];
+        out[i] = x / (1.0f + expf(-x)) * u[i];
+    }
+}
+
+// x += d
+extern "C" __global__ void add_into(float* x, const float* d, u64 n) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] += d[i];
+}
+
+// Splits q_proj's [query | gate] per head (Qwen3-Next/Qwen3.5) into q and gate.
+extern "C" __global__ void split_query_gate(const float* qg, float* q, float* gate, u64 heads,
+                                            u32 head_dim) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= heads * head_dim) return;
+    u64 hd = i / head_dim, j = i % head_dim;
+    q[i] = qg[hd * 2 * head_dim + j];
+    gate[i] = qg[hd * 2 * head_dim + head_dim + j];
+}
+
+// o *= sigmoid(gate)
+extern "C" __global__ void mul_sigmoid(float* o, const float* gate, u64 n) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) o[i] *= 1.0f / (1.0f + expf(-gate[i]));
+}
+
+// out[t] = Σ_g weight[t][g] · y[t][g] in ascending g (one token's experts, in the order the CPU
+// adds them), for `n` tokens of `groups` expert outputs of width h.
+extern "C" __global__ void combine_experts(const float* y, const float* weights, float* out,
+                                           u32 groups, u32 h, u32 n) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (u64)n * h) return;
+    u64 t = i / h, j = i % h;
+    float s = 0.f;
+    for (u32 g = 0; g < groups; g++) s += weights[t * groups + g] * y[(t * groups + g) * h + j];
+    out[i] = s;
+}
+
+// out[rows[j]] += weight[j] · y[j] for the tokens that chose one expert (prefill).
+extern "C" __global__ void scatter_add(const float* y, const u32* rows, const float* weights,
+                                       float* out, u32 count, u32 h) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (u64)count * h) return;
+    u64 j = i / h, c = i % h;
+    out[(u64)rows[j] * h + c] += weights[j] * y[i];
+}
+
+// dst[j] = src[rows[j]] (rows of width h).
+extern "C" __global__ void gather_rows(const float* src, const u32* rows, float* dst, u32 count,
+                                       u32 h) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (u64)count * h) return;
+    u64 j = i / h, c = i % h;
+    dst[i] = src[(u64)rows[j] * h + c];
+}
+
+// out[t] += sigmoid(g[t]) · y[t] (the shared expert of Qwen3-Next/Qwen3.5 MoE blocks).
+extern "C" __global__ void add_gated(float* out, const float* y, const float* g, u32 h, u32 n) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (u64)n * h) return;
+    out[i] += 1.0f / (1.0f + expf(-g[i / h])) * y[i];
+}

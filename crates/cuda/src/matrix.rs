@@ -1,0 +1,247 @@
+//! Weight matrices in device memory, in their checkpoint's bytes, and the products with them.
+//!
+//! A matrix's parts (floats or packed codes, and for MLX weights scales and biases) are laid out
+//! one after the other at 256-byte boundaries, so that a whole expert (gate, up and down) is one
+//! contiguous slot of the expert cache, copied with one transfer. The same [`MatrixLayout`]
+//! describes a matrix in its own buffer and in every expert slot of a layer.
+use crate::device::{DeviceBuffer, Gpu, GpuError};
+use moestream_kernels::ggml::BlockFormat;
+use moestream_kernels::{FloatKind, Matrix, Weights};
+use std::ffi::c_void;
+
+/// Kernel arguments of a product (kernels.cu `MatArgs`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct MatArgs {
+    data: u64,
+    scales: u64,
+    biases: u64,
+    scale_kind: u32,
+    group_size: u32,
+    rows: u32,
+    cols: u32,
+    n: u32,
+    pad: u32,
+    x_group_stride: u64,
+    y_group_stride: u64,
+}
+
+const ALIGN: usize = 256;
+
+fn align(n: usize) -> usize {
+    n.div_ceil(ALIGN) * ALIGN
+}
+
+/// Where a matrix's parts lie from a base address, and which kernel multiplies it.
+#[derive(Clone, Copy, Debug)]
+pub struct MatrixLayout {
+    kernel: &'static str,
+    args: MatArgs,
+    /// Bytes from the base to the end of the last part.
+    pub bytes: usize,
+    /// Output features.
+    pub rows: usize,
+    /// Input features.
+    pub cols: usize,
+}
+
+fn scale_kind(k: FloatKind) -> u32 {
+    match k {
+        FloatKind::F32 => 0,
+        FloatKind::F16 => 1,
+        FloatKind::BF16 => 2,
+    }
+}
+
+impl MatrixLayout {
+    /// The layout of `m` starting at byte `offset` of a base, and its parts in that order.
+    pub fn of<'a>(
+        m: &Matrix<'a>,
+        offset: usize,
+    ) -> Result<(MatrixLayout, Vec<&'a [u8]>), GpuError> {
+        m.validate().map_err(|e| GpuError(e.to_string()))?;
+        if !m.cols.is_multiple_of(32) {
+            return Err(GpuError(format!(
+                "a {}x{} matrix: the GPU kernels need a multiple of 32 columns",
+                m.rows, m.cols
+            )));
+        }
+        let rows = u32::try_from(m.rows).map_err(|_| GpuError("too many rows".into()))?;
+        let cols = u32::try_from(m.cols).map_err(|_| GpuError("too many columns".into()))?;
+        let mut args = MatArgs {
+            rows,
+            cols,
+            ..Default::default()
+        };
+        let (kernel, parts): (&'static str, Vec<&[u8]>) = match m.weights {
+            Weights::Float { kind, data } => (
+                match kind {
+                    FloatKind::F32 => "matvec_f32",
+                    FloatKind::F16 => "matvec_f16",
+                    FloatKind::BF16 => "matvec_bf16",
+                },
+                vec![data],
+            ),
+            Weights::Affine {
+                bits,
+                group_size,
+                packed,
+                scales,
+                biases,
+                scale_kind: k,
+            } => {
+                args.scale_kind = scale_kind(k);
+                args.group_size = group_size as u32;
+                let kernel = match bits {
+                    2 => "matvec_affine2",
+                    3 => "matvec_affine3",
+                    4 => "matvec_affine4",
+                    5 => "matvec_affine5",
+                    6 => "matvec_affine6",
+                    8 => "matvec_affine8",
+                    b => return Err(GpuError(format!("no GPU kernel for {b}-bit weights"))),
+                };
+                (kernel, vec![packed, scales, biases])
+            }
+            Weights::Ggml { format, data } => (
+                match format {
+                    BlockFormat::Q4_0 => "matvec_q4_0",
+                    BlockFormat::Q8_0 => "matvec_q8_0",
+                    BlockFormat::Q4_K => "matvec_q4_k",
+                    BlockFormat::Q5_K => "matvec_q5_k",
+                    BlockFormat::Q6_K => "matvec_q6_k",
+                },
+                vec![data],
+            ),
+        };
+        let mut at = offset;
+        let mut offsets = [0u64; 3];
+        for (o, p) in offsets.iter_mut().zip(&parts) {
+            *o = at as u64;
+            at = align(at + p.len());
+        }
+        args.data = offsets[0];
+        args.scales = offsets[1];
+        args.biases = offsets[2];
+        Ok((
+            MatrixLayout {
+                kernel,
+                args,
+                bytes: at,
+                rows: m.rows,
+                cols: m.cols,
+            },
+            parts,
+        ))
+    }
+
+    /// Copies `parts` (as [`MatrixLayout::of`] returned them) into `dst` at their offsets from
+    /// byte `base` of it, through `fill(offset, bytes)`.
+    pub fn place(&self, parts: &[&[u8]], mut fill: impl FnMut(usize, &[u8])) {
+        let offsets = [self.args.data, self.args.scales, self.args.biases];
+        for (o, p) in offsets.iter().zip(parts) {
+            fill(*o as usize, p);
+        }
+    }
+
+    /// `y[t] = W x[t]` for `n` rows of `x` (device addresses), this layout's offsets taken as
+    /// absolute addresses after adding `base`.
+    pub(crate) fn launch(
+        &self,
+        gpu: &Gpu,
+        base: u64,
+        x: u64,
+        n: usize,
+        y: u64,
+    ) -> Result<(), GpuError> {
+        let mut a = self.args;
+        a.data += base;
+        a.scales += base;
+        a.biases += base;
+        a.n = n as u32;
+        self.launch_with(gpu, 0, 1, a, x, y)
+    }
+
+    /// The grouped product over the `groups` slots whose base addresses are the u64 array at
+    /// device address `bases`: group g reads `n` inputs at `x + g·x_stride` floats and writes
+    /// `y + g·y_stride` floats.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn launch_grouped(
+        &self,
+        gpu: &Gpu,
+        bases: u64,
+        groups: usize,
+        x: u64,
+        x_stride: usize,
+        n: usize,
+        y: u64,
+        y_stride: usize,
+    ) -> Result<(), GpuError> {
+        let mut a = self.args;
+        a.n = n as u32;
+        a.x_group_stride = x_stride as u64;
+        a.y_group_stride = y_stride as u64;
+        self.launch_with(gpu, bases, groups, a, x, y)
+    }
+
+    fn launch_with(
+        &self,
+        gpu: &Gpu,
+        bases: u64,
+        groups: usize,
+        mut a: MatArgs,
+        mut x: u64,
+        mut y: u64,
+    ) -> Result<(), GpuError> {
+        if a.n == 0 || groups == 0 {
+            return Ok(());
+        }
+        let mut bases = bases;
+        const ROWS_PER_BLOCK: usize = 4;
+        let blocks = self.rows.div_ceil(ROWS_PER_BLOCK) as u32;
+        gpu.launch(
+            self.kernel,
+            (blocks, groups as u32, 1),
+            (ROWS_PER_BLOCK * 32) as u32,
+            &mut [
+                &mut bases as *mut u64 as *mut c_void,
+                &mut a as *mut MatArgs as *mut c_void,
+                &mut x as *mut u64 as *mut c_void,
+                &mut y as *mut u64 as *mut c_void,
+            ],
+        )
+    }
+}
+
+/// A matrix in its own device buffer.
+pub struct GpuMatrix {
+    buf: DeviceBuffer,
+    /// Its layout from the buffer's start.
+    pub layout: MatrixLayout,
+}
+
+impl GpuMatrix {
+    /// Uploads `m`.
+    pub fn upload(gpu: &Gpu, m: &Matrix) -> Result<GpuMatrix, GpuError> {
+        let (layout, parts) = MatrixLayout::of(m, 0)?;
+        let mut staging = vec![0u8; layout.bytes];
+        layout.place(&parts, |o, p| staging[o..o + p.len()].copy_from_slice(p));
+        let buf = gpu.upload(&staging)?;
+        Ok(GpuMatrix { buf, layout })
+    }
+
+    /// `y = W x` for `n` rows (device addresses).
+    pub fn forward(&self, gpu: &Gpu, x: u64, n: usize, y: u64) -> Result<(), GpuError> {
+        self.layout.launch(gpu, self.buf.ptr, x, n, y)
+    }
+
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        self.layout.rows
+    }
+
+    /// Bytes of device memory.
+    pub fn size_bytes(&self) -> usize {
+        self.buf.bytes
+    }
+}

@@ -1,0 +1,812 @@
+//! The decoder on the GPU: the same pre-norm layers as `moestream_engine::models`, with every
+//! weight except the routed experts in VRAM, experts in the [`ExpertCache`], and the KV cache of
+//! each sequence in VRAM ([`GpuSequence`], kept in the engine's `SequenceCache`).
+//!
+//! ```text
+//! h   = x + Attention(RMSNorm(x))
+//! out = h + FeedForward(RMSNorm(h))          dense SwiGLU, or routed experts (+ shared expert)
+//! logits = lm_head(RMSNorm(out_L))
+//! ```
+//!
+//! Routing runs on the host from the router's logits (the same f32 softmax and top-k code as the
+//! CPU path, so both choose the same experts), because the host must know the experts to fill
+//! the cache. A one-token step applies its experts with grouped launches (one kernel for every
+//! expert's gate, one for up, one for down); a prompt applies each chosen expert to the rows
+//! that chose it.
+use crate::device::{DeviceBuffer, Gpu, GpuError};
+use crate::experts::ExpertCache;
+use crate::matrix::GpuMatrix;
+use crate::ops;
+use moestream_engine::accelerator::{Accelerator, DeviceState};
+use moestream_engine::cache::SequenceCache;
+use moestream_engine::models::blocks::{Attention, FeedForward, Mlp, RmsNorm, SparseMoe};
+use moestream_engine::models::{Logits, Mixer, Model};
+use moestream_engine::store::StoreError;
+use moestream_kernels::features::ProductMode;
+use std::any::Any;
+use std::sync::{Arc, Mutex};
+
+struct Norm {
+    w: DeviceBuffer,
+    eps: f32,
+    width: usize,
+}
+
+impl Norm {
+    fn upload(gpu: &Gpu, n: &RmsNorm) -> Result<Norm, GpuError> {
+        Ok(Norm {
+            w: gpu.upload(&n.weight)?,
+            eps: n.eps,
+            width: n.weight.len(),
+        })
+    }
+
+    fn forward(&self, gpu: &Gpu, x: u64, out: u64, rows: usize) -> Result<(), GpuError> {
+        ops::rms_norm(gpu, x, self.w.ptr, out, rows, self.width, self.eps)
+    }
+}
+
+struct GpuAttention {
+    q: GpuMatrix,
+    k: GpuMatrix,
+    v: GpuMatrix,
+    o: GpuMatrix,
+    q_norm: Option<Norm>,
+    k_norm: Option<Norm>,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    output_gate: bool,
+}
+
+struct GpuMlp {
+    gate: GpuMatrix,
+    up: GpuMatrix,
+    down: GpuMatrix,
+}
+
+impl GpuMlp {
+    fn upload(gpu: &Gpu, m: &Mlp) -> Result<GpuMlp, GpuError> {
+        Ok(GpuMlp {
+            gate: GpuMatrix::upload(gpu, &m.gate_proj.matrix())?,
+            up: GpuMatrix::upload(gpu, &m.up_proj.matrix())?,
+            down: GpuMatrix::upload(gpu, &m.down_proj.matrix())?,
+        })
+    }
+
+    /// `out = down(silu(gate x) · up x)` with `g`, `u` scratch of `n × F` floats.
+    fn forward(
+        &self,
+        gpu: &Gpu,
+        x: u64,
+        n: usize,
+        g: u64,
+        u: u64,
+        out: u64,
+    ) -> Result<(), GpuError> {
+        let f = self.gate.rows();
+        self.gate.forward(gpu, x, n, g)?;
+        self.up.forward(gpu, x, n, u)?;
+        ops::silu_mul(gpu, g, u, g, n * f)?;
+        self.down.forward(gpu, g, n, out)
+    }
+}
+
+#[allow(clippy::large_enum_variant)] // one per layer
+enum GpuFfn {
+    Dense(GpuMlp),
+    Sparse {
+        router: GpuMatrix,
+        shared: Option<(GpuMlp, GpuMatrix)>,
+    },
+}
+
+struct GpuLayer {
+    input_norm: Norm,
+    attention: GpuAttention,
+    post_norm: Norm,
+    ffn: GpuFfn,
+}
+
+/// Per-sequence state on the GPU: keys and values of every layer, `[capacity, kv_width]`.
+#[derive(Debug)]
+pub struct GpuSequence {
+    k: Vec<DeviceBuffer>,
+    v: Vec<DeviceBuffer>,
+    capacity: usize,
+    kv_width: usize,
+    gpu: Arc<Gpu>,
+}
+
+impl GpuSequence {
+    fn new(gpu: Arc<Gpu>, layers: usize, kv_width: usize) -> GpuSequence {
+        GpuSequence {
+            k: Vec::with_capacity(layers),
+            v: Vec::with_capacity(layers),
+            capacity: 0,
+            kv_width,
+            gpu,
+        }
+    }
+
+    /// Makes room for `need` positions, keeping the first `keep`.
+    fn reserve(&mut self, layers: usize, need: usize, keep: usize) -> Result<(), GpuError> {
+        if need <= self.capacity && self.k.len() == layers {
+            return Ok(());
+        }
+        let cap = need.max(2 * self.capacity).max(256);
+        let bytes = keep * self.kv_width * 4;
+        let mut k = Vec::with_capacity(layers);
+        let mut v = Vec::with_capacity(layers);
+        for l in 0..layers {
+            let nk = self.gpu.alloc_f32(cap * self.kv_width)?;
+            let nv = self.gpu.alloc_f32(cap * self.kv_width)?;
+            if let (Some(ok), Some(ov)) = (self.k.get(l), self.v.get(l)) {
+                self.gpu.copy(nk.ptr, ok.ptr, bytes)?;
+                self.gpu.copy(nv.ptr, ov.ptr, bytes)?;
+            }
+            k.push(nk);
+            v.push(nv);
+        }
+        self.gpu.synchronize()?;
+        self.k = k;
+        self.v = v;
+        self.capacity = cap;
+        Ok(())
+    }
+}
+
+impl DeviceState for GpuSequence {
+    fn clone_box(&self) -> Box<dyn DeviceState> {
+        let mut copy = GpuSequence::new(self.gpu.clone(), self.k.len(), self.kv_width);
+        // A copy that cannot be made is an empty state: the next pass fails cleanly on it.
+        let ok = self.gpu.bind().is_ok()
+            && copy
+                .reserve(self.k.len(), self.capacity, self.capacity)
+                .is_ok();
+        if !ok {
+            copy.k.clear();
+            copy.capacity = 0;
+        }
+        Box::new(copy)
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+/// Scratch activations, grown to the largest pass seen.
+#[derive(Default)]
+struct Scratch {
+    tokens: usize,
+    bufs: Vec<DeviceBuffer>,
+}
+
+/// Scratch buffer names (indices into `Scratch::bufs`) and their widths per token.
+#[derive(Clone, Copy)]
+enum Buf {
+    X,
+    Normed,
+    Delta,
+    Q,
+    QGate,
+    K,
+    V,
+    Attn,
+    Gate,
+    Up,
+    Router,
+    Gathered,
+    ExpertOut,
+    Table,
+}
+const BUFS: usize = 14;
+
+/// Widths (floats per token) of the scratch buffers, from the model's shapes.
+struct Widths([usize; BUFS]);
+
+struct State {
+    scratch: Scratch,
+    experts: Option<ExpertCache>,
+    tokens: u64,
+}
+
+/// A model's weights on the GPU and the means to run it; plugs into the engine as its
+/// [`Accelerator`].
+pub struct CudaModel {
+    gpu: Arc<Gpu>,
+    layers: Vec<GpuLayer>,
+    norm: Norm,
+    lm_head: GpuMatrix,
+    inv_freq: DeviceBuffer,
+    rot: usize,
+    widths: Widths,
+    hidden: usize,
+    vocab: usize,
+    kv_width: usize,
+    state: Mutex<State>,
+    /// Bytes of non-expert weights in VRAM.
+    pub weight_bytes: usize,
+}
+
+/// How much VRAM the routed experts may take.
+#[derive(Clone, Copy, Debug)]
+pub enum ExpertBudget {
+    /// What is free after the other weights and a reserve for KV caches and scratch.
+    Auto,
+    /// At most this many bytes.
+    Bytes(usize),
+}
+
+/// Device memory kept free for KV caches and activations when the expert cache is sized
+/// automatically.
+const AUTO_RESERVE: usize = 2 << 30;
+
+impl CudaModel {
+    /// Uploads `model`'s weights to `gpu`, with the routed experts in a cache of `budget`
+    /// (all of them when they fit, copied in now).
+    pub fn new(gpu: Gpu, model: &Model, budget: ExpertBudget) -> Result<CudaModel, GpuError> {
+        gpu.bind()?;
+        let gpu = Arc::new(gpu);
+        let c = &model.config;
+        let mut layers = Vec::with_capacity(model.layers.len());
+        let mut widths = [0usize; BUFS];
+        let h = c.hidden_size;
+        for w in [
+            Buf::X,
+            Buf::Normed,
+            Buf::Delta,
+            Buf::Gathered,
+            Buf::ExpertOut,
+        ] {
+            widths[w as usize] = h;
+        }
+        for (i, l) in model.layers.iter().enumerate() {
+            let a: &Attention = match &l.mixer {
+                Mixer::Attention(a) => a,
+                Mixer::Linear(_) => {
+                    return Err(GpuError(format!(
+                        "layer {i} is a Gated DeltaNet layer: the CUDA backend runs attention-only models so far"
+                    )))
+                }
+            };
+            let s = a.shape;
+            let attention = GpuAttention {
+                q: GpuMatrix::upload(&gpu, &a.q_proj.matrix())?,
+                k: GpuMatrix::upload(&gpu, &a.k_proj.matrix())?,
+                v: GpuMatrix::upload(&gpu, &a.v_proj.matrix())?,
+                o: GpuMatrix::upload(&gpu, &a.o_proj.matrix())?,
+                q_norm: a
+                    .q_norm
+                    .as_ref()
+                    .map(|n| Norm::upload(&gpu, n))
+                    .transpose()?,
+                k_norm: a
+                    .k_norm
+                    .as_ref()
+                    .map(|n| Norm::upload(&gpu, n))
+                    .transpose()?,
+                heads: s.n_heads,
+                kv_heads: s.n_kv_heads,
+                head_dim: s.head_dim,
+                output_gate: a.output_gate,
+            };
+            let qd = s.n_heads * s.head_dim;
+            widths[Buf::Q as usize] = widths[Buf::Q as usize].max(qd);
+            widths[Buf::Attn as usize] = widths[Buf::Attn as usize].max(qd);
+            if a.output_gate {
+                widths[Buf::QGate as usize] = widths[Buf::QGate as usize].max(2 * qd);
+                widths[Buf::Gate as usize] = widths[Buf::Gate as usize].max(qd);
+            }
+            let kvd = s.n_kv_heads * s.head_dim;
+            widths[Buf::K as usize] = widths[Buf::K as usize].max(kvd);
+            widths[Buf::V as usize] = widths[Buf::V as usize].max(kvd);
+            let ffn = match &l.mlp {
+                FeedForward::Dense(m) => {
+                    widths[Buf::Gate as usize] = widths[Buf::Gate as usize].max(m.gate_proj.rows);
+                    GpuFfn::Dense(GpuMlp::upload(&gpu, m)?)
+                }
+                FeedForward::Sparse(m) => {
+                    let e = m.router.rows;
+                    widths[Buf::Router as usize] = widths[Buf::Router as usize].max(e);
+                    let shared = match &m.shared {
+                        Some(s) => {
+                            widths[Buf::Gate as usize] =
+                                widths[Buf::Gate as usize].max(s.mlp.gate_proj.rows);
+                            Some((
+                                GpuMlp::upload(&gpu, &s.mlp)?,
+                                GpuMatrix::upload(&gpu, &s.gate.matrix())?,
+                            ))
+                        }
+                        None => None,
+                    };
+                    GpuFfn::Sparse {
+                        router: GpuMatrix::upload(&gpu, &m.router.matrix())?,
+                        shared,
+                    }
+                }
+            };
+            layers.push(GpuLayer {
+                input_norm: Norm::upload(&gpu, &l.input_layernorm)?,
+                attention,
+                post_norm: Norm::upload(&gpu, &l.post_attention_layernorm)?,
+                ffn,
+            });
+        }
+        widths[Buf::Up as usize] = widths[Buf::Gate as usize];
+        let lm_head = GpuMatrix::upload(&gpu, &model.lm_head.matrix())?;
+        let norm = Norm::upload(&gpu, &model.norm)?;
+        let rope = model.rope();
+        let inv_freq = gpu.upload(rope.inv_freq())?;
+        gpu.synchronize()?;
+
+        let weight_bytes = lm_head.size_bytes()
+            + layers
+                .iter()
+                .map(|l| {
+                    let a = &l.attention;
+                    let ffn = match &l.ffn {
+                        GpuFfn::Dense(m) => {
+                            m.gate.size_bytes() + m.up.size_bytes() + m.down.size_bytes()
+                        }
+                        GpuFfn::Sparse { router, shared } => {
+                            router.size_bytes()
+                                + shared.as_ref().map_or(0, |(m, g)| {
+                                    m.gate.size_bytes()
+                                        + m.up.size_bytes()
+                                        + m.down.size_bytes()
+                                        + g.size_bytes()
+                                })
+                        }
+                    };
+                    a.q.size_bytes() + a.k.size_bytes() + a.v.size_bytes() + a.o.size_bytes() + ffn
+                })
+                .sum::<usize>();
+
+        let experts = if model
+            .layers
+            .iter()
+            .any(|l| matches!(l.mlp, FeedForward::Sparse(_)))
+        {
+            let layouts = ExpertCache::layouts(&model.experts, model.layers.len())?;
+            let slot = layouts.iter().flatten().map(|l| l.bytes).max().unwrap_or(1);
+            let total: usize = (0..model.layers.len())
+                .filter(|&l| layouts[l].is_some())
+                .map(|l| model.experts.experts_in(l))
+                .sum();
+            let bytes = match budget {
+                ExpertBudget::Bytes(b) => b,
+                ExpertBudget::Auto => {
+                    let (free, _) = gpu.memory()?;
+                    free.saturating_sub(AUTO_RESERVE)
+                }
+            };
+            let k = model.config.num_experts_per_tok.max(1);
+            let slots = (bytes / slot).min(total);
+            if slots < k {
+                return Err(GpuError(format!(
+                    "the GPU expert cache holds {slots} experts of {} MiB: at least {k} (one token's) are needed",
+                    slot >> 20
+                )));
+            }
+            // Widths of the grouped step: up to top-k experts of one token.
+            // [k base addresses: u64][k weights: f32]
+            widths[Buf::Table as usize] = 3 * k;
+            let mut cache = ExpertCache::new(layouts, slots, k.max(16).min(slots))?;
+            if slots == total {
+                cache
+                    .preload(&gpu, &model.experts)
+                    .map_err(|e| GpuError(e.to_string()))?;
+            }
+            let fe = cache
+                .layouts
+                .iter()
+                .flatten()
+                .map(|l| l.gate.rows)
+                .max()
+                .unwrap_or(0);
+            // Gate/up scratch holds one token's k experts (grouped) or n rows of one expert.
+            widths[Buf::Gate as usize] = widths[Buf::Gate as usize].max(k * fe).max(fe);
+            widths[Buf::Up as usize] = widths[Buf::Gate as usize];
+            widths[Buf::ExpertOut as usize] = widths[Buf::ExpertOut as usize].max(k * h);
+            Some(cache)
+        } else {
+            None
+        };
+        Ok(CudaModel {
+            gpu,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+            rot: rope.rotary_dim(),
+            widths: Widths(widths),
+            hidden: h,
+            vocab: c.vocab_size,
+            kv_width: c.num_key_value_heads * c.head_dim,
+            state: Mutex::new(State {
+                scratch: Scratch::default(),
+                experts,
+                tokens: 0,
+            }),
+            weight_bytes,
+        })
+    }
+
+    /// Expert slots in VRAM and the number of experts in the model.
+    pub fn expert_slots(&self) -> Option<usize> {
+        self.lock().experts.as_ref().map(|c| c.slots())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn run(
+        &self,
+        model: &Model,
+        tokens: &[u32],
+        cache: &mut SequenceCache,
+        want: Logits,
+    ) -> Result<Vec<f32>, StoreError> {
+        let dev = |e: GpuError| StoreError::Device(e.0);
+        let gpu = &*self.gpu;
+        gpu.bind().map_err(dev)?;
+        model.check_tokens(tokens).map_err(StoreError::Device)?;
+        let n = tokens.len();
+        let h = self.hidden;
+        let start = cache.len();
+        let layers = self.layers.len();
+        if cache.device.is_none() {
+            cache.device = Some(Box::new(GpuSequence::new(
+                self.gpu.clone(),
+                layers,
+                self.kv_width,
+            )));
+        }
+        let seq = cache
+            .device
+            .as_mut()
+            .and_then(|d| d.as_any_mut().downcast_mut::<GpuSequence>())
+            .ok_or_else(|| StoreError::Device("the cache belongs to another device".into()))?;
+        seq.reserve(layers, start + n, start).map_err(dev)?;
+
+        let mut state = self.lock();
+        let State {
+            scratch,
+            experts,
+            tokens: counted,
+        } = &mut *state;
+        if scratch.tokens < n {
+            let t = n.max(scratch.tokens * 2).max(16);
+            scratch.bufs = self
+                .widths
+                .0
+                .iter()
+                .map(|&w| gpu.alloc_f32(t * w.max(1)))
+                .collect::<Result<_, _>>()
+                .map_err(dev)?;
+            scratch.tokens = t;
+        }
+        let b = |w: Buf| scratch.bufs[w as usize].ptr;
+
+        // Embeddings on the host (one row each), then up.
+        let mut x0 = vec![0f32; n * h];
+        for (t, &id) in tokens.iter().enumerate() {
+            moestream_kernels::dequantize_row(
+                &model.embed_tokens.matrix(),
+                id as usize,
+                &mut x0[t * h..(t + 1) * h],
+            );
+        }
+        gpu.write(&scratch.bufs[Buf::X as usize], 0, &x0)
+            .map_err(dev)?;
+
+        for (l, layer) in self.layers.iter().enumerate() {
+            // h = x + Attention(RMSNorm(x))
+            layer
+                .input_norm
+                .forward(gpu, b(Buf::X), b(Buf::Normed), n)
+                .map_err(dev)?;
+            self.attention(gpu, &layer.attention, seq, l, &b, n, start)
+                .map_err(dev)?;
+            ops::add_into(gpu, b(Buf::X), b(Buf::Delta), n * h).map_err(dev)?;
+            // out = h + FeedForward(RMSNorm(h))
+            layer
+                .post_norm
+                .forward(gpu, b(Buf::X), b(Buf::Normed), n)
+                .map_err(dev)?;
+            match &layer.ffn {
+                GpuFfn::Dense(m) => m
+                    .forward(
+                        gpu,
+                        b(Buf::Normed),
+                        n,
+                        b(Buf::Gate),
+                        b(Buf::Up),
+                        b(Buf::Delta),
+                    )
+                    .map_err(dev)?,
+                GpuFfn::Sparse { router, shared } => {
+                    let moe = match &model.layers[l].mlp {
+                        FeedForward::Sparse(m) => m,
+                        FeedForward::Dense(_) => {
+                            return Err(StoreError::Device("layer kinds changed".into()))
+                        }
+                    };
+                    let cache = experts
+                        .as_mut()
+                        .ok_or_else(|| StoreError::Device("no expert cache".into()))?;
+                    self.moe(
+                        gpu,
+                        model,
+                        moe,
+                        router,
+                        cache,
+                        l,
+                        n,
+                        &b,
+                        &scratch.bufs[Buf::Table as usize],
+                    )?;
+                    if let Some((mlp, gate)) = shared {
+                        mlp.forward(
+                            gpu,
+                            b(Buf::Normed),
+                            n,
+                            b(Buf::Gate),
+                            b(Buf::Up),
+                            b(Buf::ExpertOut),
+                        )
+                        .map_err(dev)?;
+                        gate.forward(gpu, b(Buf::Normed), n, b(Buf::Router))
+                            .map_err(dev)?;
+                        ops::add_gated(gpu, b(Buf::Delta), b(Buf::ExpertOut), b(Buf::Router), h, n)
+                            .map_err(dev)?;
+                    }
+                }
+            }
+            ops::add_into(gpu, b(Buf::X), b(Buf::Delta), n * h).map_err(dev)?;
+        }
+        let (first, rows) = match want {
+            Logits::All => (0, n),
+            Logits::Last => (n - 1, 1),
+        };
+        self.norm
+            .forward(
+                gpu,
+                b(Buf::X) + (first * h * 4) as u64,
+                b(Buf::Normed),
+                rows,
+            )
+            .map_err(dev)?;
+        let logits_buf = gpu.alloc_f32(rows * self.vocab).map_err(dev)?;
+        self.lm_head
+            .forward(gpu, b(Buf::Normed), rows, logits_buf.ptr)
+            .map_err(dev)?;
+        let mut logits = vec![0f32; rows * self.vocab];
+        gpu.read(logits_buf.ptr, &mut logits).map_err(dev)?;
+        *counted += n as u64;
+        drop(state);
+        cache.advance(n);
+        Ok(logits)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        gpu: &Gpu,
+        a: &GpuAttention,
+        seq: &GpuSequence,
+        layer: usize,
+        b: &impl Fn(Buf) -> u64,
+        n: usize,
+        start: usize,
+    ) -> Result<(), GpuError> {
+        let d = a.head_dim;
+        let x = b(Buf::Normed);
+        if a.output_gate {
+            a.q.forward(gpu, x, n, b(Buf::QGate))?;
+            ops::split_query_gate(gpu, b(Buf::QGate), b(Buf::Q), b(Buf::Gate), n * a.heads, d)?;
+        } else {
+            a.q.forward(gpu, x, n, b(Buf::Q))?;
+        }
+        a.k.forward(gpu, x, n, b(Buf::K))?;
+        a.v.forward(gpu, x, n, b(Buf::V))?;
+        if let Some(norm) = &a.q_norm {
+            norm.forward(gpu, b(Buf::Q), b(Buf::Q), n * a.heads)?;
+        }
+        if let Some(norm) = &a.k_norm {
+            norm.forward(gpu, b(Buf::K), b(Buf::K), n * a.kv_heads)?;
+        }
+        ops::rope(
+            gpu,
+            b(Buf::Q),
+            n,
+            a.heads,
+            d,
+            self.rot,
+            self.inv_freq.ptr,
+            start,
+        )?;
+        ops::rope(
+            gpu,
+            b(Buf::K),
+            n,
+            a.kv_heads,
+            d,
+            self.rot,
+            self.inv_freq.ptr,
+            start,
+        )?;
+        let kvw = a.kv_heads * d;
+        let (kc, vc) = (&seq.k[layer], &seq.v[layer]);
+        gpu.copy(kc.f32_at(start * kvw), b(Buf::K), n * kvw * 4)?;
+        gpu.copy(vc.f32_at(start * kvw), b(Buf::V), n * kvw * 4)?;
+        ops::attention(
+            gpu,
+            b(Buf::Q),
+            kc.ptr,
+            vc.ptr,
+            b(Buf::Attn),
+            n,
+            start,
+            a.heads,
+            a.kv_heads,
+            d,
+        )?;
+        if a.output_gate {
+            ops::mul_sigmoid(gpu, b(Buf::Attn), b(Buf::Gate), n * a.heads * d)?;
+        }
+        a.o.forward(gpu, b(Buf::Attn), n, b(Buf::Delta))
+    }
+
+    /// Routed experts of layer `l` into `Delta`.
+    #[allow(clippy::too_many_arguments)]
+    fn moe(
+        &self,
+        gpu: &Gpu,
+        model: &Model,
+        moe: &SparseMoe,
+        router: &GpuMatrix,
+        cache: &mut ExpertCache,
+        l: usize,
+        n: usize,
+        b: &impl Fn(Buf) -> u64,
+        scratch_table: &DeviceBuffer,
+    ) -> Result<(), StoreError> {
+        let dev = |e: GpuError| StoreError::Device(e.0);
+        let h = self.hidden;
+        let e = router.rows();
+        router
+            .forward(gpu, b(Buf::Normed), n, b(Buf::Router))
+            .map_err(dev)?;
+        let mut logits = vec![0f32; n * e];
+        gpu.read(b(Buf::Router), &mut logits).map_err(dev)?;
+        let routing = moe.choose(&mut logits, model.top_k());
+        let layout = cache.layouts[l]
+            .ok_or_else(|| StoreError::Device(format!("layer {l} has no expert layout")))?;
+        let f = layout.gate.rows;
+        if n == 1 {
+            // One token: its experts in ascending order (the CPU's summation order), grouped.
+            let mut chosen = routing[0].clone();
+            chosen.sort_unstable_by_key(|c| c.0);
+            let ids: Vec<usize> = chosen.iter().map(|c| c.0).collect();
+            let bases = cache.ensure(gpu, &model.experts, l, &ids)?;
+            let k = ids.len();
+            let weights: Vec<f32> = chosen.iter().map(|c| c.1).collect();
+            let table = &self.table_bytes(&bases, &weights);
+            let tb = b(Buf::Table);
+            // [bases: k u64][weights: k f32]: the Table buffer holds 3k floats per token.
+            gpu.write(scratch_table, 0, table).map_err(dev)?;
+            let (x, g, u, y) = (b(Buf::Normed), b(Buf::Gate), b(Buf::Up), b(Buf::ExpertOut));
+            layout
+                .gate
+                .launch_grouped(gpu, tb, k, x, 0, 1, g, f)
+                .map_err(dev)?;
+            layout
+                .up
+                .launch_grouped(gpu, tb, k, x, 0, 1, u, f)
+                .map_err(dev)?;
+            ops::silu_mul(gpu, g, u, g, k * f).map_err(dev)?;
+            layout
+                .down
+                .launch_grouped(gpu, tb, k, g, f, 1, y, h)
+                .map_err(dev)?;
+            ops::combine_experts(gpu, y, tb + 8 * k as u64, b(Buf::Delta), k, h, 1).map_err(dev)?;
+            return Ok(());
+        }
+        // A prompt: each chosen expert over the rows that chose it, in ascending expert order.
+        let mut users: Vec<Vec<(u32, f32)>> = vec![Vec::new(); e];
+        for (t, r) in routing.iter().enumerate() {
+            for &(ex, w) in r {
+                users[ex].push((t as u32, w));
+            }
+        }
+        let active: Vec<usize> = (0..e).filter(|&x| !users[x].is_empty()).collect();
+        gpu.zero(b(Buf::Delta), n * h).map_err(dev)?;
+        for chunk in active.chunks(cache.capacity()) {
+            let bases = cache.ensure(gpu, &model.experts, l, chunk)?;
+            for (&ex, &base) in chunk.iter().zip(&bases) {
+                let rows: Vec<u32> = users[ex].iter().map(|u| u.0).collect();
+                let weights: Vec<f32> = users[ex].iter().map(|u| u.1).collect();
+                let m = rows.len();
+                let mut table = Vec::with_capacity(8 * m);
+                table.extend(rows.iter().flat_map(|r| r.to_le_bytes()));
+                table.extend(weights.iter().flat_map(|w| w.to_le_bytes()));
+                let idx = gpu.upload(&table).map_err(dev)?;
+                let (rows_p, w_p) = (idx.ptr, idx.ptr + 4 * m as u64);
+                let xs = b(Buf::Gathered);
+                ops::gather_rows(gpu, b(Buf::Normed), rows_p, xs, m, h).map_err(dev)?;
+                let (g, u, y) = (b(Buf::Gate), b(Buf::Up), b(Buf::ExpertOut));
+                layout.gate.launch(gpu, base, xs, m, g).map_err(dev)?;
+                layout.up.launch(gpu, base, xs, m, u).map_err(dev)?;
+                ops::silu_mul(gpu, g, u, g, m * f).map_err(dev)?;
+                layout.down.launch(gpu, base, g, m, y).map_err(dev)?;
+                ops::scatter_add(gpu, y, rows_p, w_p, b(Buf::Delta), m, h).map_err(dev)?;
+                // `idx` must outlive the launches that read it.
+                gpu.synchronize().map_err(dev)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn table_bytes(&self, bases: &[u64], weights: &[f32]) -> Vec<u8> {
+        let mut t = Vec::with_capacity(12 * bases.len());
+        t.extend(bases.iter().flat_map(|b| b.to_le_bytes()));
+        t.extend(weights.iter().flat_map(|w| w.to_le_bytes()));
+        t
+    }
+}
+
+impl Accelerator for CudaModel {
+    fn describe(&self) -> String {
+        self.gpu.describe()
+    }
+
+    fn forward(
+        &self,
+        model: &Model,
+        _mode: ProductMode,
+        tokens: &[u32],
+        cache: &mut SequenceCache,
+        want: Logits,
+    ) -> Result<Vec<f32>, StoreError> {
+        if tokens.is_empty() {
+            return Err(StoreError::Device("a forward pass needs tokens".into()));
+        }
+        self.run(model, tokens, cache, want)
+    }
+
+    fn stats(&self) -> Vec<(String, String)> {
+        let s = self.lock();
+        let mut out = vec![("device".to_string(), self.gpu.describe())];
+        if let Some(c) = &s.experts {
+            let st = c.stats;
+            let hit = if st.lookups > 0 {
+                format!("{:.1}%", 100.0 * st.hits as f64 / st.lookups as f64)
+            } else {
+                "-".into()
+            };
+            out.push((
+                "vram expert cache".into(),
+                format!(
+                    "{} slots of {:.1} MiB",
+                    c.slots(),
+                    c.slot_bytes() as f64 / 1048576.0
+                ),
+            ));
+            out.push(("vram cache hit rate".into(), hit));
+            let per_token = if s.tokens > 0 {
+                st.bytes_copied as f64 / s.tokens as f64
+            } else {
+                0.0
+            };
+            out.push((
+                "pcie expert bytes/token".into(),
+                format!("{:.2} MiB", per_token / 1048576.0),
+            ));
+        }
+        out
+    }
+}

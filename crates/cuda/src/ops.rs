@@ -1,0 +1,180 @@
+//! Typed launchers of the element-wise, normalisation and attention kernels (kernels.cu). All
+//! take device addresses of f32 arrays and queue work on the GPU's stream.
+use crate::device::{Gpu, GpuError};
+use std::ffi::c_void;
+
+macro_rules! args {
+    ($($a:ident),* $(,)?) => {
+        &mut [$(&mut $a as *mut _ as *mut c_void),*]
+    };
+}
+
+/// `out[r] = w · x[r] / rms(x[r])` over `rows` rows of `width`.
+pub fn rms_norm(
+    gpu: &Gpu,
+    x: u64,
+    w: u64,
+    out: u64,
+    rows: usize,
+    width: usize,
+    eps: f32,
+) -> Result<(), GpuError> {
+    let (mut x, mut w, mut out, mut width, mut eps) = (x, w, out, width as u32, eps);
+    if rows == 0 {
+        return Ok(());
+    }
+    gpu.launch(
+        "rms_norm",
+        (rows as u32, 1, 1),
+        256,
+        args!(x, w, out, width, eps),
+    )
+}
+
+/// NeoX rotary embedding of `n_tokens × n_heads` heads, token t at position `start + t`.
+#[allow(clippy::too_many_arguments)]
+pub fn rope(
+    gpu: &Gpu,
+    x: u64,
+    n_tokens: usize,
+    n_heads: usize,
+    head_dim: usize,
+    rot: usize,
+    inv_freq: u64,
+    start: usize,
+) -> Result<(), GpuError> {
+    let n = n_tokens * n_heads * (rot / 2);
+    let (mut x, mut nt, mut nh, mut hd, mut rot, mut f, mut start) = (
+        x,
+        n_tokens as u32,
+        n_heads as u32,
+        head_dim as u32,
+        rot as u32,
+        inv_freq,
+        start as u32,
+    );
+    gpu.launch_elements("rope", n, args!(x, nt, nh, hd, rot, f, start))
+}
+
+/// Causal attention of `n` queries (positions `start..start + n`) over the cache.
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    gpu: &Gpu,
+    q: u64,
+    k: u64,
+    v: u64,
+    out: u64,
+    n: usize,
+    start: usize,
+    n_heads: usize,
+    n_kv: usize,
+    head_dim: usize,
+) -> Result<(), GpuError> {
+    if !head_dim.is_multiple_of(32) || head_dim > 256 || !n_heads.is_multiple_of(n_kv) {
+        return Err(GpuError(format!(
+            "attention with {n_heads} heads of {head_dim} over {n_kv} kv heads is not supported on the GPU (head_dim must be a multiple of 32 up to 256)"
+        )));
+    }
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let (mut q, mut k, mut v, mut out, mut start, mut nh, mut nkv, mut hd, mut scale) = (
+        q,
+        k,
+        v,
+        out,
+        start as u32,
+        n_heads as u32,
+        n_kv as u32,
+        head_dim as u32,
+        scale,
+    );
+    gpu.launch(
+        "attention",
+        (n_heads as u32, n as u32, 1),
+        128,
+        args!(q, k, v, out, start, nh, nkv, hd, scale),
+    )
+}
+
+/// `out = silu(g) · u` over `n` floats.
+pub fn silu_mul(gpu: &Gpu, g: u64, u: u64, out: u64, n: usize) -> Result<(), GpuError> {
+    let (mut g, mut u, mut out, mut len) = (g, u, out, n as u64);
+    gpu.launch_elements("silu_mul", n, args!(g, u, out, len))
+}
+
+/// `x += d` over `n` floats.
+pub fn add_into(gpu: &Gpu, x: u64, d: u64, n: usize) -> Result<(), GpuError> {
+    let (mut x, mut d, mut len) = (x, d, n as u64);
+    gpu.launch_elements("add_into", n, args!(x, d, len))
+}
+
+/// Splits per-head `[query | gate]` rows into `q` and `gate` (`heads` heads in all).
+pub fn split_query_gate(
+    gpu: &Gpu,
+    qg: u64,
+    q: u64,
+    gate: u64,
+    heads: usize,
+    head_dim: usize,
+) -> Result<(), GpuError> {
+    let (mut qg, mut q, mut gate, mut h, mut d) = (qg, q, gate, heads as u64, head_dim as u32);
+    gpu.launch_elements(
+        "split_query_gate",
+        heads * head_dim,
+        args!(qg, q, gate, h, d),
+    )
+}
+
+/// `o *= sigmoid(gate)` over `n` floats.
+pub fn mul_sigmoid(gpu: &Gpu, o: u64, gate: u64, n: usize) -> Result<(), GpuError> {
+    let (mut o, mut g, mut len) = (o, gate, n as u64);
+    gpu.launch_elements("mul_sigmoid", n, args!(o, g, len))
+}
+
+/// `out[t] = Σ_g weights[t][g] · y[t][g]` in ascending g.
+pub fn combine_experts(
+    gpu: &Gpu,
+    y: u64,
+    weights: u64,
+    out: u64,
+    groups: usize,
+    h: usize,
+    n: usize,
+) -> Result<(), GpuError> {
+    let (mut y, mut w, mut out, mut g, mut hh, mut nn) =
+        (y, weights, out, groups as u32, h as u32, n as u32);
+    gpu.launch_elements("combine_experts", n * h, args!(y, w, out, g, hh, nn))
+}
+
+/// `out[rows[j]] += weights[j] · y[j]`.
+pub fn scatter_add(
+    gpu: &Gpu,
+    y: u64,
+    rows: u64,
+    weights: u64,
+    out: u64,
+    count: usize,
+    h: usize,
+) -> Result<(), GpuError> {
+    let (mut y, mut r, mut w, mut out, mut c, mut hh) =
+        (y, rows, weights, out, count as u32, h as u32);
+    gpu.launch_elements("scatter_add", count * h, args!(y, r, w, out, c, hh))
+}
+
+/// `dst[j] = src[rows[j]]`.
+pub fn gather_rows(
+    gpu: &Gpu,
+    src: u64,
+    rows: u64,
+    dst: u64,
+    count: usize,
+    h: usize,
+) -> Result<(), GpuError> {
+    let (mut s, mut r, mut d, mut c, mut hh) = (src, rows, dst, count as u32, h as u32);
+    gpu.launch_elements("gather_rows", count * h, args!(s, r, d, c, hh))
+}
+
+/// `out[t] += sigmoid(g[t]) · y[t]` over `n` rows of `h`.
+pub fn add_gated(gpu: &Gpu, out: u64, y: u64, g: u64, h: usize, n: usize) -> Result<(), GpuError> {
+    let (mut o, mut y, mut g, mut hh, mut nn) = (out, y, g, h as u32, n as u32);
+    gpu.launch_elements("add_gated", n * h, args!(o, y, g, hh, nn))
+}

@@ -1,0 +1,268 @@
+//! Every CUDA kernel against the CPU kernels (moestream-kernels) on fresh random inputs. Needs a
+//! GPU: where none is present each test prints why it is skipped and passes, so CI (no GPU)
+//! stays green while building and linking all of this.
+use moestream_cuda::{devices, ops, Gpu};
+use moestream_kernels::ggml::BlockFormat;
+use moestream_kernels::ops::{AttentionShape, Rope};
+use moestream_kernels::{dequantize_row, FloatKind, Matrix, Weights};
+
+fn gpu() -> Option<Gpu> {
+    if devices() == 0 {
+        eprintln!("skipped: no CUDA device (libcuda or a GPU is missing)");
+        return None;
+    }
+    Some(Gpu::open(0).expect("opening GPU 0"))
+}
+
+/// xorshift64*, so every run draws the same "fresh" numbers per seed without a dependency.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545F4914F6CDD1D)
+    }
+    fn uniform(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+    fn floats(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.uniform()).collect()
+    }
+}
+
+fn encode(kind: FloatKind, v: &[f32]) -> Vec<u8> {
+    match kind {
+        FloatKind::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        FloatKind::F16 => v
+            .iter()
+            .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+            .collect(),
+        FloatKind::BF16 => v
+            .iter()
+            .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+            .collect(),
+    }
+}
+
+/// Random blocks with finite scales at the offsets each format keeps its f16 scales.
+fn ggml_blocks(rng: &mut Rng, format: BlockFormat, blocks: usize) -> Vec<u8> {
+    let bb = format.block_bytes();
+    let mut data = rng.bytes(blocks * bb);
+    let scale_offsets: &[usize] = match format {
+        BlockFormat::Q4_0 | BlockFormat::Q8_0 => &[0],
+        BlockFormat::Q4_K | BlockFormat::Q5_K => &[0, 2],
+        BlockFormat::Q6_K => &[208],
+    };
+    for b in 0..blocks {
+        for &o in scale_offsets {
+            let d = half::f16::from_f32(rng.uniform() * 0.05).to_le_bytes();
+            data[b * bb + o..b * bb + o + 2].copy_from_slice(&d);
+        }
+    }
+    data
+}
+
+/// Checks `W x` on the GPU against f64 sums of the CPU's dequantized rows, for 1, 3 and 11
+/// tokens (inside one token tile and across two), within 1e-5 of Σ|w·x| per output.
+fn check_matrix(gpu: &Gpu, m: &Matrix, what: &str, rng: &mut Rng) {
+    let w = moestream_cuda::matrix::GpuMatrix::upload(gpu, m).expect("upload");
+    let mut rows = vec![vec![0f32; m.cols]; m.rows];
+    for (r, row) in rows.iter_mut().enumerate() {
+        dequantize_row(m, r, row);
+    }
+    for n in [1usize, 3, 11] {
+        let x = rng.floats(n * m.cols);
+        let xd = gpu.upload(&x).unwrap();
+        let y = gpu.alloc_f32(n * m.rows).unwrap();
+        // Poison the output so an unwritten element cannot pass.
+        gpu.write(&y, 0, &vec![f32::NAN; n * m.rows]).unwrap();
+        w.forward(gpu, xd.ptr, n, y.ptr).unwrap();
+        let mut got = vec![0f32; n * m.rows];
+        gpu.read(y.ptr, &mut got).unwrap();
+        let mut worst = 0f64;
+        for t in 0..n {
+            for (r, row) in rows.iter().enumerate() {
+                let xs = &x[t * m.cols..(t + 1) * m.cols];
+                let exact: f64 = row.iter().zip(xs).map(|(a, b)| *a as f64 * *b as f64).sum();
+                let mag: f64 = row
+                    .iter()
+                    .zip(xs)
+                    .map(|(a, b)| (*a as f64 * *b as f64).abs())
+                    .sum();
+                let g = got[t * m.rows + r] as f64;
+                let err = (g - exact).abs() / mag.max(1e-30);
+                assert!(
+                    err <= 1e-5,
+                    "{what} n={n} token {t} row {r}: GPU {g} vs {exact} (relative to Σ|w·x| {err:.2e})"
+                );
+                worst = worst.max(err);
+            }
+        }
+        eprintln!("{what} n={n}: worst error {worst:.2e} of Σ|w·x|");
+    }
+}
+
+#[test]
+fn products_match_the_cpu_for_every_format() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng(0x5eed_1234_abcd_0001);
+    let (rows, cols) = (37, 512);
+    for kind in [FloatKind::F32, FloatKind::F16, FloatKind::BF16] {
+        let data = encode(kind, &rng.floats(rows * cols));
+        let m = Matrix {
+            rows,
+            cols,
+            weights: Weights::Float { kind, data: &data },
+        };
+        check_matrix(&gpu, &m, &format!("{kind:?}"), &mut rng);
+    }
+    for bits in [2u32, 3, 4, 5, 6, 8] {
+        for (gs, scale_kind) in [
+            (32, FloatKind::BF16),
+            (64, FloatKind::F16),
+            (128, FloatKind::F32),
+        ] {
+            let packed = rng.bytes(rows * cols * bits as usize / 8);
+            let groups = rows * cols / gs;
+            let scales = encode(
+                scale_kind,
+                &rng.floats(groups)
+                    .iter()
+                    .map(|v| v * 0.1)
+                    .collect::<Vec<_>>(),
+            );
+            let biases = encode(scale_kind, &rng.floats(groups));
+            let m = Matrix {
+                rows,
+                cols,
+                weights: Weights::Affine {
+                    bits,
+                    group_size: gs,
+                    packed: &packed,
+                    scales: &scales,
+                    biases: &biases,
+                    scale_kind,
+                },
+            };
+            check_matrix(
+                &gpu,
+                &m,
+                &format!("affine {bits}-bit gs{gs} {scale_kind:?}"),
+                &mut rng,
+            );
+        }
+    }
+    for format in BlockFormat::ALL {
+        let data = ggml_blocks(&mut rng, format, rows * cols / format.block_elements());
+        let m = Matrix {
+            rows,
+            cols,
+            weights: Weights::Ggml {
+                format,
+                data: &data,
+            },
+        };
+        check_matrix(&gpu, &m, format.name(), &mut rng);
+    }
+}
+
+fn max_rel(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
+    a.iter()
+        .zip(b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs() / scale))
+}
+
+#[test]
+fn norm_rope_attention_and_element_wise_match_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng(0xfeed_0002);
+    // RMSNorm.
+    let (rows, width) = (5, 384);
+    let x = rng.floats(rows * width);
+    let w = rng.floats(width);
+    let mut want = vec![0f32; rows * width];
+    for (xr, or) in x.chunks_exact(width).zip(want.chunks_exact_mut(width)) {
+        moestream_kernels::ops::rms_norm(xr, &w, 1e-6, or);
+    }
+    let (xd, wd, od) = (
+        gpu.upload(&x).unwrap(),
+        gpu.upload(&w).unwrap(),
+        gpu.alloc_f32(rows * width).unwrap(),
+    );
+    ops::rms_norm(&gpu, xd.ptr, wd.ptr, od.ptr, rows, width, 1e-6).unwrap();
+    let mut got = vec![0f32; rows * width];
+    gpu.read(od.ptr, &mut got).unwrap();
+    let e = max_rel(&got, &want);
+    eprintln!("rms_norm: {e:.2e}");
+    assert!(e < 1e-5, "rms_norm off by {e}");
+
+    // RoPE, full and partial rotary, at a far position.
+    for (head_dim, rot) in [(128usize, 128usize), (256, 64)] {
+        let (n, heads, start) = (3usize, 4usize, 1000usize);
+        let rope = Rope::new(rot, 1e6);
+        let x = rng.floats(n * heads * head_dim);
+        let mut want = x.clone();
+        for t in 0..n {
+            rope.apply(
+                &mut want[t * heads * head_dim..(t + 1) * heads * head_dim],
+                head_dim,
+                start + t,
+            );
+        }
+        let xd = gpu.upload(&x).unwrap();
+        let fd = gpu.upload(rope.inv_freq()).unwrap();
+        ops::rope(&gpu, xd.ptr, n, heads, head_dim, rot, fd.ptr, start).unwrap();
+        let mut got = vec![0f32; x.len()];
+        gpu.read(xd.ptr, &mut got).unwrap();
+        let e = max_rel(&got, &want);
+        eprintln!("rope d={head_dim} rot={rot}: {e:.2e}");
+        assert!(e < 1e-4, "rope off by {e}");
+    }
+
+    // Causal grouped-query attention: a prompt after a cached prefix, and one decode step.
+    for (n, start, head_dim) in [(7usize, 50usize, 128usize), (1, 300, 64), (4, 0, 256)] {
+        let shape = AttentionShape {
+            n_heads: 8,
+            n_kv_heads: 2,
+            head_dim,
+        };
+        let kvw = 2 * head_dim;
+        let q = rng.floats(n * 8 * head_dim);
+        let k = rng.floats((start + n) * kvw);
+        let v = rng.floats((start + n) * kvw);
+        let mut want = vec![0f32; n * 8 * head_dim];
+        moestream_kernels::ops::attention(shape, &q, &k, &v, start, n, &mut want);
+        let (qd, kd, vd) = (
+            gpu.upload(&q).unwrap(),
+            gpu.upload(&k).unwrap(),
+            gpu.upload(&v).unwrap(),
+        );
+        let od = gpu.alloc_f32(want.len()).unwrap();
+        ops::attention(
+            &gpu, qd.ptr, kd.ptr, vd.ptr, od.ptr, n, start, 8, 2, head_dim,
+        )
+        .unwrap();
+        let mut got = vec![0f32; want.len()];
+        gpu.read(od.ptr, &mut got).unwrap();
+        let e = max_rel(&got, &want);
+        eprintln!("attention n={n} start={start} d={head_dim}: {e:.2e}");
+        assert!(e < 1e-5, "attention off by {e}");
+    }
+
+    // silu(g)·u.
+    let g = rng.floats(1000);
+    let u = rng.floats(1000);
+    let mut want = g.clone();
+    moestream_kernels::ops::silu_mul(&mut want, &u);
+    let (gd, ud) = (gpu.upload(&g).unwrap(), gpu.upload(&u).unwrap());
+    ops::silu_mul(&gpu, gd.ptr, ud.ptr, gd.ptr, 1000).unwrap();
+    let mut got = vec![0f32; 1000];
+    gpu.read(gd.ptr, &mut got).unwrap();
+    let e = max_rel(&got, &want);
+    assert!(e < 1e-6, "silu_mul off by {e}");
+}
