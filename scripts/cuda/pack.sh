@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 cargo build --release --features cuda
-out=$(cargo test --release --features cuda -p moestream -p moestream-cuda --no-run --message-format=json 2>/dev/null)
+out=$(cargo test --release --features cuda -p moestream -p moestream-cuda --no-run --message-format=json)
 exe() { echo "$out" | python3 -c "import json,sys
 for l in sys.stdin:
     m=json.loads(l)

@@ -338,6 +338,18 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     } else {
         "mmap".to_string()
     };
+    // On a GPU the experts' host side (mapped or streamed) feeds the VRAM expert cache.
+    let device_stats = m.accelerator().map(|d| {
+        d.stats()
+            .into_iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    });
+    let mode = match m.accelerator() {
+        Some(d) => format!("{}, experts from {mode}", d.describe()),
+        None => mode,
+    };
     let floor = |k: usize| {
         let i = ks.iter().position(|&x| x == k).unwrap_or(0);
         bw.map(|bw| bw / actives[i] as f64)
@@ -361,7 +373,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                     "tokens_per_pass": s.tokens_per_pass(), "plain_steps": s.plain_steps,
                     "experts_per_pass": s.experts_per_pass(),
                     "tokens_per_verify_pass": (s.verify_passes > 0)
-                        .then(|| s.verify_tokens as f64 / s.verify_passes as f64)}))})
+                        .then(|| s.verify_tokens as f64 / s.verify_passes as f64)})),
+                    "device": device_stats})
             );
         }
         return Ok(());
@@ -406,6 +419,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             r.peak_rss.map(human_bytes).unwrap_or_else(|| "?".into()),
             r.kl.map(|k| format!("{k:.4}")).unwrap_or_else(|| "-".into()),
         );
+    }
+    if let Some(d) = device_stats {
+        println!("{d}");
     }
     Ok(())
 }

@@ -4,7 +4,9 @@
 //! architecture, and the build needs no CUDA toolkit), and the PTX is cached on disk under a key of
 //! the source, the compile options, the GPU's compute capability and the driver version: a later
 //! start loads it in milliseconds instead of compiling for seconds.
-use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::driver::{
+    result, sys, CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaStream,
+};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -59,6 +61,15 @@ pub struct Gpu {
     functions: HashMap<&'static str, CudaFunction>,
     name: String,
     ordinal: usize,
+    /// `MOESTREAM_CUDA_PROFILE=1`: every launch timed with a pair of events.
+    profile: Option<std::sync::Mutex<Profile>>,
+}
+
+/// Launch timings, when profiling.
+#[derive(Default)]
+struct Profile {
+    pending: Vec<(&'static str, CudaEvent, CudaEvent)>,
+    totals: HashMap<&'static str, (f64, u64)>,
 }
 
 /// Kernel names in kernels.cu.
@@ -88,6 +99,9 @@ const FUNCTIONS: &[&str] = &[
     "scatter_add",
     "gather_rows",
     "add_gated",
+    "route_top_k",
+    "head_norm_rope",
+    "append_kv",
 ];
 
 impl Gpu {
@@ -117,6 +131,9 @@ impl Gpu {
         for &f in FUNCTIONS {
             functions.insert(f, module.load_function(f).doing(f)?);
         }
+        let profile = std::env::var_os("MOESTREAM_CUDA_PROFILE")
+            .filter(|v| v != "0")
+            .map(|_| std::sync::Mutex::new(Profile::default()));
         Ok(Gpu {
             ctx,
             stream,
@@ -124,6 +141,7 @@ impl Gpu {
             functions,
             name,
             ordinal,
+            profile,
         })
     }
 
@@ -160,15 +178,53 @@ impl Gpu {
         block: u32,
         args: &mut [*mut c_void],
     ) -> Result<(), GpuError> {
-        let f = self
+        let (&key, f) = self
             .functions
-            .get(name)
+            .get_key_value(name)
             .ok_or_else(|| GpuError(format!("no kernel {name}")))?;
+        let timing = match &self.profile {
+            Some(_) => {
+                let flags = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+                let a = self.ctx.new_event(flags).doing("profiling")?;
+                let b = self.ctx.new_event(flags).doing("profiling")?;
+                a.record(&self.stream).doing("profiling")?;
+                Some((a, b))
+            }
+            None => None,
+        };
         // SAFETY: every kernel's arguments are built by the typed wrappers in this crate.
         unsafe {
             result::launch_kernel(f.cu_function(), grid, (block, 1, 1), 0, self.stream(), args)
         }
-        .doing(name)
+        .doing(name)?;
+        if let (Some(p), Some((a, b))) = (&self.profile, timing) {
+            b.record(&self.stream).doing("profiling")?;
+            p.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pending
+                .push((key, a, b));
+        }
+        Ok(())
+    }
+
+    /// With `MOESTREAM_CUDA_PROFILE=1`: GPU time per kernel so far (name, total ms, launches),
+    /// largest first. Synchronizes.
+    pub fn profile(&self) -> Vec<(&'static str, f64, u64)> {
+        let Some(p) = &self.profile else {
+            return Vec::new();
+        };
+        let _ = self.synchronize();
+        let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
+        let pending = std::mem::take(&mut p.pending);
+        for (name, a, b) in pending {
+            let ms = a.elapsed_ms(&b).unwrap_or(0.0) as f64;
+            let e = p.totals.entry(name).or_default();
+            e.0 += ms;
+            e.1 += 1;
+        }
+        let mut v: Vec<_> = p.totals.iter().map(|(k, (ms, n))| (*k, *ms, *n)).collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        v
     }
 
     /// Launches a one-dimensional element-wise kernel over `n` items.
@@ -223,6 +279,15 @@ impl Gpu {
             .doing("copying to the GPU")
     }
 
+    /// Copies `data` to device address `dst` (a range the caller owns), ordered on the stream.
+    pub(crate) fn write_to<T: Copy>(&self, dst: u64, data: &[T]) -> Result<(), GpuError> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: the caller names a device range of at least size_of_val(data) bytes.
+        unsafe { result::memcpy_htod_async(dst, data, self.stream()) }.doing("copying to the GPU")
+    }
+
     /// Copies pinned host memory to the device asynchronously: `src` must stay untouched until
     /// the stream passes this point.
     pub(crate) fn write_pinned(
@@ -249,6 +314,29 @@ impl Gpu {
         unsafe { result::memcpy_dtoh_async(out, src, self.stream()) }
             .doing("copying from the GPU")?;
         self.synchronize()
+    }
+
+    /// Whether kernel timings are being collected (CUDA graphs are then not used, so that each
+    /// launch is timed).
+    pub fn profiling(&self) -> bool {
+        self.profile.is_some()
+    }
+
+    /// Starts recording the work queued on the stream into a graph instead of running it.
+    pub(crate) fn begin_capture(&self) -> Result<(), GpuError> {
+        self.stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .doing("starting a graph capture")
+    }
+
+    /// Ends a capture and instantiates what was recorded.
+    pub(crate) fn end_capture(&self) -> Result<CudaGraph, GpuError> {
+        self.stream
+            .end_capture(
+                sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
+            )
+            .doing("ending a graph capture")?
+            .ok_or_else(|| GpuError("the graph capture recorded nothing".into()))
     }
 
     /// Zeroes `n` floats at device address `dst`, ordered on the stream.

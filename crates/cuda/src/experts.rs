@@ -43,14 +43,22 @@ impl ExpertLayout {
         ))
     }
 
-    /// Copies `w`'s bytes into `out` (a slot image) at this layout's offsets.
-    fn fill(&self, w: &ExpertWeights, out: &mut [u8]) -> Result<(), GpuError> {
+    /// Copies `w`'s bytes into the staging buffer at byte `at`, at this layout's offsets.
+    ///
+    /// # Safety
+    /// No other thread writes `at..at + self.bytes` and no copy from it is in flight.
+    unsafe fn stage(
+        &self,
+        w: &ExpertWeights,
+        staging: &PinnedBuffer,
+        at: usize,
+    ) -> Result<(), GpuError> {
         let (l, parts) = ExpertLayout::of(w)?;
         if l.bytes != self.bytes {
             return Err(GpuError("experts of one layer differ in layout".into()));
         }
         for (m, p) in [self.gate, self.up, self.down].iter().zip(&parts) {
-            m.place(p, |o, b| out[o..o + b.len()].copy_from_slice(b));
+            m.place(p, |o, b| staging.fill(at + o, b));
         }
         Ok(())
     }
@@ -85,6 +93,8 @@ pub struct ExpertCache {
     staging_slots: usize,
     /// Copies from the staging buffer may still be in flight.
     pending: bool,
+    /// Bytes copied in at load (every expert, when all fit).
+    pub preloaded_bytes: u64,
     /// Counters.
     pub stats: CacheStats,
 }
@@ -135,6 +145,7 @@ impl ExpertCache {
             staging: PinnedBuffer::new(slot_bytes * staging_slots)?,
             staging_slots,
             pending: false,
+            preloaded_bytes: 0,
             stats: CacheStats::default(),
         })
     }
@@ -163,11 +174,31 @@ impl ExpertCache {
                 self.ensure(gpu, store, l, chunk)?;
             }
         }
-        self.stats = CacheStats {
-            bytes_copied: self.stats.bytes_copied,
-            ..Default::default()
-        };
+        self.preloaded_bytes = self.stats.bytes_copied;
+        self.stats = CacheStats::default();
         Ok(())
+    }
+
+    /// Whether every expert of every layer is in VRAM.
+    pub fn all_resident(&self) -> bool {
+        self.resident.len() == self.slots && self.owner.iter().all(|o| o.is_some())
+    }
+
+    /// The slot addresses of experts `0..count` of `layer`, if all are resident.
+    pub fn layer_addresses(&self, layer: usize, count: usize) -> Option<Vec<u64>> {
+        (0..count)
+            .map(|e| {
+                self.resident
+                    .get(&(layer, e))
+                    .map(|&s| self.pool.ptr + (s * self.slot_bytes) as u64)
+            })
+            .collect()
+    }
+
+    /// Counts `uses` expert uses served from VRAM without a lookup (routing on the GPU).
+    pub fn count_resident_uses(&mut self, uses: u64) {
+        self.stats.lookups += uses;
+        self.stats.hits += uses;
     }
 
     /// Makes experts `experts` of `layer` resident (at most [`ExpertCache::capacity`] of them)
@@ -216,12 +247,9 @@ impl ExpertCache {
             let staging = &self.staging;
             let slot_bytes = self.slot_bytes;
             let filled = store.with_experts(layer, &ids, &[], None, |j, w| {
-                let mut image = vec![0u8; layout.bytes];
-                layout.fill(w, &mut image)?;
                 // SAFETY: batch member j writes only its own staging range, and no copy from
                 // the staging buffer is in flight (`pending` was cleared above).
-                unsafe { staging.fill(j * slot_bytes, &image) };
-                Ok::<(), GpuError>(())
+                unsafe { layout.stage(w, staging, j * slot_bytes) }
             })?;
             for r in filled {
                 r.map_err(device)?;

@@ -1,4 +1,8 @@
-// moestream's CUDA kernels, compiled at start-up by NVRTC for the GPU present (see ptx.rs).
+// moestream's CUDA kernels, compiled at start-up by NVRTC for the GPU present (see device.rs).
+//
+// Kernels that depend on the position of the pass take it by value (`start`) or, when
+// `start_at` is not null, from device memory: a decode step captured once in a CUDA graph is
+// replayed at every position with only that word changed.
 //
 // Activations are f32 row-major. Weights stay in their checkpoint's bytes (floats, MLX group-affine
 // codes, llama.cpp blocks) and are dequantized inside the products, as on the CPU. Every kernel
@@ -50,7 +54,7 @@ struct MatArgs {
     u32 rows;
     u32 cols;
     u32 n;          // tokens
-    u32 pad;
+    u32 accumulate; // 1: y += W x instead of y = W x
     u64 x_group_stride;  // floats between consecutive groups' inputs (0: one shared input)
     u64 y_group_stride;  // floats between consecutive groups' outputs
 };
@@ -273,7 +277,10 @@ __device__ void matvec(const u64* bases, MatArgs a, const float* x, float* y) {
         for (int t = 0; t < TOKEN_TILE; t++) {
             if (t < nt) {
                 float s = warp_sum(acc[t]);
-                if (lane == 0) y[(u64)(t0 + t) * a.rows + row] = s;
+                if (lane == 0) {
+                    float* o = y + (u64)(t0 + t) * a.rows + row;
+                    *o = a.accumulate ? *o + s : s;
+                }
             }
         }
     }
@@ -345,8 +352,9 @@ extern "C" __global__ void rope(float* x, u32 n_tokens, u32 n_heads, u32 head_di
 #define MAX_DIMS_PER_LANE 8  // head_dim <= 256
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * WARP)
 attention(const float* q, const float* k, const float* v, float* out, u32 start, u32 n_heads,
-          u32 n_kv, u32 head_dim, float scale) {
+          u32 n_kv, u32 head_dim, float scale, const u32* start_at) {
     u32 h = blockIdx.x, t = blockIdx.y;
+    if (start_at) start = *start_at;
     int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     u32 kvh = h / (n_heads / n_kv);
     u32 per_lane = head_dim / WARP;
@@ -425,16 +433,153 @@ extern "C" __global__ void mul_sigmoid(float* o, const float* gate, u64 n) {
     if (i < n) o[i] *= 1.0f / (1.0f + expf(-gate[i]));
 }
 
-// out[t] = Σ_g weight[t][g] · y[t][g] in ascending g (one token's experts, in the order the CPU
-// adds them), for `n` tokens of `groups` expert outputs of width h.
+// out[t] (+)= Σ_g weight[t][g] · y[t][g] in ascending g (one token's experts, in the order the
+// CPU adds them), for `n` tokens of `groups` expert outputs of width h.
 extern "C" __global__ void combine_experts(const float* y, const float* weights, float* out,
-                                           u32 groups, u32 h, u32 n) {
+                                           u32 groups, u32 h, u32 n, u32 accumulate) {
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (u64)n * h) return;
     u64 t = i / h, j = i % h;
     float s = 0.f;
     for (u32 g = 0; g < groups; g++) s += weights[t * groups + g] * y[(t * groups + g) * h + j];
-    out[i] = s;
+    out[i] = accumulate ? out[i] + s : s;
+}
+
+// ---- block reductions (blockDim.x a multiple of 32, at most 1024) ----
+
+__device__ float block_sum(float v, float* red) {
+    int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) red[w] = v;
+    __syncthreads();
+    v = lane < nw ? red[lane] : 0.f;
+    return warp_sum(v);
+}
+
+__device__ float block_max(float v, float* red) {
+    int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) red[w] = v;
+    __syncthreads();
+    v = lane < nw ? red[lane] : __int_as_float(0xff800000);
+    return warp_max(v);
+}
+
+// Largest value, ties to the lower index (ops::top_k's order).
+__device__ void block_argmax(float v, int i, float* red, int* redi, float* best, int* besti) {
+    int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        float v2 = __shfl_xor_sync(0xffffffffu, v, o);
+        int i2 = __shfl_xor_sync(0xffffffffu, i, o);
+        if (v2 > v || (v2 == v && i2 < i)) { v = v2; i = i2; }
+    }
+    __syncthreads();
+    if (lane == 0) { red[w] = v; redi[w] = i; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int k = 1; k < nw; k++)
+            if (red[k] > red[0] || (red[k] == red[0] && redi[k] < redi[0])) { red[0] = red[k]; redi[0] = redi[k]; }
+        *best = red[0];
+        *besti = redi[0];
+    }
+    __syncthreads();
+}
+
+// One token's routing on the GPU when every expert of the layer is resident: softmax over the
+// E router logits, top-k (ties to the lower index), optional renormalisation (summed best
+// first, as the CPU does), then the chosen experts in ascending id order into
+// table = [k gate bases][k up bases (= gate base + up_delta)][k weights].
+#define MAX_EXPERTS 1024
+#define MAX_TOP_K 64
+extern "C" __global__ void route_top_k(const float* logits, u32 E, u32 k, u32 renormalize,
+                                       const u64* slot_bases, u64 up_delta, u64* table) {
+    __shared__ float p[MAX_EXPERTS];
+    __shared__ float red[32];
+    __shared__ int redi[32];
+    __shared__ float cw[MAX_TOP_K];
+    __shared__ int ci[MAX_TOP_K];
+    __shared__ float best;
+    __shared__ int besti;
+    float m = __int_as_float(0xff800000);
+    for (u32 i = threadIdx.x; i < E; i += blockDim.x) m = fmaxf(m, logits[i]);
+    m = block_max(m, red);
+    float s = 0.f;
+    for (u32 i = threadIdx.x; i < E; i += blockDim.x) {
+        p[i] = expf(logits[i] - m);
+        s += p[i];
+    }
+    s = block_sum(s, red);
+    float inv = 1.0f / s;
+    for (u32 i = threadIdx.x; i < E; i += blockDim.x) p[i] *= inv;
+    __syncthreads();
+    for (u32 j = 0; j < k; j++) {
+        float v = __int_as_float(0xff800000);
+        int vi = 0x7fffffff;
+        for (u32 i = threadIdx.x; i < E; i += blockDim.x)
+            if (p[i] > v || (p[i] == v && (int)i < vi)) { v = p[i]; vi = i; }
+        block_argmax(v, vi, red, redi, &best, &besti);
+        if (threadIdx.x == 0) {
+            cw[j] = best;
+            ci[j] = besti;
+            p[besti] = -1.0f;  // probabilities are >= 0: never chosen again
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        if (renormalize) {
+            float t = 0.f;
+            for (u32 j = 0; j < k; j++) t += cw[j];
+            for (u32 j = 0; j < k; j++) cw[j] /= t;
+        }
+        for (u32 a = 1; a < k; a++)  // ascending expert id
+            for (u32 b = a; b > 0 && ci[b] < ci[b - 1]; b--) {
+                int ti = ci[b]; ci[b] = ci[b - 1]; ci[b - 1] = ti;
+                float tw = cw[b]; cw[b] = cw[b - 1]; cw[b - 1] = tw;
+            }
+        float* weights = (float*)(table + 2 * k);
+        for (u32 j = 0; j < k; j++) {
+            table[j] = slot_bases[ci[j]];
+            table[k + j] = slot_bases[ci[j]] + up_delta;
+            weights[j] = cw[j];
+        }
+    }
+}
+
+// Per-head RMSNorm (when w is given) then NeoX RoPE on the first `rot` dims, in place, for the
+// heads of n tokens (token t at position start + t). One block per (head, token).
+extern "C" __global__ void head_norm_rope(float* x, u32 n_heads, u32 head_dim, const float* w,
+                                          float eps, u32 rot, const float* inv_freq, u32 start,
+                                          const u32* start_at) {
+    __shared__ float v[256];
+    if (start_at) start = *start_at;
+    __shared__ float red[32];
+    u32 h = blockIdx.x, t = blockIdx.y;
+    float* xh = x + ((u64)t * n_heads + h) * head_dim;
+    float ss = 0.f;
+    for (u32 i = threadIdx.x; i < head_dim; i += blockDim.x) {
+        v[i] = xh[i];
+        ss += v[i] * v[i];
+    }
+    if (w) {
+        ss = block_sum(ss, red);
+        float r = 1.0f / sqrtf(ss / (float)head_dim + eps);
+        for (u32 i = threadIdx.x; i < head_dim; i += blockDim.x) v[i] = w[i] * (v[i] * r);
+    }
+    __syncthreads();
+    u32 half = rot / 2;
+    for (u32 i = threadIdx.x; i < head_dim; i += blockDim.x) {
+        float o = v[i];
+        if (i < rot) {
+            u32 k = i < half ? i : i - half;
+            float f = (float)(start + t) * inv_freq[k];
+            float c = cosf(f), s = sinf(f);
+            o = i < half ? v[i] * c - v[i + half] * s : v[i] * c + v[i - half] * s;
+        }
+        xh[i] = o;
+    }
 }
 
 // out[rows[j]] += weight[j] · y[j] for the tokens that chose one expert (prefill).
@@ -460,4 +605,15 @@ extern "C" __global__ void add_gated(float* out, const float* y, const float* g,
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (u64)n * h) return;
     out[i] += 1.0f / (1.0f + expf(-g[i / h])) * y[i];
+}
+
+// Appends n tokens' keys and values (rows of `width`) to the caches at position start.
+extern "C" __global__ void append_kv(const float* k, const float* v, float* k_cache, float* v_cache,
+                                     u32 width, u32 n, u32 start, const u32* start_at) {
+    if (start_at) start = *start_at;
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (u64)n * width) return;
+    u64 at = (u64)start * width + i;
+    k_cache[at] = k[i];
+    v_cache[at] = v[i];
 }

@@ -21,7 +21,7 @@ pub(crate) struct MatArgs {
     rows: u32,
     cols: u32,
     n: u32,
-    pad: u32,
+    accumulate: u32,
     x_group_stride: u64,
     y_group_stride: u64,
 }
@@ -144,8 +144,27 @@ impl MatrixLayout {
         }
     }
 
-    /// `y[t] = W x[t]` for `n` rows of `x` (device addresses), this layout's offsets taken as
-    /// absolute addresses after adding `base`.
+    /// Byte offset of the first part from the base.
+    pub fn offset(&self) -> u64 {
+        self.args.data
+    }
+
+    /// Whether `other` is multiplied by the same kernel with the same quantization parameters
+    /// and shape (so both can share one grouped launch).
+    pub fn same_kind(&self, other: &MatrixLayout) -> bool {
+        self.kernel == other.kernel
+            && self.rows == other.rows
+            && self.cols == other.cols
+            && self.args.scale_kind == other.args.scale_kind
+            && self.args.group_size == other.args.group_size
+            && self.args.scales.wrapping_sub(self.args.data)
+                == other.args.scales.wrapping_sub(other.args.data)
+            && self.args.biases.wrapping_sub(self.args.data)
+                == other.args.biases.wrapping_sub(other.args.data)
+    }
+
+    /// `y[t] (+)= W x[t]` for `n` rows of `x` (device addresses), this layout's offsets taken as
+    /// absolute addresses after adding `base`; `accumulate` adds to `y` instead of writing it.
     pub(crate) fn launch(
         &self,
         gpu: &Gpu,
@@ -153,12 +172,14 @@ impl MatrixLayout {
         x: u64,
         n: usize,
         y: u64,
+        accumulate: bool,
     ) -> Result<(), GpuError> {
         let mut a = self.args;
         a.data += base;
         a.scales += base;
         a.biases += base;
         a.n = n as u32;
+        a.accumulate = accumulate as u32;
         self.launch_with(gpu, 0, 1, a, x, y)
     }
 
@@ -232,7 +253,12 @@ impl GpuMatrix {
 
     /// `y = W x` for `n` rows (device addresses).
     pub fn forward(&self, gpu: &Gpu, x: u64, n: usize, y: u64) -> Result<(), GpuError> {
-        self.layout.launch(gpu, self.buf.ptr, x, n, y)
+        self.layout.launch(gpu, self.buf.ptr, x, n, y, false)
+    }
+
+    /// `y += W x` for `n` rows (a residual connection).
+    pub fn forward_add(&self, gpu: &Gpu, x: u64, n: usize, y: u64) -> Result<(), GpuError> {
+        self.layout.launch(gpu, self.buf.ptr, x, n, y, true)
     }
 
     /// Output features.

@@ -17,6 +17,7 @@ use crate::device::{DeviceBuffer, Gpu, GpuError};
 use crate::experts::ExpertCache;
 use crate::matrix::GpuMatrix;
 use crate::ops;
+use cudarc::driver::CudaGraph;
 use moestream_engine::accelerator::{Accelerator, DeviceState};
 use moestream_engine::cache::SequenceCache;
 use moestream_engine::models::blocks::{Attention, FeedForward, Mlp, RmsNorm, SparseMoe};
@@ -24,6 +25,7 @@ use moestream_engine::models::{Logits, Mixer, Model};
 use moestream_engine::store::StoreError;
 use moestream_kernels::features::ProductMode;
 use std::any::Any;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 struct Norm {
@@ -84,11 +86,30 @@ impl GpuMlp {
         u: u64,
         out: u64,
     ) -> Result<(), GpuError> {
+        self.hidden(gpu, x, n, g, u)?;
+        self.down.forward(gpu, g, n, out)
+    }
+
+    /// `out += down(silu(gate x) · up x)` (a residual connection).
+    fn forward_add(
+        &self,
+        gpu: &Gpu,
+        x: u64,
+        n: usize,
+        g: u64,
+        u: u64,
+        out: u64,
+    ) -> Result<(), GpuError> {
+        self.hidden(gpu, x, n, g, u)?;
+        self.down.forward_add(gpu, g, n, out)
+    }
+
+    /// `g = silu(gate x) · up x`.
+    fn hidden(&self, gpu: &Gpu, x: u64, n: usize, g: u64, u: u64) -> Result<(), GpuError> {
         let f = self.gate.rows();
         self.gate.forward(gpu, x, n, g)?;
         self.up.forward(gpu, x, n, u)?;
-        ops::silu_mul(gpu, g, u, g, n * f)?;
-        self.down.forward(gpu, g, n, out)
+        ops::silu_mul(gpu, g, u, g, n * f)
     }
 }
 
@@ -181,6 +202,8 @@ impl DeviceState for GpuSequence {
 struct Scratch {
     tokens: usize,
     bufs: Vec<DeviceBuffer>,
+    /// The position word a recorded decode step reads.
+    step: Option<Result<DeviceBuffer, GpuError>>,
 }
 
 /// Scratch buffer names (indices into `Scratch::bufs`) and their widths per token.
@@ -209,6 +232,12 @@ struct Widths([usize; BUFS]);
 struct State {
     scratch: Scratch,
     experts: Option<ExpertCache>,
+    /// Per layer, its E slot addresses when every expert is resident (GPU routing).
+    slot_tables: Vec<Option<DeviceBuffer>>,
+    /// Logits of the last pass.
+    logits: Option<DeviceBuffer>,
+    /// Decode steps recorded as CUDA graphs, by the buffers they use.
+    graphs: HashMap<[u64; 5], Graph>,
     tokens: u64,
 }
 
@@ -228,6 +257,8 @@ pub struct CudaModel {
     state: Mutex<State>,
     /// Bytes of non-expert weights in VRAM.
     pub weight_bytes: usize,
+    /// Layers with routed experts.
+    sparse_layers: usize,
 }
 
 /// How much VRAM the routed experts may take.
@@ -391,8 +422,8 @@ impl CudaModel {
                 )));
             }
             // Widths of the grouped step: up to top-k experts of one token.
-            // [k base addresses: u64][k weights: f32]
-            widths[Buf::Table as usize] = 3 * k;
+            // [k gate bases: u64][k up bases: u64][k weights: f32]
+            widths[Buf::Table as usize] = 5 * k;
             let mut cache = ExpertCache::new(layouts, slots, k.max(16).min(slots))?;
             if slots == total {
                 cache
@@ -406,15 +437,34 @@ impl CudaModel {
                 .map(|l| l.gate.rows)
                 .max()
                 .unwrap_or(0);
-            // Gate/up scratch holds one token's k experts (grouped) or n rows of one expert.
-            widths[Buf::Gate as usize] = widths[Buf::Gate as usize].max(k * fe).max(fe);
+            // Gate scratch holds one token's k gate and k up outputs (grouped) or n rows of one
+            // expert's gate.
+            widths[Buf::Gate as usize] = widths[Buf::Gate as usize].max(2 * k * fe).max(fe);
             widths[Buf::Up as usize] = widths[Buf::Gate as usize];
             widths[Buf::ExpertOut as usize] = widths[Buf::ExpertOut as usize].max(k * h);
             Some(cache)
         } else {
             None
         };
+        let slot_tables = match &experts {
+            Some(c) if c.all_resident() => (0..model.layers.len())
+                .map(|l| {
+                    let n = model.experts.experts_in(l);
+                    match c.layer_addresses(l, n) {
+                        Some(a) if n > 0 => gpu.upload(&a).map(Some),
+                        _ => Ok(None),
+                    }
+                })
+                .collect::<Result<_, _>>()?,
+            _ => Vec::new(),
+        };
+        let sparse_layers = model
+            .layers
+            .iter()
+            .filter(|l| matches!(l.mlp, FeedForward::Sparse(_)))
+            .count();
         Ok(CudaModel {
+            sparse_layers,
             gpu,
             layers,
             norm,
@@ -427,7 +477,10 @@ impl CudaModel {
             kv_width: c.num_key_value_heads * c.head_dim,
             state: Mutex::new(State {
                 scratch: Scratch::default(),
+                slot_tables,
                 experts,
+                logits: None,
+                graphs: HashMap::new(),
                 tokens: 0,
             }),
             weight_bytes,
@@ -476,6 +529,9 @@ impl CudaModel {
         let State {
             scratch,
             experts,
+            slot_tables,
+            logits: logits_buf,
+            graphs,
             tokens: counted,
         } = &mut *state;
         if scratch.tokens < n {
@@ -489,7 +545,19 @@ impl CudaModel {
                 .map_err(dev)?;
             scratch.tokens = t;
         }
+        let (first, rows) = match want {
+            Logits::All => (0, n),
+            Logits::Last => (n - 1, 1),
+        };
+        if logits_buf
+            .as_ref()
+            .is_none_or(|b| b.bytes < rows * self.vocab * 4)
+        {
+            *logits_buf = None; // free before allocating the larger one
+            *logits_buf = Some(gpu.alloc_f32(rows * self.vocab).map_err(dev)?);
+        }
         let b = |w: Buf| scratch.bufs[w as usize].ptr;
+        let mut keep_alive = Vec::new();
 
         // Embeddings on the host (one row each), then up.
         let mut x0 = vec![0f32; n * h];
@@ -503,15 +571,118 @@ impl CudaModel {
         gpu.write(&scratch.bufs[Buf::X as usize], 0, &x0)
             .map_err(dev)?;
 
+        let lb = logits_buf
+            .as_ref()
+            .ok_or_else(|| StoreError::Device("no logits buffer".into()))?;
+        let sparse_layers = slot_tables.iter().filter(|t| t.is_some()).count();
+        let graphable = n == 1
+            && matches!(want, Logits::Last)
+            && !gpu.profiling()
+            && experts.as_ref().is_none_or(|c| c.all_resident())
+            && sparse_layers == self.sparse_layers
+            && std::env::var_os("MOESTREAM_CUDA_GRAPHS").is_none_or(|v| v != "0");
+        if graphable {
+            // A decode step: replay the graph of this sequence's buffers, or record it once.
+            let step = scratch.step.get_or_insert_with(|| gpu.alloc_f32(1));
+            let step = step.as_ref().map_err(|e| dev(e.clone()))?;
+            gpu.write(step, 0, &[start as u32]).map_err(dev)?;
+            let key = [
+                seq.k.first().map_or(0, |b| b.ptr),
+                seq.capacity as u64,
+                b(Buf::X),
+                lb.ptr,
+                model.top_k() as u64,
+            ];
+            if !graphs.contains_key(&key) {
+                if graphs.len() >= 8 {
+                    graphs.clear();
+                }
+                let pos = Position {
+                    start,
+                    at: step.ptr,
+                };
+                gpu.begin_capture().map_err(dev)?;
+                let recorded = self.pass(
+                    gpu,
+                    model,
+                    seq,
+                    experts,
+                    slot_tables,
+                    &b,
+                    lb,
+                    n,
+                    pos,
+                    0,
+                    1,
+                    &mut keep_alive,
+                );
+                // The capture must end whatever happened inside it.
+                let graph = gpu.end_capture();
+                recorded?;
+                graphs.insert(key, Graph(graph.map_err(dev)?));
+            } else if let Some(c) = experts.as_mut() {
+                c.count_resident_uses((model.top_k() * sparse_layers) as u64);
+            }
+            graphs[&key]
+                .0
+                .launch()
+                .map_err(|e| StoreError::Device(format!("replaying the decode graph: {e:?}")))?;
+        } else {
+            let pos = Position { start, at: 0 };
+            self.pass(
+                gpu,
+                model,
+                seq,
+                experts,
+                slot_tables,
+                &b,
+                lb,
+                n,
+                pos,
+                first,
+                rows,
+                &mut keep_alive,
+            )?;
+        }
+        let mut logits = vec![0f32; rows * self.vocab];
+        gpu.read(lb.ptr, &mut logits).map_err(dev)?;
+        drop(keep_alive);
+        *counted += n as u64;
+        drop(state);
+        cache.advance(n);
+        Ok(logits)
+    }
+
+    /// The layers and the output head for `n` tokens in `X`, logits of `rows` rows from row
+    /// `first` into `lb`. Only queues GPU work (no host round trip when every expert is
+    /// resident), so a decode step can be recorded as a CUDA graph.
+    #[allow(clippy::too_many_arguments)]
+    fn pass(
+        &self,
+        gpu: &Gpu,
+        model: &Model,
+        seq: &GpuSequence,
+        experts: &mut Option<ExpertCache>,
+        slot_tables: &[Option<DeviceBuffer>],
+        b: &impl Fn(Buf) -> u64,
+        lb: &DeviceBuffer,
+        n: usize,
+        pos: Position,
+        first: usize,
+        rows: usize,
+        keep_alive: &mut Vec<DeviceBuffer>,
+    ) -> Result<(), StoreError> {
+        let dev = |e: GpuError| StoreError::Device(e.0);
+        let h = self.hidden;
+        let table = b(Buf::Table);
         for (l, layer) in self.layers.iter().enumerate() {
-            // h = x + Attention(RMSNorm(x))
+            // h = x + Attention(RMSNorm(x))    (o_proj adds into x)
             layer
                 .input_norm
                 .forward(gpu, b(Buf::X), b(Buf::Normed), n)
                 .map_err(dev)?;
-            self.attention(gpu, &layer.attention, seq, l, &b, n, start)
+            self.attention(gpu, &layer.attention, seq, l, b, n, pos)
                 .map_err(dev)?;
-            ops::add_into(gpu, b(Buf::X), b(Buf::Delta), n * h).map_err(dev)?;
             // out = h + FeedForward(RMSNorm(h))
             layer
                 .post_norm
@@ -519,14 +690,7 @@ impl CudaModel {
                 .map_err(dev)?;
             match &layer.ffn {
                 GpuFfn::Dense(m) => m
-                    .forward(
-                        gpu,
-                        b(Buf::Normed),
-                        n,
-                        b(Buf::Gate),
-                        b(Buf::Up),
-                        b(Buf::Delta),
-                    )
+                    .forward_add(gpu, b(Buf::Normed), n, b(Buf::Gate), b(Buf::Up), b(Buf::X))
                     .map_err(dev)?,
                 GpuFfn::Sparse { router, shared } => {
                     let moe = match &model.layers[l].mlp {
@@ -538,17 +702,16 @@ impl CudaModel {
                     let cache = experts
                         .as_mut()
                         .ok_or_else(|| StoreError::Device("no expert cache".into()))?;
-                    self.moe(
-                        gpu,
-                        model,
-                        moe,
+                    // Without a shared expert the routed sum goes straight into x.
+                    let target = if shared.is_some() { Buf::Delta } else { Buf::X };
+                    let routed = Routed {
                         router,
-                        cache,
-                        l,
-                        n,
-                        &b,
-                        &scratch.bufs[Buf::Table as usize],
-                    )?;
+                        table,
+                        slot_table: slot_tables.get(l).and_then(|t| t.as_ref()),
+                        out: b(target),
+                        accumulate: shared.is_none(),
+                    };
+                    self.moe(gpu, model, moe, cache, l, n, b, routed, keep_alive)?;
                     if let Some((mlp, gate)) = shared {
                         mlp.forward(
                             gpu,
@@ -563,15 +726,11 @@ impl CudaModel {
                             .map_err(dev)?;
                         ops::add_gated(gpu, b(Buf::Delta), b(Buf::ExpertOut), b(Buf::Router), h, n)
                             .map_err(dev)?;
+                        ops::add_into(gpu, b(Buf::X), b(Buf::Delta), n * h).map_err(dev)?;
                     }
                 }
             }
-            ops::add_into(gpu, b(Buf::X), b(Buf::Delta), n * h).map_err(dev)?;
         }
-        let (first, rows) = match want {
-            Logits::All => (0, n),
-            Logits::Last => (n - 1, 1),
-        };
         self.norm
             .forward(
                 gpu,
@@ -580,18 +739,13 @@ impl CudaModel {
                 rows,
             )
             .map_err(dev)?;
-        let logits_buf = gpu.alloc_f32(rows * self.vocab).map_err(dev)?;
         self.lm_head
-            .forward(gpu, b(Buf::Normed), rows, logits_buf.ptr)
+            .forward(gpu, b(Buf::Normed), rows, lb.ptr)
             .map_err(dev)?;
-        let mut logits = vec![0f32; rows * self.vocab];
-        gpu.read(logits_buf.ptr, &mut logits).map_err(dev)?;
-        *counted += n as u64;
-        drop(state);
-        cache.advance(n);
-        Ok(logits)
+        Ok(())
     }
 
+    /// `x += o_proj(Attention(Normed))`, the new keys and values appended to the cache.
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
@@ -601,7 +755,7 @@ impl CudaModel {
         layer: usize,
         b: &impl Fn(Buf) -> u64,
         n: usize,
-        start: usize,
+        pos: Position,
     ) -> Result<(), GpuError> {
         let d = a.head_dim;
         let x = b(Buf::Normed);
@@ -613,36 +767,16 @@ impl CudaModel {
         }
         a.k.forward(gpu, x, n, b(Buf::K))?;
         a.v.forward(gpu, x, n, b(Buf::V))?;
-        if let Some(norm) = &a.q_norm {
-            norm.forward(gpu, b(Buf::Q), b(Buf::Q), n * a.heads)?;
-        }
-        if let Some(norm) = &a.k_norm {
-            norm.forward(gpu, b(Buf::K), b(Buf::K), n * a.kv_heads)?;
-        }
-        ops::rope(
-            gpu,
-            b(Buf::Q),
-            n,
-            a.heads,
-            d,
-            self.rot,
-            self.inv_freq.ptr,
-            start,
-        )?;
-        ops::rope(
-            gpu,
-            b(Buf::K),
-            n,
-            a.kv_heads,
-            d,
-            self.rot,
-            self.inv_freq.ptr,
-            start,
-        )?;
+        let norm = |nm: &Option<Norm>| nm.as_ref().map_or((0, 0.0), |nm| (nm.w.ptr, nm.eps));
+        let (qw, qe) = norm(&a.q_norm);
+        let (kw, ke) = norm(&a.k_norm);
+        let (f, rot) = (self.inv_freq.ptr, self.rot);
+        let Position { start, at } = pos;
+        ops::head_norm_rope(gpu, b(Buf::Q), n, a.heads, d, qw, qe, rot, f, start, at)?;
+        ops::head_norm_rope(gpu, b(Buf::K), n, a.kv_heads, d, kw, ke, rot, f, start, at)?;
         let kvw = a.kv_heads * d;
         let (kc, vc) = (&seq.k[layer], &seq.v[layer]);
-        gpu.copy(kc.f32_at(start * kvw), b(Buf::K), n * kvw * 4)?;
-        gpu.copy(vc.f32_at(start * kvw), b(Buf::V), n * kvw * 4)?;
+        ops::append_kv(gpu, b(Buf::K), b(Buf::V), kc.ptr, vc.ptr, kvw, n, start, at)?;
         ops::attention(
             gpu,
             b(Buf::Q),
@@ -654,69 +788,107 @@ impl CudaModel {
             a.heads,
             a.kv_heads,
             d,
+            at,
         )?;
         if a.output_gate {
             ops::mul_sigmoid(gpu, b(Buf::Attn), b(Buf::Gate), n * a.heads * d)?;
         }
-        a.o.forward(gpu, b(Buf::Attn), n, b(Buf::Delta))
+        a.o.forward_add(gpu, b(Buf::Attn), n, b(Buf::X))
     }
 
-    /// Routed experts of layer `l` into `Delta`.
+    /// The routed experts of layer `l` applied to `Normed`, into `routed.out`.
     #[allow(clippy::too_many_arguments)]
     fn moe(
         &self,
         gpu: &Gpu,
         model: &Model,
         moe: &SparseMoe,
-        router: &GpuMatrix,
         cache: &mut ExpertCache,
         l: usize,
         n: usize,
         b: &impl Fn(Buf) -> u64,
-        scratch_table: &DeviceBuffer,
+        routed: Routed,
+        keep_alive: &mut Vec<DeviceBuffer>,
     ) -> Result<(), StoreError> {
         let dev = |e: GpuError| StoreError::Device(e.0);
         let h = self.hidden;
-        let e = router.rows();
-        router
-            .forward(gpu, b(Buf::Normed), n, b(Buf::Router))
-            .map_err(dev)?;
-        let mut logits = vec![0f32; n * e];
-        gpu.read(b(Buf::Router), &mut logits).map_err(dev)?;
-        let routing = moe.choose(&mut logits, model.top_k());
+        let e = routed.router.rows();
+        let k = model.top_k();
         let layout = cache.layouts[l]
             .ok_or_else(|| StoreError::Device(format!("layer {l} has no expert layout")))?;
         let f = layout.gate.rows;
+        let up_delta = layout.up.offset().wrapping_sub(layout.gate.offset());
+        routed
+            .router
+            .forward(gpu, b(Buf::Normed), n, b(Buf::Router))
+            .map_err(dev)?;
+        let tb = routed.table;
         if n == 1 {
-            // One token: its experts in ascending order (the CPU's summation order), grouped.
-            let mut chosen = routing[0].clone();
-            chosen.sort_unstable_by_key(|c| c.0);
-            let ids: Vec<usize> = chosen.iter().map(|c| c.0).collect();
-            let bases = cache.ensure(gpu, &model.experts, l, &ids)?;
-            let k = ids.len();
-            let weights: Vec<f32> = chosen.iter().map(|c| c.1).collect();
-            let table = &self.table_bytes(&bases, &weights);
-            let tb = b(Buf::Table);
-            // [bases: k u64][weights: k f32]: the Table buffer holds 3k floats per token.
-            gpu.write(scratch_table, 0, table).map_err(dev)?;
-            let (x, g, u, y) = (b(Buf::Normed), b(Buf::Gate), b(Buf::Up), b(Buf::ExpertOut));
-            layout
-                .gate
-                .launch_grouped(gpu, tb, k, x, 0, 1, g, f)
-                .map_err(dev)?;
-            layout
-                .up
-                .launch_grouped(gpu, tb, k, x, 0, 1, u, f)
-                .map_err(dev)?;
-            ops::silu_mul(gpu, g, u, g, k * f).map_err(dev)?;
+            // One token: its k experts in ascending order (the CPU's summation order), applied
+            // by grouped launches. Table: [k gate bases][k up bases][k weights].
+            match routed.slot_table {
+                Some(slots) if e <= 1024 && k <= 64 => {
+                    // Every expert resident: route on the GPU, no round trip to the host.
+                    ops::route_top_k(
+                        gpu,
+                        b(Buf::Router),
+                        e,
+                        k,
+                        moe.rule.renormalize,
+                        slots.ptr,
+                        up_delta,
+                        tb,
+                    )
+                    .map_err(dev)?;
+                    cache.count_resident_uses(k as u64);
+                }
+                _ => {
+                    let mut logits = vec![0f32; e];
+                    gpu.read(b(Buf::Router), &mut logits).map_err(dev)?;
+                    let mut chosen = moe.choose(&mut logits, k).remove(0);
+                    chosen.sort_unstable_by_key(|c| c.0);
+                    let ids: Vec<usize> = chosen.iter().map(|c| c.0).collect();
+                    let bases = cache.ensure(gpu, &model.experts, l, &ids)?;
+                    let mut table = Vec::with_capacity(20 * k);
+                    table.extend(bases.iter().flat_map(|b| b.to_le_bytes()));
+                    table.extend(bases.iter().flat_map(|b| (b + up_delta).to_le_bytes()));
+                    table.extend(chosen.iter().flat_map(|c| c.1.to_le_bytes()));
+                    gpu.write_to(routed.table, &table).map_err(dev)?;
+                }
+            }
+            let (x, g, y) = (b(Buf::Normed), b(Buf::Gate), b(Buf::ExpertOut));
+            let kf = k * f;
+            if layout.gate.same_kind(&layout.up) {
+                // Gate and up in one launch: the up bases are the gate bases moved by up_delta.
+                layout
+                    .gate
+                    .launch_grouped(gpu, tb, 2 * k, x, 0, 1, g, f)
+                    .map_err(dev)?;
+            } else {
+                layout
+                    .gate
+                    .launch_grouped(gpu, tb, k, x, 0, 1, g, f)
+                    .map_err(dev)?;
+                let up = g + 4 * kf as u64;
+                layout
+                    .up
+                    .launch_grouped(gpu, tb, k, x, 0, 1, up, f)
+                    .map_err(dev)?;
+            }
+            ops::silu_mul(gpu, g, g + 4 * kf as u64, g, kf).map_err(dev)?;
             layout
                 .down
                 .launch_grouped(gpu, tb, k, g, f, 1, y, h)
                 .map_err(dev)?;
-            ops::combine_experts(gpu, y, tb + 8 * k as u64, b(Buf::Delta), k, h, 1).map_err(dev)?;
+            let weights = tb + 16 * k as u64;
+            ops::combine_experts(gpu, y, weights, routed.out, k, h, 1, routed.accumulate)
+                .map_err(dev)?;
             return Ok(());
         }
         // A prompt: each chosen expert over the rows that chose it, in ascending expert order.
+        let mut logits = vec![0f32; n * e];
+        gpu.read(b(Buf::Router), &mut logits).map_err(dev)?;
+        let routing = moe.choose(&mut logits, k);
         let mut users: Vec<Vec<(u32, f32)>> = vec![Vec::new(); e];
         for (t, r) in routing.iter().enumerate() {
             for &(ex, w) in r {
@@ -724,39 +896,74 @@ impl CudaModel {
             }
         }
         let active: Vec<usize> = (0..e).filter(|&x| !users[x].is_empty()).collect();
-        gpu.zero(b(Buf::Delta), n * h).map_err(dev)?;
+        // One upload of every expert's rows and weights: [rows: u32...][weights: f32...].
+        let total: usize = active.iter().map(|&x| users[x].len()).sum();
+        let mut table = Vec::with_capacity(8 * total);
+        table.extend(
+            active
+                .iter()
+                .flat_map(|&x| users[x].iter().flat_map(|u| u.0.to_le_bytes())),
+        );
+        table.extend(
+            active
+                .iter()
+                .flat_map(|&x| users[x].iter().flat_map(|u| u.1.to_le_bytes())),
+        );
+        let idx = gpu.upload(&table).map_err(dev)?;
+        if !routed.accumulate {
+            gpu.zero(routed.out, n * h).map_err(dev)?;
+        }
+        let mut at = 0usize;
         for chunk in active.chunks(cache.capacity()) {
             let bases = cache.ensure(gpu, &model.experts, l, chunk)?;
             for (&ex, &base) in chunk.iter().zip(&bases) {
-                let rows: Vec<u32> = users[ex].iter().map(|u| u.0).collect();
-                let weights: Vec<f32> = users[ex].iter().map(|u| u.1).collect();
-                let m = rows.len();
-                let mut table = Vec::with_capacity(8 * m);
-                table.extend(rows.iter().flat_map(|r| r.to_le_bytes()));
-                table.extend(weights.iter().flat_map(|w| w.to_le_bytes()));
-                let idx = gpu.upload(&table).map_err(dev)?;
-                let (rows_p, w_p) = (idx.ptr, idx.ptr + 4 * m as u64);
+                let m = users[ex].len();
+                let rows_p = idx.ptr + 4 * at as u64;
+                let w_p = idx.ptr + 4 * (total + at) as u64;
+                at += m;
                 let xs = b(Buf::Gathered);
                 ops::gather_rows(gpu, b(Buf::Normed), rows_p, xs, m, h).map_err(dev)?;
                 let (g, u, y) = (b(Buf::Gate), b(Buf::Up), b(Buf::ExpertOut));
-                layout.gate.launch(gpu, base, xs, m, g).map_err(dev)?;
-                layout.up.launch(gpu, base, xs, m, u).map_err(dev)?;
+                layout
+                    .gate
+                    .launch(gpu, base, xs, m, g, false)
+                    .map_err(dev)?;
+                layout.up.launch(gpu, base, xs, m, u, false).map_err(dev)?;
                 ops::silu_mul(gpu, g, u, g, m * f).map_err(dev)?;
-                layout.down.launch(gpu, base, g, m, y).map_err(dev)?;
-                ops::scatter_add(gpu, y, rows_p, w_p, b(Buf::Delta), m, h).map_err(dev)?;
-                // `idx` must outlive the launches that read it.
-                gpu.synchronize().map_err(dev)?;
+                layout.down.launch(gpu, base, g, m, y, false).map_err(dev)?;
+                ops::scatter_add(gpu, y, rows_p, w_p, routed.out, m, h).map_err(dev)?;
             }
         }
+        keep_alive.push(idx);
         Ok(())
     }
+}
 
-    fn table_bytes(&self, bases: &[u64], weights: &[f32]) -> Vec<u8> {
-        let mut t = Vec::with_capacity(12 * bases.len());
-        t.extend(bases.iter().flat_map(|b| b.to_le_bytes()));
-        t.extend(weights.iter().flat_map(|w| w.to_le_bytes()));
-        t
-    }
+/// A recorded decode step.
+struct Graph(CudaGraph);
+
+// SAFETY: a graph executable is a driver handle usable from any thread with the context bound;
+// it is only launched under the model's state mutex.
+unsafe impl Send for Graph {}
+
+/// The position of a pass's first token: by value, or (`at` != 0) the u32 at that device
+/// address, for a step replayed from a CUDA graph.
+#[derive(Clone, Copy)]
+struct Position {
+    start: usize,
+    at: u64,
+}
+
+/// Where a sparse layer's routing and output go.
+struct Routed<'a> {
+    router: &'a GpuMatrix,
+    /// Scratch for the one-token table (device address; 5k floats).
+    table: u64,
+    /// The layer's E slot addresses when every expert is resident.
+    slot_table: Option<&'a DeviceBuffer>,
+    out: u64,
+    /// Add to `out` (x itself) rather than write it.
+    accumulate: bool,
 }
 
 impl Accelerator for CudaModel {
@@ -781,6 +988,25 @@ impl Accelerator for CudaModel {
     fn stats(&self) -> Vec<(String, String)> {
         let s = self.lock();
         let mut out = vec![("device".to_string(), self.gpu.describe())];
+        let profile = self.gpu.profile();
+        if !profile.is_empty() {
+            let total: f64 = profile.iter().map(|p| p.1).sum();
+            let per = |ms: f64| ms / s.tokens.max(1) as f64;
+            let top: Vec<String> = profile
+                .iter()
+                .map(|(k, ms, n)| {
+                    format!(
+                        "{k} {:.3} ms/tok ({:.1} µs × {n})",
+                        per(*ms),
+                        1e3 * ms / *n as f64
+                    )
+                })
+                .collect();
+            out.push((
+                "gpu kernel time".into(),
+                format!("{:.3} ms/tok: {}", per(total), top.join(", ")),
+            ));
+        }
         if let Some(c) = &s.experts {
             let st = c.stats;
             let hit = if st.lookups > 0 {
@@ -797,6 +1023,12 @@ impl Accelerator for CudaModel {
                 ),
             ));
             out.push(("vram cache hit rate".into(), hit));
+            if c.preloaded_bytes > 0 {
+                out.push((
+                    "experts copied in at load".into(),
+                    format!("{:.2} GiB", c.preloaded_bytes as f64 / (1u64 << 30) as f64),
+                ));
+            }
             let per_token = if s.tokens > 0 {
                 st.bytes_copied as f64 / s.tokens as f64
             } else {

@@ -69,6 +69,7 @@ pub fn attention(
     n_heads: usize,
     n_kv: usize,
     head_dim: usize,
+    start_at: u64,
 ) -> Result<(), GpuError> {
     if !head_dim.is_multiple_of(32) || head_dim > 256 || !n_heads.is_multiple_of(n_kv) {
         return Err(GpuError(format!(
@@ -76,6 +77,7 @@ pub fn attention(
         )));
     }
     let scale = 1.0 / (head_dim as f32).sqrt();
+    let mut at = start_at;
     let (mut q, mut k, mut v, mut out, mut start, mut nh, mut nkv, mut hd, mut scale) = (
         q,
         k,
@@ -91,7 +93,7 @@ pub fn attention(
         "attention",
         (n_heads as u32, n as u32, 1),
         128,
-        args!(q, k, v, out, start, nh, nkv, hd, scale),
+        args!(q, k, v, out, start, nh, nkv, hd, scale, at),
     )
 }
 
@@ -130,7 +132,8 @@ pub fn mul_sigmoid(gpu: &Gpu, o: u64, gate: u64, n: usize) -> Result<(), GpuErro
     gpu.launch_elements("mul_sigmoid", n, args!(o, g, len))
 }
 
-/// `out[t] = Σ_g weights[t][g] · y[t][g]` in ascending g.
+/// `out[t] (+)= Σ_g weights[t][g] · y[t][g]` in ascending g.
+#[allow(clippy::too_many_arguments)]
 pub fn combine_experts(
     gpu: &Gpu,
     y: u64,
@@ -139,10 +142,88 @@ pub fn combine_experts(
     groups: usize,
     h: usize,
     n: usize,
+    accumulate: bool,
 ) -> Result<(), GpuError> {
-    let (mut y, mut w, mut out, mut g, mut hh, mut nn) =
-        (y, weights, out, groups as u32, h as u32, n as u32);
-    gpu.launch_elements("combine_experts", n * h, args!(y, w, out, g, hh, nn))
+    let (mut y, mut w, mut out, mut g, mut hh, mut nn, mut acc) = (
+        y,
+        weights,
+        out,
+        groups as u32,
+        h as u32,
+        n as u32,
+        accumulate as u32,
+    );
+    gpu.launch_elements("combine_experts", n * h, args!(y, w, out, g, hh, nn, acc))
+}
+
+/// One token's routing on the GPU (every expert resident): softmax, top-k, optional
+/// renormalisation, chosen experts in ascending order into `table` =
+/// `[k gate bases][k up bases][k weights]` (`slot_bases`: the layer's E slot addresses).
+#[allow(clippy::too_many_arguments)]
+pub fn route_top_k(
+    gpu: &Gpu,
+    logits: u64,
+    experts: usize,
+    k: usize,
+    renormalize: bool,
+    slot_bases: u64,
+    up_delta: u64,
+    table: u64,
+) -> Result<(), GpuError> {
+    if experts > 1024 || k > 64 || k > experts {
+        return Err(GpuError(format!(
+            "GPU routing takes up to 1024 experts and top-k 64, not {experts} and {k}"
+        )));
+    }
+    let (mut l, mut e, mut kk, mut r, mut b, mut d, mut t) = (
+        logits,
+        experts as u32,
+        k as u32,
+        renormalize as u32,
+        slot_bases,
+        up_delta,
+        table,
+    );
+    gpu.launch("route_top_k", (1, 1, 1), 256, args!(l, e, kk, r, b, d, t))
+}
+
+/// Per-head RMSNorm (with weight `w`, 0 for none) then RoPE, in place, for `n` tokens.
+#[allow(clippy::too_many_arguments)]
+pub fn head_norm_rope(
+    gpu: &Gpu,
+    x: u64,
+    n: usize,
+    n_heads: usize,
+    head_dim: usize,
+    w: u64,
+    eps: f32,
+    rot: usize,
+    inv_freq: u64,
+    start: usize,
+    start_at: u64,
+) -> Result<(), GpuError> {
+    if head_dim > 256 || rot > head_dim {
+        return Err(GpuError(format!(
+            "heads of {head_dim} (rotary {rot}) are not supported on the GPU"
+        )));
+    }
+    let mut at = start_at;
+    let (mut x, mut nh, mut hd, mut w, mut eps, mut rot, mut f, mut start) = (
+        x,
+        n_heads as u32,
+        head_dim as u32,
+        w,
+        eps,
+        rot as u32,
+        inv_freq,
+        start as u32,
+    );
+    gpu.launch(
+        "head_norm_rope",
+        (n_heads as u32, n as u32, 1),
+        128,
+        args!(x, nh, hd, w, eps, rot, f, start, at),
+    )
 }
 
 /// `out[rows[j]] += weights[j] · y[j]`.
@@ -177,4 +258,31 @@ pub fn gather_rows(
 pub fn add_gated(gpu: &Gpu, out: u64, y: u64, g: u64, h: usize, n: usize) -> Result<(), GpuError> {
     let (mut o, mut y, mut g, mut hh, mut nn) = (out, y, g, h as u32, n as u32);
     gpu.launch_elements("add_gated", n * h, args!(o, y, g, hh, nn))
+}
+
+/// Appends `n` rows of keys and values (`width` floats each) to the caches at position
+/// `start` (or the u32 at device address `start_at`, when not 0).
+#[allow(clippy::too_many_arguments)]
+pub fn append_kv(
+    gpu: &Gpu,
+    k: u64,
+    v: u64,
+    k_cache: u64,
+    v_cache: u64,
+    width: usize,
+    n: usize,
+    start: usize,
+    start_at: u64,
+) -> Result<(), GpuError> {
+    let (mut k, mut v, mut kc, mut vc, mut w, mut nn, mut s, mut sa) = (
+        k,
+        v,
+        k_cache,
+        v_cache,
+        width as u32,
+        n as u32,
+        start as u32,
+        start_at,
+    );
+    gpu.launch_elements("append_kv", n * width, args!(k, v, kc, vc, w, nn, s, sa))
 }

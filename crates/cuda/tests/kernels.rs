@@ -222,6 +222,38 @@ fn norm_rope_attention_and_element_wise_match_the_cpu() {
         let e = max_rel(&got, &want);
         eprintln!("rope d={head_dim} rot={rot}: {e:.2e}");
         assert!(e < 1e-4, "rope off by {e}");
+        // The fused per-head norm + RoPE, its position read from device memory (the CUDA graph
+        // path), with and without a norm weight.
+        let w = rng.floats(head_dim);
+        let mut normed = x.clone();
+        for head in normed.chunks_exact_mut(head_dim) {
+            let src = head.to_vec();
+            moestream_kernels::ops::rms_norm(&src, &w, 1e-6, head);
+        }
+        for t in 0..n {
+            rope.apply(
+                &mut normed[t * heads * head_dim..(t + 1) * heads * head_dim],
+                head_dim,
+                start + t,
+            );
+        }
+        let at = gpu.upload(&[start as u32]).unwrap();
+        let wd = gpu.upload(&w).unwrap();
+        for (weight, want) in [(0u64, &want), (wd.ptr, &normed)] {
+            let xd = gpu.upload(&x).unwrap();
+            ops::head_norm_rope(
+                &gpu, xd.ptr, n, heads, head_dim, weight, 1e-6, rot, fd.ptr, 0, at.ptr,
+            )
+            .unwrap();
+            let mut got = vec![0f32; x.len()];
+            gpu.read(xd.ptr, &mut got).unwrap();
+            let e = max_rel(&got, want);
+            eprintln!(
+                "head_norm_rope d={head_dim} rot={rot} norm={}: {e:.2e}",
+                weight != 0
+            );
+            assert!(e < 1e-4, "head_norm_rope off by {e}");
+        }
     }
 
     // Causal grouped-query attention: a prompt after a cached prefix, and one decode step.
@@ -244,7 +276,7 @@ fn norm_rope_attention_and_element_wise_match_the_cpu() {
         );
         let od = gpu.alloc_f32(want.len()).unwrap();
         ops::attention(
-            &gpu, qd.ptr, kd.ptr, vd.ptr, od.ptr, n, start, 8, 2, head_dim,
+            &gpu, qd.ptr, kd.ptr, vd.ptr, od.ptr, n, start, 8, 2, head_dim, 0,
         )
         .unwrap();
         let mut got = vec![0f32; want.len()];
