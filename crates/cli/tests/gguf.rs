@@ -1,21 +1,29 @@
 //! GGUF models: `score` on a Q4_K_M file equals `score` on the float checkpoint gguf-py's
 //! dequantization of it gives (fixtures `qwen3_moe_gguf_q4km`, `qwen3_gguf_q4km` (dense, tied
-//! embeddings) and `mixtral_gguf_q4km` (`llama` arch: permuted q/k rows), made by
-//! `scripts/reference/make_gguf_fixtures.py`), streamed equals resident, and files moestream
-//! cannot run fail cleanly naming the tensor and type.
+//! embeddings), `mixtral_gguf_q4km` (`llama` arch: permuted q/k rows), and the hybrids
+//! `qwen3_next_gguf_q4km`, `qwen3_5_gguf_q4km`, `qwen3_5_moe_gguf_q4km` (Gated DeltaNet with
+//! the converter's transformations, Qwen3.5's tiled value heads, shared experts, MTP blocks),
+//! made by `scripts/reference/make_gguf_fixtures.py`, which undoes the converter's
+//! transformations in numpy), streamed equals resident, and files moestream cannot run fail
+//! cleanly naming the tensor and type.
 use crate::common::{assert_clean_error, moestream, score, stderr, stdout};
 use std::path::PathBuf;
 
 /// Both sides use bit-identical weights (our decoding equals gguf-py's, tested in the kernels
 /// crate) and f32 activations; what remains is the order of f32 additions (block-quantized
-/// rows are decoded then dotted; the float checkpoint is read directly). Measured: 3e-6 at most.
+/// rows are decoded then dotted; the float checkpoint is read directly). Measured: 3e-6 at most
+/// (hybrids: 2.1e-6 in prefill, 2.7e-6 in decode steps).
 const TOLERANCE: f64 = 1e-4;
 
-/// The agreement fixtures: Qwen3-MoE (one MoE layer, one dense), dense Qwen3, Mixtral.
-const FIXTURES: [&str; 3] = [
+/// The agreement fixtures: Qwen3-MoE (one MoE layer, one dense), dense Qwen3, Mixtral, and a
+/// Gated DeltaNet layer plus a full-attention layer (and an MTP block) of each hybrid.
+const FIXTURES: [&str; 6] = [
     "qwen3_moe_gguf_q4km",
     "qwen3_gguf_q4km",
     "mixtral_gguf_q4km",
+    "qwen3_next_gguf_q4km",
+    "qwen3_5_gguf_q4km",
+    "qwen3_5_moe_gguf_q4km",
 ];
 
 fn fixture() -> (PathBuf, serde_json::Value) {
@@ -129,7 +137,12 @@ fn agrees_with_dequantized_checkpoint(name: &str) {
 
 #[test]
 fn streamed_gguf_experts_equal_resident() {
-    for name in ["qwen3_moe_gguf_q4km", "mixtral_gguf_q4km"] {
+    for name in [
+        "qwen3_moe_gguf_q4km",
+        "mixtral_gguf_q4km",
+        "qwen3_next_gguf_q4km",
+        "qwen3_5_moe_gguf_q4km",
+    ] {
         let (model, reference) = fixture_named(name);
         let tokens = ids(&reference["tokens"]).join(" ");
         let resident = score_with(&model, &tokens, &["--stream-experts", "off"]);
