@@ -126,7 +126,7 @@ def hybrid_to_hf(arch, a, name, w):
         elif rest == "ssm_out.weight":
             w = untile(w, 1, nk, r, dv)
     if rest == "ffn_gate_inp_shexp.weight":
-        w = w[None, :]
+        w = w.reshape(1, -1)  # [1, H] as the converter writes it; 1-D in some files
     return w
 
 

@@ -4,7 +4,7 @@
 //! ggml's interleaved RoPE order, the hybrids' (`qwen3next`, `qwen35`, `qwen35moe`) tensors as
 //! the converter's `Qwen3NextModel` and `_LinearAttentionVReorderBase` leave them (norms as
 //! `1 + w`, `ssm_a = −exp(A_log)`, squeezed convolutions, regrouped `attn_qkv`/`attn_gate`,
-//! 1-D shared-expert gate, MTP blocks after the trunk with their `nextn` tensors), and, for
+//! `[1, H]` shared-expert gate, MTP blocks after the trunk with their `nextn` tensors), and, for
 //! `gguf-q4km`, the tensor types llama-quantize chooses for Q4_K_M (MODELS.md 10.6). Weights are quantized by round-to-nearest
 //! (`moestream_kernels::ggml::quantize_row`).
 //!
@@ -292,11 +292,11 @@ impl Planner<'_> {
             );
             if g.is > 0 {
                 let is = g.is;
-                // The converter writes HF's `shared_expert_gate [1, H]` as the 1-D `{n_embd}`
-                // llama.cpp expects; one row is never quantized.
+                // The converter keeps HF's `shared_expert_gate [1, H]` as it is (ne `[H, 1]`,
+                // which llama.cpp reads as its `{n_embd}`); one row is never quantized.
                 self.float(
                     format!("{b}.ffn_gate_inp_shexp.weight"),
-                    vec![h],
+                    vec![1, h],
                     Fill::Weight(s(h)),
                 );
                 self.matrix(format!("{b}.ffn_gate_shexp.weight"), q4k, vec![is, h], None);

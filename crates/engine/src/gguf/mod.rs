@@ -9,7 +9,8 @@
 //!   to Hugging Face's half-split order (whole rows move; blocks are never decoded).
 //! - the hybrids (`qwen3next`, `qwen35`, `qwen35moe`): `ssm_ba` (Qwen3-Next's `in_proj_ba`,
 //!   `[b (r) | a (r)]` per key head) answers `in_proj_b` and `in_proj_a` with its b or a rows;
-//!   the 1-D shared-expert gate is read as the `[1, H]` matrix it was. What the model reads
+//!   a 1-D shared-expert gate (`{n_embd}`, as llama.cpp declares it; the converter itself keeps
+//!   Hugging Face's `[1, H]`) is read as that matrix. What the model reads
 //!   differently: norms already hold `1 + w` (it knows from the `[C, K]` convolution shape),
 //!   `ssm_a` holds `−exp(A_log)` (read under its own name), and Qwen3.5 files have their value
 //!   heads in tiled order (set in the configuration, [`config`]), which no permutation of

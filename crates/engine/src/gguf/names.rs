@@ -32,7 +32,7 @@ const LAYER: &[(&str, &str)] = &[
     ("mlp.down_proj.weight", "ffn_down.weight"),
     // Mixtral's block name, asked for by its loader.
     ("block_sparse_moe.gate.weight", "ffn_gate_inp.weight"),
-    // The shared expert of Qwen3-Next and Qwen3.5-MoE; its gate is 1-D in GGUF.
+    // The shared expert of Qwen3-Next and Qwen3.5-MoE ([1, H] gate, or 1-D in some files).
     (
         "mlp.shared_expert.gate_proj.weight",
         "ffn_gate_shexp.weight",
