@@ -133,12 +133,7 @@ impl Geometry {
         let layers = u(t, "num_hidden_layers");
         let hybrid = matches!(arch, "qwen3next" | "qwen35" | "qwen35moe");
         let linear = (0..layers)
-            .map(|l| {
-                t["layer_types"]
-                    .get(l)
-                    .and_then(Value::as_str)
-                    .map_or(false, |k| k == "linear_attention")
-            })
+            .map(|l| t["layer_types"].get(l).and_then(Value::as_str) == Some("linear_attention"))
             .collect();
         Ok(Geometry {
             arch,
