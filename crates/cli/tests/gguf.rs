@@ -226,3 +226,30 @@ fn unsupported_tensor_type_names_type_and_tensor() {
     let o = moestream(&["score", "--model", cut.to_str().unwrap(), "--tokens", "1 2"]);
     assert_clean_error(&o, &["cut.gguf", "beyond the end"]);
 }
+
+#[test]
+fn hybrid_with_missing_ssm_metadata_names_the_key() {
+    let (model, _) = fixture_named("qwen3_5_moe_gguf_q4km");
+    let mut bytes = std::fs::read(&model).unwrap();
+    // Misspell the key (same length, so the file stays well-formed).
+    let key = b"qwen35moe.ssm.group_count";
+    let at = bytes.windows(key.len()).position(|w| w == key).unwrap();
+    bytes[at + key.len() - 1] = b'_';
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("no_groups.gguf");
+    std::fs::write(&bad, &bytes).unwrap();
+    let o = moestream(&["score", "--model", bad.to_str().unwrap(), "--tokens", "1 2"]);
+    assert_clean_error(&o, &["no_groups.gguf", "qwen35moe.ssm.group_count"]);
+}
+
+#[test]
+fn inspect_reports_the_gguf_recipe_and_the_hybrid_geometry() {
+    let (model, _) = fixture_named("qwen3_5_moe_gguf_q4km");
+    let o = moestream(&["inspect", "--model", model.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(v["quantization"], "GGUF Q4_K_M (general.file_type 15)");
+    assert_eq!(v["architecture"], "qwen3_5_moe");
+    assert_eq!(v["layers"], 2);
+    assert!(v["bytes_by_format"]["q4_k"].as_u64().unwrap() > 0);
+}
