@@ -621,7 +621,7 @@ impl<'a> WeightLoader<'a> {
             }
             d => {
                 return Err(w.error(format!(
-                    "unsupported tensor type {d}; supported: F32, F16, BF16, Q4_0, Q8_0, Q4_K, Q5_K, Q6_K (and U32 for MLX packed weights)"
+                    "unsupported tensor type {d}; supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K (and U32 for MLX packed weights)"
                 )))
             }
         };

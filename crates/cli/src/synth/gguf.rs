@@ -8,9 +8,9 @@
 //! `gguf-q4km`, the tensor types llama-quantize chooses for Q4_K_M (MODELS.md 10.6). Weights are quantized by round-to-nearest
 //! (`moestream_kernels::ggml::quantize_row`).
 //!
-//! One deviation: where a row length is not a multiple of 256, llama.cpp falls back from Q4_K to
-//! Q5_0 and from Q5_K to Q5_1, which moestream does not read; we fall back to Q8_0 (as llama.cpp
-//! does for Q6_K). Tensors are generated and written one at a time.
+//! Where a row length is not a multiple of 256, llama.cpp falls back from Q4_K to Q5_0 and from
+//! Q6_K to Q8_0, as we do; from Q5_K it falls back to Q5_1, which moestream does not read, and we
+//! to Q8_0 (the one deviation). Tensors are generated and written one at a time.
 use anyhow::{bail, Context, Result};
 use moestream_formats::gguf::{
     write_gguf, GgmlType, MetadataArray, MetadataValue as V, TensorToWrite,
@@ -57,10 +57,12 @@ fn use_more_bits(i: usize, n: usize) -> bool {
 }
 
 fn fallback(t: GgmlType, cols: usize) -> GgmlType {
-    if t.block_elements() > 1 && !cols.is_multiple_of(t.block_elements()) {
-        GgmlType::Q8_0
-    } else {
-        t
+    match t {
+        _ if t.block_elements() <= 1 || cols.is_multiple_of(t.block_elements()) => t,
+        // llama.cpp's next step, F16, we write as F32: no synth geometry gets there.
+        _ if !cols.is_multiple_of(32) => GgmlType::F32,
+        GgmlType::Q4_K => GgmlType::Q5_0,
+        _ => GgmlType::Q8_0,
     }
 }
 
