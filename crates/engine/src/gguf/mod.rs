@@ -11,7 +11,7 @@
 //!   `[b (r) | a (r)]` per key head) answers `in_proj_b` and `in_proj_a` with its b or a rows;
 //!   a 1-D shared-expert gate (`{n_embd}`, as llama.cpp declares it; the converter itself keeps
 //!   Hugging Face's `[1, H]`) is read as that matrix. What the model reads
-//!   differently: norms already hold `1 + w` (it knows from the `[C, K]` convolution shape),
+//!   differently: norms already hold `1 + w` (it knows the loader reads GGUF),
 //!   `ssm_a` holds `−exp(A_log)` (read under its own name), and Qwen3.5 files have their value
 //!   heads in tiled order (set in the configuration, [`config`]), which no permutation of
 //!   quantized `ssm_out` columns could undo without decoding it.

@@ -144,8 +144,8 @@ mod tests {
         );
         for (h, g) in [
             (
-                "model.layers.12.self_attn.k_norm.weight",
-                "blk.12.attn_k_norm.weight",
+                "model.layers.5.self_attn.k_norm.weight",
+                "blk.5.attn_k_norm.weight",
             ),
             ("model.embed_tokens.weight", "token_embd.weight"),
             ("model.layers.2.linear_attn.ssm_a", "blk.2.ssm_a"),

@@ -7,8 +7,9 @@
 //! sigmoid gate per head; partial RoPE on the first quarter of each head). Norms are
 //! zero-centred, `y = x/rms(x) · (1 + w)`: transformers stores `w`, mlx-lm and GGUF store `1 + w`.
 //! Which one a checkpoint holds follows from its convolution kernels, as mlx-lm decides it:
-//! transformers' layout `[C, 1, K]` means `w`, MLX's `[C, K, 1]` and GGUF's `[C, K]` mean
-//! `1 + w` (the gated norm inside the DeltaNet is never shifted). GGUF files come through
+//! transformers' layout `[C, 1, K]` means `w`, MLX's `[C, K, 1]` means `1 + w`; GGUF files
+//! (convolutions `[C, K]`) hold `1 + w` whatever their shapes (the gated norm inside the DeltaNet is never
+//! shifted). GGUF files come through
 //! [`crate::gguf`] under these Hugging Face names, with llama.cpp's `ssm_a = −exp(A_log)` read
 //! as it is and, for Qwen3.5, value heads in tiled order (`DeltaShape::order`). MoE layers add a shared expert with a sigmoid gate;
 //! Qwen3.5's router always renormalises its top-k.
@@ -66,12 +67,14 @@ pub fn load(c: ModelConfig, l: &WeightLoader) -> Result<Model, FormatError> {
         .layer_types
         .iter()
         .position(|&t| t == LayerKind::LinearAttention);
+    // llama.cpp's converter adds the 1 whatever shape its convolutions have.
     let add_one = match first_linear {
+        _ if l.is_gguf() => false,
         Some(i) => {
             let name = format!("{p}layers.{i}.linear_attn.conv1d.weight");
             l.floats(&name, &conv_shapes(channels, k))?.1 == 0
         }
-        None => !l.is_gguf(),
+        None => true,
     };
     let zero_centred = &|name: &str, len: usize| -> Result<RmsNorm, FormatError> {
         let mut weight = l.vector(name, len)?;
