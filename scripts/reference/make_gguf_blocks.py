@@ -3,7 +3,8 @@
 gguf-py's `gguf.quants.dequantize` makes of them.
 
 Writes OUT (default tests/fixtures/ggml_blocks/blocks.gguf), a GGUF file written by gguf-py's
-GGUFWriter holding, for each type T in F32 F16 BF16 Q4_0 Q8_0 Q4_K Q5_K Q6_K:
+GGUFWriter holding, for each type T in F32 F16 BF16 Q4_0 Q8_0 Q4_K Q5_K Q6_K Q4_1 Q5_0 (the last two
+appended, so that the random blocks of the others stay as they were):
   `blocks.T`   the raw blocks, type T, 4096 values (16 rows of 256)
   `dequant.T`  gguf.quants.dequantize(blocks.T) as F32, same shape
 Block bytes are uniformly random except the f16 scales (d, dmin), which are drawn finite
@@ -37,9 +38,9 @@ def random_blocks(rng, qtype):
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     n = ROWS * COLS // block
     b = rng.integers(0, 256, size=(n, size), dtype=np.uint8)
-    if qtype in (T.Q4_0, T.Q8_0):
+    if qtype in (T.Q4_0, T.Q8_0, T.Q5_0):
         b[:, 0:2] = scales(rng, n)
-    elif qtype in (T.Q4_K, T.Q5_K):
+    elif qtype in (T.Q4_K, T.Q5_K, T.Q4_1):
         b[:, 0:2] = scales(rng, n)
         b[:, 2:4] = scales(rng, n)
     elif qtype == T.Q6_K:
@@ -65,7 +66,7 @@ def main():
     rng = np.random.default_rng(args.seed)
     w = gguf.GGUFWriter(args.out, arch="ggml_blocks")
     w.add_string("fixture.source", f"gguf-py {gguf.__name__} quants.dequantize, seed {args.seed}")
-    for qtype in (T.F32, T.F16, T.BF16, T.Q4_0, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K):
+    for qtype in (T.F32, T.F16, T.BF16, T.Q4_0, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K, T.Q4_1, T.Q5_0):
         if qtype == T.F32:
             raw = rng.standard_normal((ROWS, COLS)).astype(np.float32).view(np.uint8)
         elif qtype in (T.F16, T.BF16):

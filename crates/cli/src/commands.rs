@@ -635,6 +635,21 @@ pub struct InspectArgs {
     json: bool,
 }
 
+/// A GGUF file's quantization recipe, from `general.file_type` (the tensor types themselves are
+/// listed by format below it).
+fn gguf_quantization(index: &moestream_formats::gguf::GgufIndex) -> String {
+    let file_type = index
+        .get_metadata("general.file_type")
+        .and_then(|v| v.as_u64());
+    match file_type {
+        Some(t) => match moestream_formats::gguf::file_type_name(t) {
+            Some(name) => format!("GGUF {name} (general.file_type {t})"),
+            None => format!("GGUF, general.file_type {t} (not one llama.cpp names)"),
+        },
+        None => "GGUF, no general.file_type".into(),
+    }
+}
+
 pub fn inspect(a: InspectArgs) -> Result<()> {
     // Inspect describes the checkpoint as mapped; it never streams.
     let mut engine = EngineArgs::default();
@@ -693,14 +708,18 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
             }
         }
     }
-    let files: u64 = if moestream_engine::gguf::is_gguf_path(&l.dir) {
-        moestream_formats::gguf::GgufIndex::open(&l.dir)?.total_bytes()
+    let gguf = if moestream_engine::gguf::is_gguf_path(&l.dir) {
+        Some(moestream_formats::gguf::GgufIndex::open(&l.dir)?)
     } else {
-        moestream_formats::SafetensorsIndex::open(&l.dir)?
+        None
+    };
+    let files: u64 = match &gguf {
+        Some(index) => index.total_bytes(),
+        None => moestream_formats::SafetensorsIndex::open(&l.dir)?
             .files()
             .iter()
             .map(|f| f.bytes().len() as u64)
-            .sum()
+            .sum(),
     };
     let moe_layers = (0..c.num_hidden_layers)
         .filter(|&i| c.is_moe_layer(i))
@@ -717,7 +736,10 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
             q.default.group_size,
             q.overrides.len()
         ),
-        None => "none (float)".into(),
+        None => match &gguf {
+            Some(index) => gguf_quantization(index),
+            None => "none (float)".into(),
+        },
     };
     let v = json!({
         "model": l.dir, "architecture": c.arch.model_type(), "layers": c.num_hidden_layers, "moe_layers": moe_layers,

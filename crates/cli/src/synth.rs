@@ -126,8 +126,8 @@ fn preset_config(arch: &str, preset: &str) -> Result<Value> {
         ("qwen3_next" | "qwen3_5" | "qwen3_5_moe", _) => return hybrid_preset(arch, preset),
         _ => bail!(
             "no preset `{preset}` for architecture `{arch}`; presets: qwen3_moe: tiny, tiny-gguf, qwen3-30b-a3b, qwen3-235b-a22b; \
-             qwen3: tiny, tiny-gguf, qwen3-0.6b, qwen3-4b, qwen3-4b-untied, qwen3-8b; mixtral: tiny, tiny-gguf, mixtral-8x7b; qwen3_next: tiny, qwen3-next-80b-a3b; \
-             qwen3_5: tiny; qwen3_5_moe: tiny, qwen3.5-35b-a3b, qwen3.5-122b-a10b"
+             qwen3: tiny, tiny-gguf, qwen3-0.6b, qwen3-4b, qwen3-4b-untied, qwen3-8b; mixtral: tiny, tiny-gguf, mixtral-8x7b; qwen3_next: tiny, tiny-gguf, qwen3-next-80b-a3b; \
+             qwen3_5: tiny, tiny-gguf; qwen3_5_moe: tiny, tiny-gguf, qwen3.5-35b-a3b, qwen3.5-122b-a10b"
         ),
     };
     Ok(cfg)
@@ -143,6 +143,16 @@ fn hybrid_preset(arch: &str, preset: &str) -> Result<Value> {
             "linear_value_head_dim": 32, "intermediate_size": 256, "num_experts": 8,
             "num_experts_per_tok": 2, "moe_intermediate_size": 64,
             "shared_expert_intermediate_size": 64, "max_position_embeddings": 4096}),
+        // The GGUF fixtures' hybrids: a Gated DeltaNet layer and a full-attention layer, with
+        // 2 key heads for 4 value heads (grouped and tiled orders differ), rows of 256 columns
+        // for the K-quants, narrow experts (their down rows fall back to Q8_0), and the MTP
+        // block: about 0.6 MB at Q4_K_M.
+        (_, "tiny-gguf") => json!({"vocab_size": 384, "hidden_size": 256, "num_hidden_layers": 2,
+            "full_attention_interval": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "head_dim": 64, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+            "linear_key_head_dim": 32, "linear_value_head_dim": 32, "intermediate_size": 256,
+            "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 32, "max_position_embeddings": 4096}),
         ("qwen3_next", "qwen3-next-80b-a3b") => json!({"vocab_size": 151936, "hidden_size": 2048,
             "num_hidden_layers": 48, "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 256,
             "linear_num_key_heads": 16, "linear_num_value_heads": 32, "linear_key_head_dim": 128,
@@ -162,8 +172,8 @@ fn hybrid_preset(arch: &str, preset: &str) -> Result<Value> {
             "moe_intermediate_size": 1024, "shared_expert_intermediate_size": 1024,
             "max_position_embeddings": 262144}),
         _ => bail!(
-            "no preset `{preset}` for architecture `{arch}`; presets: qwen3_next: tiny, qwen3-next-80b-a3b; \
-             qwen3_5: tiny; qwen3_5_moe: tiny, qwen3.5-35b-a3b, qwen3.5-122b-a10b"
+            "no preset `{preset}` for architecture `{arch}`; presets: qwen3_next: tiny, tiny-gguf, qwen3-next-80b-a3b; \
+             qwen3_5: tiny, tiny-gguf; qwen3_5_moe: tiny, tiny-gguf, qwen3.5-35b-a3b, qwen3.5-122b-a10b"
         ),
     };
     let mut t = json!({"rms_norm_eps": 1e-6, "hidden_act": "silu", "attention_bias": false,
@@ -175,8 +185,9 @@ fn hybrid_preset(arch: &str, preset: &str) -> Result<Value> {
         }
     }
     let layers = usize_of(&t, "num_hidden_layers");
+    let every = usize_of(&t, "full_attention_interval").max(1);
     t["layer_types"] = json!((0..layers)
-        .map(|i| if (i + 1) % 4 == 0 {
+        .map(|i| if (i + 1) % every == 0 {
             "full_attention"
         } else {
             "linear_attention"

@@ -1,21 +1,29 @@
 //! GGUF models: `score` on a Q4_K_M file equals `score` on the float checkpoint gguf-py's
 //! dequantization of it gives (fixtures `qwen3_moe_gguf_q4km`, `qwen3_gguf_q4km` (dense, tied
-//! embeddings) and `mixtral_gguf_q4km` (`llama` arch: permuted q/k rows), made by
-//! `scripts/reference/make_gguf_fixtures.py`), streamed equals resident, and files moestream
-//! cannot run fail cleanly naming the tensor and type.
+//! embeddings), `mixtral_gguf_q4km` (`llama` arch: permuted q/k rows), and the hybrids
+//! `qwen3_next_gguf_q4km`, `qwen3_5_gguf_q4km`, `qwen3_5_moe_gguf_q4km` (Gated DeltaNet with
+//! the converter's transformations, Qwen3.5's tiled value heads, shared experts, MTP blocks),
+//! made by `scripts/reference/make_gguf_fixtures.py`, which undoes the converter's
+//! transformations in numpy), streamed equals resident, and files moestream cannot run fail
+//! cleanly naming the tensor and type.
 use crate::common::{assert_clean_error, moestream, score, stderr, stdout};
 use std::path::PathBuf;
 
 /// Both sides use bit-identical weights (our decoding equals gguf-py's, tested in the kernels
 /// crate) and f32 activations; what remains is the order of f32 additions (block-quantized
-/// rows are decoded then dotted; the float checkpoint is read directly). Measured: 3e-6 at most.
+/// rows are decoded then dotted; the float checkpoint is read directly). Measured: 3e-6 at most
+/// (hybrids: 2.4e-6 in prefill, 2.8e-6 in decode steps).
 const TOLERANCE: f64 = 1e-4;
 
-/// The agreement fixtures: Qwen3-MoE (one MoE layer, one dense), dense Qwen3, Mixtral.
-const FIXTURES: [&str; 3] = [
+/// The agreement fixtures: Qwen3-MoE (one MoE layer, one dense), dense Qwen3, Mixtral, and a
+/// Gated DeltaNet layer plus a full-attention layer (and an MTP block) of each hybrid.
+const FIXTURES: [&str; 6] = [
     "qwen3_moe_gguf_q4km",
     "qwen3_gguf_q4km",
     "mixtral_gguf_q4km",
+    "qwen3_next_gguf_q4km",
+    "qwen3_5_gguf_q4km",
+    "qwen3_5_moe_gguf_q4km",
 ];
 
 fn fixture() -> (PathBuf, serde_json::Value) {
@@ -129,7 +137,12 @@ fn agrees_with_dequantized_checkpoint(name: &str) {
 
 #[test]
 fn streamed_gguf_experts_equal_resident() {
-    for name in ["qwen3_moe_gguf_q4km", "mixtral_gguf_q4km"] {
+    for name in [
+        "qwen3_moe_gguf_q4km",
+        "mixtral_gguf_q4km",
+        "qwen3_next_gguf_q4km",
+        "qwen3_5_moe_gguf_q4km",
+    ] {
         let (model, reference) = fixture_named(name);
         let tokens = ids(&reference["tokens"]).join(" ");
         let resident = score_with(&model, &tokens, &["--stream-experts", "off"]);
@@ -212,4 +225,31 @@ fn unsupported_tensor_type_names_type_and_tensor() {
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
     let o = moestream(&["score", "--model", cut.to_str().unwrap(), "--tokens", "1 2"]);
     assert_clean_error(&o, &["cut.gguf", "beyond the end"]);
+}
+
+#[test]
+fn hybrid_with_missing_ssm_metadata_names_the_key() {
+    let (model, _) = fixture_named("qwen3_5_moe_gguf_q4km");
+    let mut bytes = std::fs::read(&model).unwrap();
+    // Misspell the key (same length, so the file stays well-formed).
+    let key = b"qwen35moe.ssm.group_count";
+    let at = bytes.windows(key.len()).position(|w| w == key).unwrap();
+    bytes[at + key.len() - 1] = b'_';
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("no_groups.gguf");
+    std::fs::write(&bad, &bytes).unwrap();
+    let o = moestream(&["score", "--model", bad.to_str().unwrap(), "--tokens", "1 2"]);
+    assert_clean_error(&o, &["no_groups.gguf", "qwen35moe.ssm.group_count"]);
+}
+
+#[test]
+fn inspect_reports_the_gguf_recipe_and_the_hybrid_geometry() {
+    let (model, _) = fixture_named("qwen3_5_moe_gguf_q4km");
+    let o = moestream(&["inspect", "--model", model.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(v["quantization"], "GGUF Q4_K_M (general.file_type 15)");
+    assert_eq!(v["architecture"], "qwen3_5_moe");
+    assert_eq!(v["layers"], 2);
+    assert!(v["bytes_by_format"]["q4_k"].as_u64().unwrap() > 0);
 }

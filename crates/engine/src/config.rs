@@ -92,6 +92,10 @@ pub struct LinearAttentionConfig {
     pub value_head_dim: usize,
     /// Causal convolution taps `K`.
     pub conv_kernel: usize,
+    /// Value heads in llama.cpp's tiled order (value head `h` reads key head `h mod nk`), as
+    /// its converter writes Qwen3.5 GGUF files; otherwise grouped by key head, as in every
+    /// Hugging Face and MLX checkpoint. Never in a `config.json`: the GGUF loader sets it.
+    pub tiled_value_heads: bool,
 }
 
 impl LinearAttentionConfig {
@@ -294,6 +298,7 @@ impl ModelConfig {
                 key_head_dim: f.usize("linear_key_head_dim")?,
                 value_head_dim: f.usize("linear_value_head_dim")?,
                 conv_kernel: f.usize_or("linear_conv_kernel_dim", 4)?,
+                tiled_value_heads: false,
             })
         } else {
             None

@@ -409,6 +409,11 @@ impl<'a> WeightLoader<'a> {
         }
     }
 
+    /// Whether the tensors come from a GGUF file.
+    pub fn is_gguf(&self) -> bool {
+        matches!(self.source, Source::Gguf(_))
+    }
+
     /// Whether a tensor exists.
     pub fn has(&self, name: &str) -> bool {
         match self.source {
@@ -446,17 +451,20 @@ impl<'a> WeightLoader<'a> {
 
     /// A float tensor stored in one of `shapes` (equal in element count, e.g. a convolution
     /// kernel `[C, 1, K]` or `[C, K, 1]`) as f32, with the index of the shape it has.
-    pub fn floats(
+    pub fn floats<S: AsRef<[usize]>>(
         &self,
         name: &str,
-        shapes: &[&[usize]],
+        shapes: &[S],
     ) -> Result<(Vec<f32>, usize), FormatError> {
         let t = self.require(name)?;
         let kind = t.float_kind()?;
-        let Some(which) = shapes.iter().position(|s| t.shape.as_slice() == *s) else {
-            return Err(shape_error(&t, shapes.first().copied().unwrap_or(&[])));
+        let Some(which) = shapes.iter().position(|s| t.shape.as_slice() == s.as_ref()) else {
+            return Err(shape_error(
+                &t,
+                shapes.first().map(|s| s.as_ref()).unwrap_or(&[]),
+            ));
         };
-        let len: usize = shapes[which].iter().product();
+        let len: usize = shapes[which].as_ref().iter().product();
         let mut out = vec![0f32; len];
         let m = Matrix {
             rows: 1,
@@ -613,7 +621,7 @@ impl<'a> WeightLoader<'a> {
             }
             d => {
                 return Err(w.error(format!(
-                    "unsupported tensor type {d}; supported: F32, F16, BF16, Q4_0, Q8_0, Q4_K, Q5_K, Q6_K (and U32 for MLX packed weights)"
+                    "unsupported tensor type {d}; supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K (and U32 for MLX packed weights)"
                 )))
             }
         };

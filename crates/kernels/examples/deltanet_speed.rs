@@ -13,6 +13,7 @@
 
 use moestream_kernels::deltanet::{
     gated_delta_chunked, gated_delta_step, l2_normalize_rows, DeltaInputs, DeltaShape,
+    ValueHeadOrder,
 };
 use std::time::Instant;
 
@@ -40,6 +41,7 @@ fn main() {
         n_v_heads: 32,
         k_dim: 128,
         v_dim: 128,
+        order: ValueHeadOrder::Grouped,
     };
     let (nk, nv, dk, dv) = (shape.n_k_heads, shape.n_v_heads, shape.k_dim, shape.v_dim);
     println!(

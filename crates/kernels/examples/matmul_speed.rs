@@ -399,13 +399,8 @@ impl Pool {
                 let mut s = 7u64;
                 let mut data: Vec<u8> =
                     (0..copies * data_len).map(|_| next(&mut s) as u8).collect();
-                let f16_at: &[usize] = match f {
-                    BlockFormat::Q4_0 | BlockFormat::Q8_0 => &[0],
-                    BlockFormat::Q4_K | BlockFormat::Q5_K => &[0, 2],
-                    BlockFormat::Q6_K => &[208],
-                };
                 for block in data.chunks_exact_mut(f.block_bytes()) {
-                    for &at in f16_at {
+                    for &at in f.f16_offsets() {
                         let v = (next(&mut s) as u16 & 0x83ff) | (0x08 << 10);
                         block[at..at + 2].copy_from_slice(&v.to_le_bytes());
                     }

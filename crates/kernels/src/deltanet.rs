@@ -28,20 +28,46 @@
 //! state ([`causal_conv1d_silu`]).
 use rayon::prelude::*;
 
+/// Which key head each value head reads, when there are more value heads than key heads.
+///
+/// Hugging Face checkpoints group the value heads by key head (`g·r + j` for key head `g`, with
+/// `r = nv / nk`). llama.cpp's converter reorders the value heads of Qwen3.5 GGUF files to tiled
+/// order (`j·nk + g`), so that ggml can broadcast the key heads instead of repeating them; every
+/// per-value-head tensor of such a file follows that order, so the kernels only need to pair
+/// the heads the same way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ValueHeadOrder {
+    /// Value head `h` reads key head `h / r`.
+    #[default]
+    Grouped,
+    /// Value head `h` reads key head `h % nk`.
+    Tiled,
+}
+
 /// Head geometry of a Gated DeltaNet layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeltaShape {
     /// Query/key heads `nk`.
     pub n_k_heads: usize,
-    /// Value heads `nv` (a multiple of `nk`); value head `h` reads key head `h / (nv / nk)`.
+    /// Value heads `nv` (a multiple of `nk`).
     pub n_v_heads: usize,
     /// Query/key width `dk`.
     pub k_dim: usize,
     /// Value width `dv`.
     pub v_dim: usize,
+    /// Which key head a value head reads.
+    pub order: ValueHeadOrder,
 }
 
 impl DeltaShape {
+    /// The key head value head `h` reads.
+    pub fn key_head(&self, h: usize) -> usize {
+        match self.order {
+            ValueHeadOrder::Grouped => h / (self.n_v_heads / self.n_k_heads),
+            ValueHeadOrder::Tiled => h % self.n_k_heads,
+        }
+    }
+
     /// Floats of one sequence's recurrent state: `nv · dk · dv`.
     pub fn state_len(&self) -> usize {
         self.n_v_heads * self.k_dim * self.v_dim
@@ -165,14 +191,13 @@ pub fn gated_delta_step(
     out: &mut [f32],
 ) {
     let DeltaShape {
-        n_k_heads,
         n_v_heads,
         k_dim: dk,
         v_dim: dv,
+        ..
     } = shape;
-    let r = n_v_heads / n_k_heads;
     let per_head = |(h, (s_new, o)): (usize, (&mut [f32], &mut [f32]))| {
-        let kh = h / r;
+        let kh = shape.key_head(h);
         let q = &x.q[kh * dk..(kh + 1) * dk];
         let k = &x.k[kh * dk..(kh + 1) * dk];
         let v = &x.v[h * dv..(h + 1) * dv];
@@ -452,8 +477,9 @@ fn chunked_head_body(
         n_v_heads,
         k_dim: dk,
         v_dim: dv,
+        ..
     } = shape;
-    let kh = h / (n_v_heads / n_k_heads);
+    let kh = shape.key_head(h);
     let qk_stride = n_k_heads * dk;
     let v_stride = n_v_heads * dv;
     let mut out = vec![0f32; n * dv];
@@ -599,13 +625,18 @@ mod tests {
             n_v_heads,
             k_dim: dk,
             v_dim: dv,
+            order,
         } = shape;
         let r = n_v_heads / n_k_heads;
         let mut s: Vec<f64> = s0.iter().map(|&v| v as f64).collect();
         let mut out = vec![0f64; n * n_v_heads * dv];
         for t in 0..n {
             for h in 0..n_v_heads {
-                let kh = h / r;
+                // Written out rather than through `key_head`, so that the test checks it.
+                let kh = match order {
+                    ValueHeadOrder::Grouped => h / r,
+                    ValueHeadOrder::Tiled => h % n_k_heads,
+                };
                 let q = &x.q[t * n_k_heads * dk + kh * dk..][..dk];
                 let k = &x.k[t * n_k_heads * dk + kh * dk..][..dk];
                 let v = &x.v[t * n_v_heads * dv + h * dv..][..dv];
@@ -646,6 +677,7 @@ mod tests {
                 n_v_heads,
                 k_dim: dk,
                 v_dim: dv,
+                ..
             } = shape;
             let mut q = rand_vec(&mut sd, n * n_k_heads * dk, 1.0);
             let mut k = rand_vec(&mut sd, n * n_k_heads * dk, 1.0);
@@ -694,48 +726,60 @@ mod tests {
         n_v_heads: 4,
         k_dim: 16,
         v_dim: 24,
+        order: ValueHeadOrder::Grouped,
     };
+
+    /// Both pairings of value heads with key heads.
+    const SHAPES: [DeltaShape; 2] = [
+        SHAPE,
+        DeltaShape {
+            order: ValueHeadOrder::Tiled,
+            ..SHAPE
+        },
+    ];
 
     #[test]
     fn step_matches_the_f64_recurrence() {
-        let c = Case::new(7, SHAPE, 9);
-        let (want_out, want_s) = reference(SHAPE, c.n, c.inputs(), &c.s0);
-        let mut s = c.s0.clone();
-        let mut out = vec![0f32; c.n * 4 * 24];
-        let (nq, nv) = (2 * 16, 4 * 24);
-        for t in 0..c.n {
-            let x = DeltaInputs {
-                q: &c.q[t * nq..(t + 1) * nq],
-                k: &c.k[t * nq..(t + 1) * nq],
-                v: &c.v[t * nv..(t + 1) * nv],
-                g: &c.g[t * 4..(t + 1) * 4],
-                beta: &c.beta[t * 4..(t + 1) * 4],
-            };
-            let mut next = vec![0f32; s.len()];
-            gated_delta_step(SHAPE, x, &s, &mut next, &mut out[t * nv..(t + 1) * nv]);
-            s = next;
+        for shape in SHAPES {
+            let c = Case::new(7, shape, 9);
+            let (want_out, want_s) = reference(shape, c.n, c.inputs(), &c.s0);
+            let mut s = c.s0.clone();
+            let mut out = vec![0f32; c.n * 4 * 24];
+            let (nq, nv) = (2 * 16, 4 * 24);
+            for t in 0..c.n {
+                let x = DeltaInputs {
+                    q: &c.q[t * nq..(t + 1) * nq],
+                    k: &c.k[t * nq..(t + 1) * nq],
+                    v: &c.v[t * nv..(t + 1) * nv],
+                    g: &c.g[t * 4..(t + 1) * 4],
+                    beta: &c.beta[t * 4..(t + 1) * 4],
+                };
+                let mut next = vec![0f32; s.len()];
+                gated_delta_step(shape, x, &s, &mut next, &mut out[t * nv..(t + 1) * nv]);
+                s = next;
+            }
+            let d = max_diff(&out, &want_out);
+            assert!(d < 1e-5, "{:?}: {d}", shape.order);
+            assert!(max_diff(&s, &want_s) < 1e-5);
         }
-        assert!(
-            max_diff(&out, &want_out) < 1e-5,
-            "{}",
-            max_diff(&out, &want_out)
-        );
-        assert!(max_diff(&s, &want_s) < 1e-5);
     }
 
     #[test]
     fn chunked_matches_the_f64_recurrence_across_chunk_boundaries() {
-        for n in [1, 5, 63, 64, 65, 150] {
-            let c = Case::new(100 + n as u64, SHAPE, n);
-            let (want_out, want_s) = reference(SHAPE, n, c.inputs(), &c.s0);
-            let mut s = vec![0f32; c.s0.len()];
-            let mut out = vec![0f32; n * 4 * 24];
-            gated_delta_chunked(SHAPE, n, c.inputs(), &c.s0, &mut s, &mut out);
-            let (d_out, d_s) = (max_diff(&out, &want_out), max_diff(&s, &want_s));
-            assert!(
-                d_out < 2e-5 && d_s < 2e-5,
-                "n={n}: out {d_out:e}, state {d_s:e}"
-            );
+        for shape in SHAPES {
+            for n in [1, 5, 63, 64, 65, 150] {
+                let c = Case::new(100 + n as u64, shape, n);
+                let (want_out, want_s) = reference(shape, n, c.inputs(), &c.s0);
+                let mut s = vec![0f32; c.s0.len()];
+                let mut out = vec![0f32; n * 4 * 24];
+                gated_delta_chunked(shape, n, c.inputs(), &c.s0, &mut s, &mut out);
+                let (d_out, d_s) = (max_diff(&out, &want_out), max_diff(&s, &want_s));
+                assert!(
+                    d_out < 2e-5 && d_s < 2e-5,
+                    "{:?} n={n}: out {d_out:e}, state {d_s:e}",
+                    shape.order
+                );
+            }
         }
     }
 

@@ -1,4 +1,4 @@
-//! llama.cpp's (ggml's) block quantization formats: Q4_0, Q8_0, Q4_K, Q5_K, Q6_K.
+//! llama.cpp's (ggml's) block quantization formats: Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K.
 //!
 //! A row of `cols` weights is `cols / block_elements` blocks laid end to end; each block carries
 //! its own scales (MODELS.md 10.2). [`dequantize_block`] is the reference decoder: its
@@ -23,6 +23,12 @@ pub const QK_K: usize = 256;
 pub enum BlockFormat {
     /// 32 weights: `d: f16, qs: u8[16]`; `w = d·(q − 8)`.
     Q4_0,
+    /// 32 weights: `d, m: f16, qs: u8[16]`; `w = d·q + m`. (llama-quantize's fallback for
+    /// rows that are not whole Q4_K super-blocks in Q4_1-based mixes.)
+    Q4_1,
+    /// 32 weights: `d: f16, qh: u32, qs: u8[16]`; `w = d·(q − 16)` with a fifth bit per weight
+    /// in `qh` (llama-quantize's fallback from Q4_K for rows of a length not a multiple of 256).
+    Q5_0,
     /// 32 weights: `d: f16, qs: i8[32]`; `w = d·q`.
     Q8_0,
     /// 256 weights: `d, dmin: f16, scales: u8[12], qs: u8[128]`; 8 sub-blocks of 32 with 6-bit
@@ -37,8 +43,10 @@ pub enum BlockFormat {
 
 impl BlockFormat {
     /// Every format, for tests and listings.
-    pub const ALL: [BlockFormat; 5] = [
+    pub const ALL: [BlockFormat; 7] = [
         BlockFormat::Q4_0,
+        BlockFormat::Q4_1,
+        BlockFormat::Q5_0,
         BlockFormat::Q8_0,
         BlockFormat::Q4_K,
         BlockFormat::Q5_K,
@@ -48,7 +56,7 @@ impl BlockFormat {
     /// Weights per block.
     pub const fn block_elements(self) -> usize {
         match self {
-            BlockFormat::Q4_0 | BlockFormat::Q8_0 => 32,
+            BlockFormat::Q4_0 | BlockFormat::Q4_1 | BlockFormat::Q5_0 | BlockFormat::Q8_0 => 32,
             BlockFormat::Q4_K | BlockFormat::Q5_K | BlockFormat::Q6_K => QK_K,
         }
     }
@@ -57,6 +65,8 @@ impl BlockFormat {
     pub const fn block_bytes(self) -> usize {
         match self {
             BlockFormat::Q4_0 => 18,
+            BlockFormat::Q4_1 => 20,
+            BlockFormat::Q5_0 => 22,
             BlockFormat::Q8_0 => 34,
             BlockFormat::Q4_K => 144,
             BlockFormat::Q5_K => 176,
@@ -68,6 +78,8 @@ impl BlockFormat {
     pub const fn name(self) -> &'static str {
         match self {
             BlockFormat::Q4_0 => "Q4_0",
+            BlockFormat::Q4_1 => "Q4_1",
+            BlockFormat::Q5_0 => "Q5_0",
             BlockFormat::Q8_0 => "Q8_0",
             BlockFormat::Q4_K => "Q4_K",
             BlockFormat::Q5_K => "Q5_K",
@@ -78,6 +90,15 @@ impl BlockFormat {
     /// The format named `name` (`Q4_K`), if supported.
     pub fn from_name(name: &str) -> Option<BlockFormat> {
         BlockFormat::ALL.into_iter().find(|f| f.name() == name)
+    }
+
+    /// Byte offsets of the f16 scales (and minimums) in a block: what test data must keep finite.
+    pub const fn f16_offsets(self) -> &'static [usize] {
+        match self {
+            BlockFormat::Q4_0 | BlockFormat::Q5_0 | BlockFormat::Q8_0 => &[0],
+            BlockFormat::Q4_1 | BlockFormat::Q4_K | BlockFormat::Q5_K => &[0, 2],
+            BlockFormat::Q6_K => &[208],
+        }
     }
 
     /// Bytes of a row of `cols` weights (`cols` a multiple of [`Self::block_elements`]).
@@ -132,6 +153,22 @@ pub fn dequantize_block(format: BlockFormat, block: &[u8], out: &mut [f32]) {
             for (l, &q) in qs.iter().enumerate() {
                 out[l] = d * f32::from((q & 15) as i8 - 8);
                 out[l + 16] = d * f32::from((q >> 4) as i8 - 8);
+            }
+        }
+        BlockFormat::Q4_1 => {
+            let (d, m) = (f16_at(block, 0), f16_at(block, 2));
+            for (l, &q) in block[4..20].iter().enumerate() {
+                out[l] = d * f32::from(q & 15) + m;
+                out[l + 16] = d * f32::from(q >> 4) + m;
+            }
+        }
+        BlockFormat::Q5_0 => {
+            let d = f16_at(block, 0);
+            let qh = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+            for (l, &q) in block[6..22].iter().enumerate() {
+                let high = |bit: usize| (((qh >> bit) & 1) << 4) as u8;
+                out[l] = d * f32::from(((q & 15) | high(l)) as i8 - 16);
+                out[l + 16] = d * f32::from(((q >> 4) | high(l + 16)) as i8 - 16);
             }
         }
         BlockFormat::Q4_K | BlockFormat::Q5_K => {

@@ -70,6 +70,6 @@ fn every_type_matches_gguf_py_bit_for_bit() {
     checked.sort();
     assert_eq!(
         checked,
-        ["BF16", "F16", "F32", "Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q8_0"]
+        ["BF16", "F16", "F32", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_K", "Q6_K", "Q8_0"]
     );
 }

@@ -1,8 +1,13 @@
 //! The model configuration of a GGUF file, rebuilt as the `config.json` object transformers
 //! would have, from the `{arch}.*` metadata (MODELS.md 10.5), then parsed by the same code as a
-//! checkpoint's `config.json`.
+//! checkpoint's `config.json`. The hybrids' Gated DeltaNet geometry comes from the `ssm.*` keys
+//! the converter writes (`conv_kernel` K, `state_size` dk, `group_count` nk, `time_step_rank`
+//! nv, `inner_size` nv·dv), their layer pattern from `attention.recurrent_layers` or
+//! `full_attention_interval`, and `block_count` counts the multi-token-prediction blocks
+//! (`nextn_predict_layers`) after the trunk.
 use super::GgufSource;
 use crate::config::{ConfigError, GenerationConfig, ModelConfig};
+use moestream_formats::gguf::MetadataArray;
 use serde_json::{json, Map, Value};
 
 impl GgufSource {
@@ -37,11 +42,15 @@ impl GgufSource {
                 ))
             })
         };
-        let n_layers = need("block_count")?;
+        need("block_count")?;
+        let n_layers = self.trunk_layers as u64;
         let experts = self.arch_u64("expert_count").unwrap_or(0);
         let model_type = match arch {
             "qwen3moe" => "qwen3_moe",
             "qwen3" => "qwen3",
+            "qwen3next" => "qwen3_next",
+            "qwen35" => "qwen3_5",
+            "qwen35moe" => "qwen3_5_moe",
             "llama" if experts > 0 => "mixtral",
             "llama" => {
                 return Err(self.config_error(
@@ -50,7 +59,7 @@ impl GgufSource {
             }
             other => {
                 return Err(self.config_error(format!(
-                    "GGUF architecture `{other}` is not supported (supported: qwen3moe, qwen3, llama with experts)"
+                    "GGUF architecture `{other}` is not supported (supported: qwen3moe, qwen3, llama with experts, qwen3next, qwen35, qwen35moe)"
                 )))
             }
         };
@@ -86,7 +95,9 @@ impl GgufSource {
             json!(self.arch_f64("rope.freq_base").unwrap_or(10000.0)),
         );
         if let Some(rot) = self.arch_u64("rope.dimension_count") {
-            if rot != head_dim {
+            // The hybrids' configurations default to a quarter: always say what the file says.
+            let hybrid = matches!(model_type, "qwen3_next" | "qwen3_5" | "qwen3_5_moe");
+            if rot != head_dim || hybrid {
                 c.insert(
                     "partial_rotary_factor".into(),
                     json!(rot as f64 / head_dim.max(1) as f64),
@@ -140,12 +151,102 @@ impl GgufSource {
             c.insert("decoder_sparse_step".into(), json!(1));
             c.insert("mlp_only_layers".into(), json!(dense));
         }
+        if matches!(model_type, "qwen3_next" | "qwen3_5" | "qwen3_5_moe") {
+            self.hybrid_fields(&mut c, n_layers)?;
+        }
         Ok(Value::Object(c))
+    }
+
+    /// The Gated DeltaNet geometry, layer pattern, shared expert and MTP depth of a hybrid.
+    fn hybrid_fields(&self, c: &mut Map<String, Value>, n_layers: u64) -> Result<(), ConfigError> {
+        let arch = self.arch.as_str();
+        let need = |key: &str| {
+            self.arch_u64(key).filter(|&v| v > 0).ok_or_else(|| {
+                self.config_error(format!(
+                    "metadata `{arch}.{key}` is missing or not a positive integer"
+                ))
+            })
+        };
+        let (nk, nv, inner) = (
+            need("ssm.group_count")?,
+            need("ssm.time_step_rank")?,
+            need("ssm.inner_size")?,
+        );
+        if !inner.is_multiple_of(nv) {
+            return Err(self.config_error(format!(
+                "`{arch}.ssm.inner_size` {inner} is not a multiple of `{arch}.ssm.time_step_rank` {nv}"
+            )));
+        }
+        c.insert("linear_num_key_heads".into(), json!(nk));
+        c.insert("linear_num_value_heads".into(), json!(nv));
+        c.insert("linear_key_head_dim".into(), json!(need("ssm.state_size")?));
+        c.insert("linear_value_head_dim".into(), json!(inner / nv));
+        c.insert(
+            "linear_conv_kernel_dim".into(),
+            json!(need("ssm.conv_kernel")?),
+        );
+        let recurrent = self
+            .meta(&format!("{arch}.attention.recurrent_layers"))
+            .and_then(|v| v.as_array());
+        let kinds: Vec<&str> = match recurrent {
+            Some(flags) => {
+                let n = n_layers as usize;
+                let flags = match flags {
+                    MetadataArray::Bool(f) if f.len() >= n => &f[..n],
+                    _ => {
+                        return Err(self.config_error(format!(
+                            "`{arch}.attention.recurrent_layers` is not an array of at least {n} booleans"
+                        )))
+                    }
+                };
+                flags
+                    .iter()
+                    .map(|&r| {
+                        if r {
+                            "linear_attention"
+                        } else {
+                            "full_attention"
+                        }
+                    })
+                    .collect()
+            }
+            None => {
+                let every = self.arch_u64("full_attention_interval").unwrap_or(4).max(1);
+                (0..n_layers)
+                    .map(|i| {
+                        if (i + 1) % every == 0 {
+                            "full_attention"
+                        } else {
+                            "linear_attention"
+                        }
+                    })
+                    .collect()
+            }
+        };
+        c.insert("layer_types".into(), json!(kinds));
+        if let Some(is) = self.arch_u64("expert_shared_feed_forward_length") {
+            c.insert("shared_expert_intermediate_size".into(), json!(is));
+        }
+        // llama.cpp renormalises the hybrids' top-k weights (Qwen3.5 does in transformers too).
+        c.insert("norm_topk_prob".into(), json!(true));
+        c.insert(
+            "mtp_num_hidden_layers".into(),
+            json!(self.arch_u64("nextn_predict_layers").unwrap_or(0)),
+        );
+        Ok(())
     }
 
     /// The model configuration.
     pub fn model_config(&self) -> Result<ModelConfig, ConfigError> {
-        ModelConfig::from_json(&self.config_json()?, self.index.path())
+        let mut config = ModelConfig::from_json(&self.config_json()?, self.index.path())?;
+        // llama.cpp's converter reorders Qwen3.5's value heads to tiled order (when there are
+        // more value heads than key heads; otherwise the two orders are one).
+        if matches!(self.arch.as_str(), "qwen35" | "qwen35moe") {
+            if let Some(l) = config.linear.as_mut() {
+                l.tiled_value_heads = true;
+            }
+        }
+        Ok(config)
     }
 
     /// Stop and start ids from `tokenizer.ggml.{eos,eot,bos}_token_id`.

@@ -177,6 +177,7 @@ impl DeltaProjections {
 /// ```text
 /// q, k, v = split(silu(conv1d(W_qkv x)))         causal depthwise conv, state = last K−1 inputs
 /// q = l2norm(q)·dk^-1/2,  k = l2norm(k)           value head h reads key head h / (nv/nk)
+///                                                 (h mod nk in Qwen3.5 GGUF files: `DeltaShape::order`)
 /// β = sigmoid(W_b x),  g = −exp(A_log)·softplus(W_a x + dt_bias)
 /// S ← e^g S + k ⊗ β(v − (e^g S)ᵀ k),  o = Sᵀ q     per value head, S ∈ R^{dk×dv} in f32
 /// out = W_out( RMSNorm(o)·w · silu(W_z x) )       norm per head over dv
@@ -263,6 +264,7 @@ impl GatedDeltaNet {
             n_v_heads: nv,
             k_dim: dk,
             v_dim: dv,
+            ..
         } = self.shape;
         let c = self.channels();
         let r = nv / nk;

@@ -7,8 +7,11 @@
 //! sigmoid gate per head; partial RoPE on the first quarter of each head). Norms are
 //! zero-centred, `y = x/rms(x) · (1 + w)`: transformers stores `w`, mlx-lm and GGUF store `1 + w`.
 //! Which one a checkpoint holds follows from its convolution kernels, as mlx-lm decides it:
-//! transformers' layout `[C, 1, K]` means `w`, MLX's `[C, K, 1]` means `1 + w` (the gated norm
-//! inside the DeltaNet is never shifted). MoE layers add a shared expert with a sigmoid gate;
+//! transformers' layout `[C, 1, K]` means `w`, MLX's `[C, K, 1]` means `1 + w`; GGUF files
+//! (convolutions `[C, K]`) hold `1 + w` whatever their shapes (the gated norm inside the DeltaNet is never
+//! shifted). GGUF files come through
+//! [`crate::gguf`] under these Hugging Face names, with llama.cpp's `ssm_a = −exp(A_log)` read
+//! as it is and, for Qwen3.5, value heads in tiled order (`DeltaShape::order`). MoE layers add a shared expert with a sigmoid gate;
 //! Qwen3.5's router always renormalises its top-k.
 //!
 //! Tensor prefixes: `model.` (causal-LM checkpoints), `model.language_model.` (transformers'
@@ -23,7 +26,7 @@ use crate::config::{Arch, LayerKind, ModelConfig};
 use crate::store::ExpertStore;
 use crate::weights::{Linear, WeightLoader};
 use moestream_formats::FormatError;
-use moestream_kernels::deltanet::DeltaShape;
+use moestream_kernels::deltanet::{DeltaShape, ValueHeadOrder};
 
 const MLP_NAMES: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
 
@@ -52,6 +55,11 @@ pub fn load(c: ModelConfig, l: &WeightLoader) -> Result<Model, FormatError> {
         n_v_heads: lin.num_value_heads,
         k_dim: lin.key_head_dim,
         v_dim: lin.value_head_dim,
+        order: if lin.tiled_value_heads {
+            ValueHeadOrder::Tiled
+        } else {
+            ValueHeadOrder::Grouped
+        },
     };
     let (channels, k) = (lin.conv_channels(), lin.conv_kernel);
     // transformers' checkpoints keep `w` of the (1 + w) norms, mlx-lm's add the 1 (see above).
@@ -59,10 +67,12 @@ pub fn load(c: ModelConfig, l: &WeightLoader) -> Result<Model, FormatError> {
         .layer_types
         .iter()
         .position(|&t| t == LayerKind::LinearAttention);
+    // llama.cpp's converter adds the 1 whatever shape its convolutions have.
     let add_one = match first_linear {
+        _ if l.is_gguf() => false,
         Some(i) => {
             let name = format!("{p}layers.{i}.linear_attn.conv1d.weight");
-            l.floats(&name, &[&[channels, 1, k], &[channels, k, 1]])?.1 == 0
+            l.floats(&name, &conv_shapes(channels, k))?.1 == 0
         }
         None => true,
     };
@@ -223,6 +233,17 @@ fn mtp_head(
     }))
 }
 
+/// The shapes a depthwise convolution kernel is stored in: transformers' `[C, 1, K]` (its norms
+/// store `w`), mlx-lm's `[C, K, 1]` and llama.cpp's squeezed `[C, K]` (both store `1 + w`).
+/// All hold channel c's taps at c·K .. c·K + K.
+fn conv_shapes(channels: usize, k: usize) -> [Vec<usize>; 3] {
+    [
+        vec![channels, 1, k],
+        vec![channels, k, 1],
+        vec![channels, k],
+    ]
+}
+
 /// A Gated DeltaNet layer `{p}` (`linear_attn`), with Qwen3.5's separate or Qwen3-Next's fused
 /// input projections.
 fn delta_net(
@@ -241,6 +262,7 @@ fn delta_net(
         n_v_heads: nv,
         k_dim: dk,
         v_dim: dv,
+        ..
     } = shape;
     let proj = if l.has(&format!("{p}.in_proj_qkvz.weight")) {
         DeltaProjections::Fused {
@@ -259,18 +281,20 @@ fn delta_net(
         }
     };
     let (channels, k) = (lin.conv_channels(), lin.conv_kernel);
-    // [C, 1, K] and [C, K, 1] both hold channel c's taps at c·K .. c·K + K.
-    let (conv_weight, _) = l.floats(
-        &format!("{p}.conv1d.weight"),
-        &[&[channels, 1, k], &[channels, k, 1]],
-    )?;
-    let a_log = l.vector(&format!("{p}.A_log"), nv)?;
+    let (conv_weight, _) = l.floats(&format!("{p}.conv1d.weight"), &conv_shapes(channels, k))?;
+    // GGUF files hold −exp(A_log) itself (`ssm_a`): read as it is, it needs no log/exp round trip.
+    let neg_a = if l.has(&format!("{p}.ssm_a")) {
+        l.vector(&format!("{p}.ssm_a"), nv)?
+    } else {
+        let a_log = l.vector(&format!("{p}.A_log"), nv)?;
+        a_log.iter().map(|a| -a.exp()).collect()
+    };
     Ok(GatedDeltaNet {
         proj,
         conv_weight,
         conv_kernel: k,
         dt_bias: l.vector(&format!("{p}.dt_bias"), nv)?,
-        neg_a: a_log.iter().map(|a| -a.exp()).collect(),
+        neg_a,
         norm: RmsNorm {
             weight: l.vector(&format!("{p}.norm.weight"), dv)?,
             eps,

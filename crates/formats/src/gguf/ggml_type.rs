@@ -130,6 +130,51 @@ impl GgmlType {
     }
 }
 
+/// The name llama.cpp gives a `general.file_type` (its `llama_ftype`: the quantization recipe
+/// a file was made with, e.g. 15 = `Q4_K_M`, which mixes Q4_K and Q6_K tensors), or `None` for
+/// a number it does not define.
+pub fn file_type_name(file_type: u64) -> Option<&'static str> {
+    Some(match file_type {
+        0 => "F32",
+        1 => "F16",
+        2 => "Q4_0",
+        3 => "Q4_1",
+        7 => "Q8_0",
+        8 => "Q5_0",
+        9 => "Q5_1",
+        10 => "Q2_K",
+        11 => "Q3_K_S",
+        12 => "Q3_K_M",
+        13 => "Q3_K_L",
+        14 => "Q4_K_S",
+        15 => "Q4_K_M",
+        16 => "Q5_K_S",
+        17 => "Q5_K_M",
+        18 => "Q6_K",
+        19 => "IQ2_XXS",
+        20 => "IQ2_XS",
+        21 => "Q2_K_S",
+        22 => "IQ3_XS",
+        23 => "IQ3_XXS",
+        24 => "IQ1_S",
+        25 => "IQ4_NL",
+        26 => "IQ3_S",
+        27 => "IQ3_M",
+        28 => "IQ2_S",
+        29 => "IQ2_M",
+        30 => "IQ4_XS",
+        31 => "IQ1_M",
+        32 => "BF16",
+        36 => "TQ1_0",
+        37 => "TQ2_0",
+        38 => "MXFP4_MOE",
+        39 => "NVFP4",
+        40 => "Q1_0",
+        41 => "Q2_0",
+        _ => return None,
+    })
+}
+
 impl std::fmt::Display for GgmlType {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
@@ -148,6 +193,15 @@ mod tests {
         }
         assert_eq!(GgmlType::from_id(4), None, "Q4_2 was removed");
         assert_eq!(GgmlType::from_id(1000), None);
+    }
+
+    #[test]
+    fn file_types_are_named_as_llama_cpp_names_them() {
+        assert_eq!(file_type_name(15), Some("Q4_K_M"));
+        assert_eq!(file_type_name(7), Some("Q8_0"));
+        assert_eq!(file_type_name(0), Some("F32"));
+        assert_eq!(file_type_name(4), None, "Q4_1_SOME_F16 was removed");
+        assert_eq!(file_type_name(1024), None);
     }
 
     #[test]

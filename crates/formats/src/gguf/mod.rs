@@ -25,7 +25,7 @@ mod metadata;
 mod tests;
 mod writer;
 
-pub use ggml_type::GgmlType;
+pub use ggml_type::{file_type_name, GgmlType};
 pub use header::DEFAULT_ALIGNMENT;
 pub use metadata::{MetadataArray, MetadataValue, ValueType};
 pub use writer::{write_gguf, TensorToWrite};

@@ -24,6 +24,8 @@ pub fn quantize_row(format: BlockFormat, row: &[f32]) -> Vec<u8> {
         match format {
             BlockFormat::Q8_0 => q8_0(x, &mut out),
             BlockFormat::Q4_0 => q4_0(x, &mut out),
+            BlockFormat::Q4_1 => q4_1(x, &mut out),
+            BlockFormat::Q5_0 => q5_0(x, &mut out),
             BlockFormat::Q4_K => qk_k(x, 4, &mut out),
             BlockFormat::Q5_K => qk_k(x, 5, &mut out),
             BlockFormat::Q6_K => q6_k(x, &mut out),
@@ -64,6 +66,35 @@ fn q4_0(x: &[f32], out: &mut Vec<u8>) {
     let id = inverse(put_f16(out, max / -8.0));
     let q = |v: f32| ((v * id + 8.5).trunc() as i32).clamp(0, 15) as u8;
     out.extend((0..16).map(|l| q(x[l]) | (q(x[l + 16]) << 4)));
+}
+
+fn q4_1(x: &[f32], out: &mut Vec<u8>) {
+    // The block's range in 15 steps from its minimum.
+    let (lo, hi) = x
+        .iter()
+        .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+    let id = inverse(put_f16(out, (hi - lo) / 15.0));
+    let m = put_f16(out, lo);
+    let q = |v: f32| (((v - m) * id).round() as i32).clamp(0, 15) as u8;
+    out.extend((0..16).map(|l| q(x[l]) | (q(x[l + 16]) << 4)));
+}
+
+fn q5_0(x: &[f32], out: &mut Vec<u8>) {
+    // As Q4_0 with 32 levels: the value of largest magnitude maps to -16.
+    let max = x
+        .iter()
+        .fold(0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
+    let id = inverse(put_f16(out, max / -16.0));
+    let q: Vec<u8> = x
+        .iter()
+        .map(|&v| ((v * id + 16.5).trunc() as i32).clamp(0, 31) as u8)
+        .collect();
+    let qh = q
+        .iter()
+        .enumerate()
+        .fold(0u32, |h, (l, &q)| h | (u32::from(q >> 4) << l));
+    out.extend(qh.to_le_bytes());
+    out.extend((0..16).map(|l| (q[l] & 15) | ((q[l + 16] & 15) << 4)));
 }
 
 fn qk_k(x: &[f32], bits: u32, out: &mut Vec<u8>) {

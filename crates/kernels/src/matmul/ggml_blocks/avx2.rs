@@ -56,6 +56,10 @@ pub(in super::super) unsafe fn decode_row(format: BlockFormat, row: &[u8], out: 
             BlockFormat::Q4_K => q4_k::<false>(block, y),
             BlockFormat::Q5_K => q4_k::<true>(block, y),
             BlockFormat::Q6_K => q6_k(block, y),
+            // Fallback formats of a few tensors per file: the scalar decoder.
+            BlockFormat::Q4_1 | BlockFormat::Q5_0 => {
+                crate::ggml::dequantize_block(format, block, y)
+            }
         }
     }
 }

@@ -13,7 +13,8 @@
 //! as the formats store it; `a`, `m` per block, sub-block or group of 16):
 //!
 //! ```text
-//! Q8_0, Q4_0 (block b):      y += (d_b·dx_b) · Σ q·xq                       q ∈ [-128,127], [-8,7]
+//! Q8_0, Q4_0, Q5_0 (block b): y += (d_b·dx_b) · Σ q·xq              q ∈ [-128,127], [-8,7], [-16,15]
+//! Q4_1 (block b):            y += d_b · (dx_b · Σ q·xq + c_b) + m_b · Σ_{i∈b} x_i
 //! Q4_K, Q5_K (sub-block j):  y += (d·sc_j) · (dx_j · Σ q·xq + c_j) − (dmin·m_j) · Σ_{i∈j} x_i
 //! Q6_K (group g of 16):      y += (d·sc_g) · (dx_{g/2} · Σ q·xq)            q ∈ [-32,31]
 //! ```
@@ -33,7 +34,8 @@
 //! Measured (`int16/tests.rs`, rows of 2048 columns, `|y_int16 − y_f32| / Σ_i |w_i·x_i|`, worst
 //! output of one run): 0.7e-6 (Q4_K, Q5_K) to 2.1e-6 (Q6_K) for activations without outliers,
 //! 0.8e-5 to 1.7e-5 with 4 or 32 activations 50 times larger (tested bound 1e-4, and always within
-//! the rounding bound above). The K-quants with minimums gain most from the correction `c_j`.
+//! the rounding bound above); Q4_1 0.7e-6 / 0.9e-5, Q5_0 1.4e-6 / 1.9e-5. Q4_1 and Q5_0, the
+//! fallbacks of a few tensors per file, have no AVX2 kernel: both backends run the scalar twin. The K-quants with minimums gain most from the correction `c_j`.
 //!
 //! # Speed
 //! `examples/matmul_speed.rs --decode --ggml --rounds 2` (log: `scripts/bench/last_ggml_matmul_speed.log`;
@@ -69,19 +71,22 @@ use crate::matmul::int16::{QuantizedRow, ValueOrder};
 /// Columns per span of activations that share one step.
 pub(in crate::matmul) const SPAN: usize = 32;
 
-/// Whether the format's weights subtract a per-sub-block minimum (`dmin·m`), whose product needs
-/// the f32 sums of the activations over each span.
+/// Whether the format's weights add a per-(sub-)block offset (`−dmin·m`, Q4_1's `+m`), whose
+/// product needs the f32 sums of the activations over each span.
 pub(in crate::matmul) fn has_mins(format: BlockFormat) -> bool {
-    matches!(format, BlockFormat::Q4_K | BlockFormat::Q5_K)
+    matches!(
+        format,
+        BlockFormat::Q4_K | BlockFormat::Q5_K | BlockFormat::Q4_1
+    )
 }
 
 /// The centre `z` of the format's codes used by the correction (module docs): zero for the
 /// signed formats, which go without.
 fn code_centre(format: BlockFormat) -> f32 {
     match format {
-        BlockFormat::Q4_K => 7.5,
+        BlockFormat::Q4_K | BlockFormat::Q4_1 => 7.5,
         BlockFormat::Q5_K => 15.5,
-        BlockFormat::Q4_0 | BlockFormat::Q8_0 | BlockFormat::Q6_K => 0.0,
+        BlockFormat::Q4_0 | BlockFormat::Q5_0 | BlockFormat::Q8_0 | BlockFormat::Q6_K => 0.0,
     }
 }
 
@@ -104,6 +109,20 @@ fn block_codes(format: BlockFormat, block: &[u8], out: &mut [i8]) {
             for (l, &b) in block[2..18].iter().enumerate() {
                 out[l] = (b & 15) as i8 - 8;
                 out[l + 16] = (b >> 4) as i8 - 8;
+            }
+        }
+        BlockFormat::Q4_1 => {
+            for (l, &b) in block[4..20].iter().enumerate() {
+                out[l] = (b & 15) as i8;
+                out[l + 16] = (b >> 4) as i8;
+            }
+        }
+        BlockFormat::Q5_0 => {
+            let qh = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+            let high = |bit: usize| (((qh >> bit) & 1) << 4) as u8;
+            for (l, &b) in block[6..22].iter().enumerate() {
+                out[l] = ((b & 15) | high(l)) as i8 - 16;
+                out[l + 16] = ((b >> 4) | high(l + 16)) as i8 - 16;
             }
         }
         BlockFormat::Q4_K | BlockFormat::Q5_K => {
@@ -184,9 +203,14 @@ pub(in crate::matmul) fn matvec_block(
             block_codes(format, block, codes);
             let xs = &xq.values[b * be..(b + 1) * be];
             match format {
-                BlockFormat::Q8_0 | BlockFormat::Q4_0 => {
+                BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q5_0 => {
                     let d = f16_at(block, 0);
                     acc += d * xq.steps[b] * int_dot(codes, xs) as f32;
+                }
+                BlockFormat::Q4_1 => {
+                    let (d, m) = (f16_at(block, 0), f16_at(block, 2));
+                    let s = int_dot(codes, xs);
+                    acc += d * (xq.steps[b] * s as f32 + xq.corrections[b]) + m * sums[b];
                 }
                 BlockFormat::Q4_K | BlockFormat::Q5_K => {
                     let (d, dmin) = (f16_at(block, 0), f16_at(block, 2));

@@ -47,6 +47,10 @@ pub(in crate::matmul) unsafe fn matvec_block(
     debug_assert!(!has_mins(format) || sums.len() == cols / SPAN);
     let rb = format.row_bytes(cols);
     let row_dot: RowDot = match format {
+        // Fallback formats of a few tensors per file: the scalar twin.
+        BlockFormat::Q4_1 | BlockFormat::Q5_0 => {
+            return super::matvec_block(format, data, cols, xq, sums, rows, out)
+        }
         BlockFormat::Q8_0 => row_dot_q8_0::<false>,
         BlockFormat::Q4_0 => row_dot_q8_0::<true>,
         BlockFormat::Q4_K => row_dot_q4_k::<false>,

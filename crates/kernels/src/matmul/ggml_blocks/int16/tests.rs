@@ -36,6 +36,23 @@ fn decompose(format: BlockFormat, data: &[u8]) -> (Vec<(f64, f64, f64)>, f64) {
                 };
                 w.extend((0..32).map(|l| (f16(b), q(l), 0.0)));
             }
+            BlockFormat::Q4_1 => {
+                let q = |l: usize| {
+                    let byte = b[4 + l % 16];
+                    f64::from(if l < 16 { byte & 15 } else { byte >> 4 })
+                };
+                // w = d·q + m: the subtracted minimum is −m.
+                w.extend((0..32).map(|l| (f16(b), q(l), -f16(&b[2..]))));
+            }
+            BlockFormat::Q5_0 => {
+                let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+                let q = |l: usize| {
+                    let byte = b[6 + l % 16];
+                    let low = if l < 16 { byte & 15 } else { byte >> 4 };
+                    f64::from(u32::from(low) | (((qh >> l) & 1) << 4)) - 16.0
+                };
+                w.extend((0..32).map(|l| (f16(b), q(l), 0.0)));
+            }
             BlockFormat::Q4_K | BlockFormat::Q5_K => {
                 let five = format == BlockFormat::Q5_K;
                 let qs = if five { &b[48..176] } else { &b[16..144] };
@@ -88,7 +105,7 @@ fn decompose(format: BlockFormat, data: &[u8]) -> (Vec<(f64, f64, f64)>, f64) {
         }
     }
     let z = match format {
-        BlockFormat::Q4_K => 7.5,
+        BlockFormat::Q4_K | BlockFormat::Q4_1 => 7.5,
         BlockFormat::Q5_K => 15.5,
         _ => 0.0,
     };
