@@ -85,6 +85,8 @@ const FUNCTIONS: &[&str] = &[
     "matvec_affine8",
     "matvec_q8_0",
     "matvec_q4_0",
+    "matvec_q4_1",
+    "matvec_q5_0",
     "matvec_q4_k",
     "matvec_q5_k",
     "matvec_q6_k",

@@ -145,6 +145,43 @@ struct Q4_0W {
     }
 };
 
+// Q4_1: 20-byte blocks of 32: f16 d, f16 m, 16 bytes; element j low nibble, j + 16 high.
+struct Q4_1W {
+    static __device__ __forceinline__ void chunk(const MatArgs& a, u64 base, u64 r, u32 c, float* w) {
+        const u8* blk = (const u8*)(base + a.data) + (r * (a.cols / 32) + c) * 20;
+        float d = half_to_float(load_u16(blk)), m = half_to_float(load_u16(blk + 2));
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            u16 q = load_u16(blk + 4 + 2 * i);
+            u8 q0 = q & 0xff, q1 = q >> 8;
+            w[2 * i] = d * (float)(q0 & 15) + m;
+            w[2 * i + 1] = d * (float)(q1 & 15) + m;
+            w[2 * i + 16] = d * (float)(q0 >> 4) + m;
+            w[2 * i + 17] = d * (float)(q1 >> 4) + m;
+        }
+    }
+};
+
+// Q5_0: 22-byte blocks of 32: f16 d, 32 high bits (u32, element j's at bit j), 16 bytes of
+// nibbles; w = d·(q − 16).
+struct Q5_0W {
+    static __device__ __forceinline__ void chunk(const MatArgs& a, u64 base, u64 r, u32 c, float* w) {
+        const u8* blk = (const u8*)(base + a.data) + (r * (a.cols / 32) + c) * 22;
+        float d = half_to_float(load_u16(blk));
+        u32 qh = (u32)load_u16(blk + 2) | ((u32)load_u16(blk + 4) << 16);
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            u16 q = load_u16(blk + 6 + 2 * i);
+            int j0 = 2 * i, j1 = 2 * i + 1;
+            u8 q0 = q & 0xff, q1 = q >> 8;
+            w[j0] = d * (float)((int)((q0 & 15) | (((qh >> j0) & 1) << 4)) - 16);
+            w[j1] = d * (float)((int)((q1 & 15) | (((qh >> j1) & 1) << 4)) - 16);
+            w[j0 + 16] = d * (float)((int)((q0 >> 4) | (((qh >> (j0 + 16)) & 1) << 4)) - 16);
+            w[j1 + 16] = d * (float)((int)((q1 >> 4) | (((qh >> (j1 + 16)) & 1) << 4)) - 16);
+        }
+    }
+};
+
 // 6-bit scale and min of sub-block j of a Q4_K/Q5_K super-block.
 __device__ __forceinline__ void scale_min_k4(int j, const u8* q, float* sc, float* m) {
     u8 d, mn;
@@ -301,6 +338,8 @@ MATVEC(matvec_affine6, AffineW<6>)
 MATVEC(matvec_affine8, AffineW<8>)
 MATVEC(matvec_q8_0, Q8_0W)
 MATVEC(matvec_q4_0, Q4_0W)
+MATVEC(matvec_q4_1, Q4_1W)
+MATVEC(matvec_q5_0, Q5_0W)
 MATVEC(matvec_q4_k, Q4_KW)
 MATVEC(matvec_q5_k, Q5_KW)
 MATVEC(matvec_q6_k, Q6_KW)

@@ -106,6 +106,8 @@ impl MatrixLayout {
             Weights::Ggml { format, data } => (
                 match format {
                     BlockFormat::Q4_0 => "matvec_q4_0",
+                    BlockFormat::Q4_1 => "matvec_q4_1",
+                    BlockFormat::Q5_0 => "matvec_q5_0",
                     BlockFormat::Q8_0 => "matvec_q8_0",
                     BlockFormat::Q4_K => "matvec_q4_k",
                     BlockFormat::Q5_K => "matvec_q5_k",

@@ -52,11 +52,7 @@ fn encode(kind: FloatKind, v: &[f32]) -> Vec<u8> {
 fn ggml_blocks(rng: &mut Rng, format: BlockFormat, blocks: usize) -> Vec<u8> {
     let bb = format.block_bytes();
     let mut data = rng.bytes(blocks * bb);
-    let scale_offsets: &[usize] = match format {
-        BlockFormat::Q4_0 | BlockFormat::Q8_0 => &[0],
-        BlockFormat::Q4_K | BlockFormat::Q5_K => &[0, 2],
-        BlockFormat::Q6_K => &[208],
-    };
+    let scale_offsets = format.f16_offsets();
     for b in 0..blocks {
         for &o in scale_offsets {
             let d = half::f16::from_f32(rng.uniform() * 0.05).to_le_bytes();
