@@ -97,8 +97,16 @@ struct AffineW {
         u64 elem = r * a.cols + (u64)c * 32;
         const u32* p = (const u32*)(base + a.data) + elem * BITS / 32;
         u32 words[BITS + 1];
+        if (BITS % 4 == 0) {  // 16 or 32 bytes, 16-byte aligned: vector loads
 #pragma unroll
-        for (int i = 0; i < BITS; i++) words[i] = p[i];
+            for (int i = 0; i < BITS / 4; i++) {
+                uint4 v = ((const uint4*)p)[i];
+                words[4 * i] = v.x; words[4 * i + 1] = v.y; words[4 * i + 2] = v.z; words[4 * i + 3] = v.w;
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < BITS; i++) words[i] = p[i];
+        }
         words[BITS] = 0;
         u64 g = elem / a.group_size;
         float s = load_float((const u8*)(base + a.scales), a.scale_kind, g);
@@ -196,21 +204,44 @@ __device__ __forceinline__ void scale_min_k4(int j, const u8* q, float* sc, floa
     *m = mn;
 }
 
+// scale_min_k4 with the 12 scale bytes in three words.
+__device__ __forceinline__ u32 scale_byte(const u32* sw, int j) {
+    u32 word = j < 4 ? sw[0] : (j < 8 ? sw[1] : sw[2]);
+    return (word >> (8 * (j & 3))) & 0xff;
+}
+__device__ __forceinline__ void scale_min_k4_words(int j, const u32* sw, float* sc, float* m) {
+    u32 d, mn;
+    if (j < 4) {
+        d = scale_byte(sw, j) & 63;
+        mn = scale_byte(sw, j + 4) & 63;
+    } else {
+        d = (scale_byte(sw, j + 4) & 0xF) | ((scale_byte(sw, j - 4) >> 6) << 4);
+        mn = (scale_byte(sw, j + 4) >> 4) | ((scale_byte(sw, j) >> 6) << 4);
+    }
+    *sc = d;
+    *m = mn;
+}
+
 // Q4_K: 144-byte super-blocks of 256: f16 d, f16 dmin, 12 bytes of scales, 128 bytes of codes.
 // Sub-blocks 2j and 2j+1 are the low and high nibbles of qs[32j .. 32j+32].
 struct Q4_KW {
     static __device__ __forceinline__ void chunk(const MatArgs& a, u64 base, u64 r, u32 c, float* w) {
+        // 144-byte blocks from a 256-byte-aligned base: every part is 16-byte aligned.
         const u8* blk = (const u8*)(base + a.data) + (r * (a.cols / 256) + c / 8) * 144;
         int s = c % 8;
-        float d = half_to_float(load_u16(blk)), dmin = half_to_float(load_u16(blk + 2));
+        uint4 head = *(const uint4*)blk;  // d, dmin, scales[12]
+        float d = half_to_float(head.x & 0xffff), dmin = half_to_float(head.x >> 16);
+        u32 sw[3] = {head.y, head.z, head.w};
         float sc, mn;
-        scale_min_k4(s, blk + 4, &sc, &mn);
+        scale_min_k4_words(s, sw, &sc, &mn);
         float d1 = d * sc, m1 = dmin * mn;
-        const u32* qs = (const u32*)(blk + 16 + 32 * (s / 2));
+        const uint4* qs = (const uint4*)(blk + 16 + 32 * (s / 2));
+        uint4 q0 = qs[0], q1 = qs[1];
+        u32 words[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
         int shift = (s % 2) * 4;
 #pragma unroll
         for (int i = 0; i < 8; i++) {
-            u32 q = qs[i] >> shift;
+            u32 q = words[i] >> shift;
 #pragma unroll
             for (int j = 0; j < 4; j++) w[4 * i + j] = d1 * (float)((q >> (8 * j)) & 15) - m1;
         }
@@ -387,7 +418,7 @@ extern "C" __global__ void rope(float* x, u32 n_tokens, u32 n_heads, u32 head_di
 // Causal attention over the cache: query t of the pass (position start + t) of head h attends to
 // positions 0..=start+t of kv head h / (n_heads / n_kv). One block of 4 warps per (head, token);
 // each warp keeps an online softmax over every 4th position, then the warps are merged.
-#define ATT_WARPS 4
+#define ATT_WARPS 16
 #define MAX_DIMS_PER_LANE 8  // head_dim <= 256
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * WARP)
 attention(const float* q, const float* k, const float* v, float* out, u32 start, u32 n_heads,
@@ -535,39 +566,42 @@ __device__ void block_argmax(float v, int i, float* red, int* redi, float* best,
 #define MAX_TOP_K 64
 extern "C" __global__ void route_top_k(const float* logits, u32 E, u32 k, u32 renormalize,
                                        const u64* slot_bases, u64 up_delta, u64* table) {
+    // One warp: shuffles only, no block barriers.
     __shared__ float p[MAX_EXPERTS];
-    __shared__ float red[32];
-    __shared__ int redi[32];
     __shared__ float cw[MAX_TOP_K];
     __shared__ int ci[MAX_TOP_K];
-    __shared__ float best;
-    __shared__ int besti;
+    int lane = threadIdx.x;
     float m = __int_as_float(0xff800000);
-    for (u32 i = threadIdx.x; i < E; i += blockDim.x) m = fmaxf(m, logits[i]);
-    m = block_max(m, red);
+    for (u32 i = lane; i < E; i += WARP) m = fmaxf(m, logits[i]);
+    m = warp_max(m);
     float s = 0.f;
-    for (u32 i = threadIdx.x; i < E; i += blockDim.x) {
+    for (u32 i = lane; i < E; i += WARP) {
         p[i] = expf(logits[i] - m);
         s += p[i];
     }
-    s = block_sum(s, red);
+    s = warp_sum(s);
     float inv = 1.0f / s;
-    for (u32 i = threadIdx.x; i < E; i += blockDim.x) p[i] *= inv;
-    __syncthreads();
+    for (u32 i = lane; i < E; i += WARP) p[i] *= inv;
+    __syncwarp();
     for (u32 j = 0; j < k; j++) {
-        float v = __int_as_float(0xff800000);
+        float v = -2.0f;
         int vi = 0x7fffffff;
-        for (u32 i = threadIdx.x; i < E; i += blockDim.x)
-            if (p[i] > v || (p[i] == v && (int)i < vi)) { v = p[i]; vi = i; }
-        block_argmax(v, vi, red, redi, &best, &besti);
-        if (threadIdx.x == 0) {
-            cw[j] = best;
-            ci[j] = besti;
-            p[besti] = -1.0f;  // probabilities are >= 0: never chosen again
+        for (u32 i = lane; i < E; i += WARP)
+            if (p[i] > v) { v = p[i]; vi = i; }  // ascending i: ties keep the lower index
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            float v2 = __shfl_xor_sync(0xffffffffu, v, o);
+            int i2 = __shfl_xor_sync(0xffffffffu, vi, o);
+            if (v2 > v || (v2 == v && i2 < vi)) { v = v2; vi = i2; }
         }
-        __syncthreads();
+        if (lane == 0) {
+            cw[j] = v;
+            ci[j] = vi;
+            p[vi] = -1.0f;  // probabilities are >= 0: never chosen again
+        }
+        __syncwarp();
     }
-    if (threadIdx.x == 0) {
+    if (lane == 0) {
         if (renormalize) {
             float t = 0.f;
             for (u32 j = 0; j < k; j++) t += cw[j];

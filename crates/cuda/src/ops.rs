@@ -92,7 +92,7 @@ pub fn attention(
     gpu.launch(
         "attention",
         (n_heads as u32, n as u32, 1),
-        128,
+        512, // ATT_WARPS warps
         args!(q, k, v, out, start, nh, nkv, hd, scale, at),
     )
 }
@@ -184,7 +184,7 @@ pub fn route_top_k(
         up_delta,
         table,
     );
-    gpu.launch("route_top_k", (1, 1, 1), 256, args!(l, e, kk, r, b, d, t))
+    gpu.launch("route_top_k", (1, 1, 1), 32, args!(l, e, kk, r, b, d, t))
 }
 
 /// Per-head RMSNorm (with weight `w`, 0 for none) then RoPE, in place, for `n` tokens.
