@@ -104,6 +104,12 @@ const FUNCTIONS: &[&str] = &[
     "route_top_k",
     "head_norm_rope",
     "append_kv",
+    "conv1d_silu",
+    "l2norm_heads",
+    "delta_gates",
+    "gated_delta",
+    "gated_rms_norm",
+    "unfuse_qkvz",
 ];
 
 impl Gpu {

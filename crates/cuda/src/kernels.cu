@@ -690,3 +690,163 @@ extern "C" __global__ void append_kv(const float* k, const float* v, float* k_ca
     k_cache[at] = k[i];
     v_cache[at] = v[i];
 }
+
+// ---- Gated DeltaNet (Qwen3-Next, Qwen3.5) ----
+
+// silu(causal depthwise conv) over n rows of C channels, taps w[c·K + j] (tap K−1 on the current
+// token); `state` holds the K−1 previous input rows (oldest first) and is advanced in place.
+// One thread per channel walks the tokens in order.
+#define MAX_TAPS 8
+extern "C" __global__ void conv1d_silu(const float* x, const float* w, float* state, float* out,
+                                       u32 n, u32 C, u32 K) {
+    u32 c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    float win[MAX_TAPS];
+    u32 hist = K - 1;
+#pragma unroll
+    for (int j = 0; j < MAX_TAPS; j++) win[j] = (u32)j < hist ? state[(u64)j * C + c] : 0.f;
+    for (u32 t = 0; t < n; t++) {
+        float cur = x[(u64)t * C + c];
+        float acc = 0.f;
+#pragma unroll
+        for (int j = 0; j < MAX_TAPS; j++) {
+            if ((u32)j < hist) acc += w[(u64)c * K + j] * win[j];
+        }
+        acc += w[(u64)c * K + hist] * cur;
+        out[(u64)t * C + c] = acc / (1.0f + expf(-acc));
+        // Shift the window: drop the oldest, append the current input.
+#pragma unroll
+        for (int j = 0; j + 1 < MAX_TAPS; j++)
+            if ((u32)(j + 1) < hist) win[j] = win[j + 1];
+        if (hist > 0) {
+#pragma unroll
+            for (int j = 0; j < MAX_TAPS; j++)
+                if ((u32)j == hist - 1) win[j] = cur;
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < MAX_TAPS; j++)
+        if ((u32)j < hist) state[(u64)j * C + c] = win[j];
+}
+
+// x · scale / sqrt(Σx² + 1e-6) over each `dim`-wide head of n rows (row stride `stride`), in
+// place. One warp per (token, head).
+extern "C" __global__ void l2norm_heads(float* x, u32 n, u32 heads, u32 dim, u64 stride,
+                                        float scale) {
+    u64 wid = ((u64)blockIdx.x * blockDim.x + threadIdx.x) / WARP;
+    int lane = threadIdx.x % WARP;
+    if (wid >= (u64)n * heads) return;
+    u64 t = wid / heads, h = wid % heads;
+    float* r = x + t * stride + h * dim;
+    float ss = 0.f;
+    for (u32 i = lane; i < dim; i += WARP) ss += r[i] * r[i];
+    ss = warp_sum(ss);
+    float inv = scale / sqrtf(ss + 1e-6f);
+    for (u32 i = lane; i < dim; i += WARP) r[i] *= inv;
+}
+
+// beta = sigmoid(b), g = neg_a[h] · softplus(a + dt_bias[h]) for n × nv.
+extern "C" __global__ void delta_gates(const float* b, const float* a, const float* neg_a,
+                                       const float* dt_bias, float* beta, float* g, u32 n, u32 nv) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (u64)n * nv) return;
+    u32 h = i % nv;
+    beta[i] = 1.0f / (1.0f + expf(-b[i]));
+    float x = a[i] + dt_bias[h];
+    float sp = x > 20.0f ? x : log1pf(expf(x));
+    g[i] = neg_a[h] * sp;
+}
+
+// The delta rule, token by token, for one value head per block of dv threads: thread j holds
+// column j of the head's state S (dk values) in registers.
+//   S ← e^g S;  δ = β (v − Sᵀ k);  S ← S + k ⊗ δ;  o = Sᵀ q
+// q, k, v are read from the convolution output rows (stride C) after L2 normalisation; value
+// head h reads key head h / (nv / nk), or h % nk when `tiled`.
+#define MAX_DK 128
+extern "C" __global__ void __launch_bounds__(256)
+gated_delta(float* S, const float* xc, u64 stride, const float* g, const float* beta, float* o,
+            u32 n, u32 nk, u32 nv, u32 dk, u32 dv, u32 tiled) {
+    __shared__ float qs[MAX_DK], ks[MAX_DK];
+    u32 h = blockIdx.x, j = threadIdx.x;
+    u32 kh = tiled ? h % nk : h / (nv / nk);
+    float* sh = S + (u64)h * dk * dv;
+    float s[MAX_DK];
+#pragma unroll
+    for (int i = 0; i < MAX_DK; i++) s[i] = (u32)i < dk && j < dv ? sh[(u64)i * dv + j] : 0.f;
+    for (u32 t = 0; t < n; t++) {
+        const float* row = xc + (u64)t * stride;
+        __syncthreads();
+        for (u32 i = j; i < dk; i += blockDim.x) {
+            qs[i] = row[kh * dk + i];
+            ks[i] = row[nk * dk + kh * dk + i];
+        }
+        __syncthreads();
+        if (j < dv) {
+            float decay = expf(g[(u64)t * nv + h]), bt = beta[(u64)t * nv + h];
+            float kv = 0.f;
+#pragma unroll
+            for (int i = 0; i < MAX_DK; i++)
+                if ((u32)i < dk) kv += s[i] * ks[i];
+            float vj = row[2 * nk * dk + h * dv + j];
+            float delta = bt * (vj - decay * kv);
+            float acc = 0.f;
+#pragma unroll
+            for (int i = 0; i < MAX_DK; i++) {
+                if ((u32)i < dk) {
+                    s[i] = decay * s[i] + ks[i] * delta;
+                    acc += qs[i] * s[i];
+                }
+            }
+            o[((u64)t * nv + h) * dv + j] = acc;
+        }
+    }
+    if (j < dv) {
+#pragma unroll
+        for (int i = 0; i < MAX_DK; i++)
+            if ((u32)i < dk) sh[(u64)i * dv + j] = s[i];
+    }
+}
+
+// Gated RMSNorm per head: o = (w · o / rms(o)) · silu(z), rows of dv; one warp per row.
+extern "C" __global__ void gated_rms_norm(float* o, const float* z, const float* w, float eps,
+                                          u32 rows, u32 dv) {
+    u64 r = ((u64)blockIdx.x * blockDim.x + threadIdx.x) / WARP;
+    int lane = threadIdx.x % WARP;
+    if (r >= rows) return;
+    float* orow = o + r * dv;
+    const float* zr = z + r * dv;
+    float ss = 0.f;
+    for (u32 i = lane; i < dv; i += WARP) ss += orow[i] * orow[i];
+    ss = warp_sum(ss);
+    float inv = 1.0f / sqrtf(ss / (float)dv + eps);
+    for (u32 i = lane; i < dv; i += WARP) {
+        float zv = zr[i];
+        orow[i] = (w[i] * (orow[i] * inv)) * (zv / (1.0f + expf(-zv)));
+    }
+}
+
+// Qwen3-Next's fused projections, grouped by key head g: qkvz rows [q (dk) | k (dk) | v (r·dv) |
+// z (r·dv)] and ba rows [b (r) | a (r)], into mixed = [Q | K | V], z, b and a.
+extern "C" __global__ void unfuse_qkvz(const float* raw, const float* raw_ba, float* mixed,
+                                       float* z, float* b, float* a, u32 n, u32 nk, u32 dk,
+                                       u32 r, u32 dv) {
+    u64 group = 2 * dk + 2 * (u64)r * dv;
+    u64 total = (u64)n * nk * group;
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    u64 C = 2 * (u64)nk * dk + (u64)nk * r * dv, nvdv = (u64)nk * r * dv;
+    if (i < total) {
+        u64 t = i / (nk * group), rem = i % (nk * group), g = rem / group, e = rem % group;
+        float x = raw[i];
+        float* m = mixed + t * C;
+        if (e < dk) m[g * dk + e] = x;
+        else if (e < 2 * dk) m[nk * dk + g * dk + (e - dk)] = x;
+        else if (e < 2 * dk + (u64)r * dv) m[2 * nk * dk + g * r * dv + (e - 2 * dk)] = x;
+        else z[t * nvdv + g * r * dv + (e - 2 * dk - (u64)r * dv)] = x;
+    }
+    if (i < (u64)n * nk * 2 * r) {
+        u64 t = i / (nk * 2 * r), rem = i % (nk * 2 * r), g = rem / (2 * r), e = rem % (2 * r);
+        u64 nv = (u64)nk * r;
+        if (e < r) b[t * nv + g * r + e] = raw_ba[i];
+        else a[t * nv + g * r + (e - r)] = raw_ba[i];
+    }
+}

@@ -20,9 +20,12 @@ use crate::ops;
 use cudarc::driver::CudaGraph;
 use moestream_engine::accelerator::{Accelerator, DeviceState};
 use moestream_engine::cache::SequenceCache;
-use moestream_engine::models::blocks::{Attention, FeedForward, Mlp, RmsNorm, SparseMoe};
+use moestream_engine::models::blocks::{
+    Attention, DeltaProjections, FeedForward, GatedDeltaNet, Mlp, RmsNorm, SparseMoe,
+};
 use moestream_engine::models::{Logits, Mixer, Model};
 use moestream_engine::store::StoreError;
+use moestream_kernels::deltanet::ValueHeadOrder;
 use moestream_kernels::features::ProductMode;
 use std::any::Any;
 use std::collections::HashMap;
@@ -59,6 +62,171 @@ struct GpuAttention {
     kv_heads: usize,
     head_dim: usize,
     output_gate: bool,
+}
+
+impl GpuAttention {
+    fn upload(
+        gpu: &Gpu,
+        a: &Attention,
+        widths: &mut [usize; BUFS],
+    ) -> Result<GpuAttention, GpuError> {
+        let s = a.shape;
+        let qd = s.n_heads * s.head_dim;
+        let grow = |w: &mut [usize; BUFS], b: Buf, v: usize| w[b as usize] = w[b as usize].max(v);
+        grow(widths, Buf::Q, qd);
+        grow(widths, Buf::Attn, qd);
+        if a.output_gate {
+            grow(widths, Buf::QGate, 2 * qd);
+            grow(widths, Buf::Gate, qd);
+        }
+        let kvd = s.n_kv_heads * s.head_dim;
+        grow(widths, Buf::K, kvd);
+        grow(widths, Buf::V, kvd);
+        let norm = |n: &Option<RmsNorm>| n.as_ref().map(|n| Norm::upload(gpu, n)).transpose();
+        Ok(GpuAttention {
+            q: GpuMatrix::upload(gpu, &a.q_proj.matrix())?,
+            k: GpuMatrix::upload(gpu, &a.k_proj.matrix())?,
+            v: GpuMatrix::upload(gpu, &a.v_proj.matrix())?,
+            o: GpuMatrix::upload(gpu, &a.o_proj.matrix())?,
+            q_norm: norm(&a.q_norm)?,
+            k_norm: norm(&a.k_norm)?,
+            heads: s.n_heads,
+            kv_heads: s.n_kv_heads,
+            head_dim: s.head_dim,
+            output_gate: a.output_gate,
+        })
+    }
+}
+
+impl GpuDelta {
+    fn upload(
+        gpu: &Gpu,
+        d: &GatedDeltaNet,
+        widths: &mut [usize; BUFS],
+    ) -> Result<GpuDelta, GpuError> {
+        let sh = d.shape;
+        let (nk, nv, dk, dv) = (sh.n_k_heads, sh.n_v_heads, sh.k_dim, sh.v_dim);
+        let channels = 2 * nk * dk + nv * dv;
+        let grow = |w: &mut [usize; BUFS], b: Buf, v: usize| w[b as usize] = w[b as usize].max(v);
+        grow(widths, Buf::Mixed, channels);
+        grow(widths, Buf::Conv, channels);
+        grow(widths, Buf::Z, nv * dv);
+        grow(widths, Buf::DeltaOut, nv * dv);
+        for b in [Buf::DeltaB, Buf::DeltaA, Buf::Beta, Buf::Decay] {
+            grow(widths, b, nv);
+        }
+        let up = |l: &moestream_engine::weights::Linear| GpuMatrix::upload(gpu, &l.matrix());
+        let proj = match &d.proj {
+            DeltaProjections::Separate { qkv, z, b, a } => GpuDeltaProjections::Separate {
+                qkv: up(qkv)?,
+                z: up(z)?,
+                b: up(b)?,
+                a: up(a)?,
+            },
+            DeltaProjections::Fused { qkvz, ba } => {
+                grow(widths, Buf::Raw, qkvz.rows);
+                grow(widths, Buf::RawBa, ba.rows);
+                GpuDeltaProjections::Fused {
+                    qkvz: up(qkvz)?,
+                    ba: up(ba)?,
+                }
+            }
+        };
+        Ok(GpuDelta {
+            proj,
+            conv_w: gpu.upload(&d.conv_weight)?,
+            taps: d.conv_kernel,
+            dt_bias: gpu.upload(&d.dt_bias)?,
+            neg_a: gpu.upload(&d.neg_a)?,
+            norm: Norm::upload(gpu, &d.norm)?,
+            out: up(&d.out_proj)?,
+            shape: (nk, nv, dk, dv),
+            tiled: sh.order == ValueHeadOrder::Tiled,
+            channels,
+        })
+    }
+
+    /// `x += out_proj(GatedDeltaNet(Normed))`, the layer's states advanced in place.
+    fn forward(
+        &self,
+        gpu: &Gpu,
+        state: &(DeviceBuffer, DeviceBuffer),
+        b: &impl Fn(Buf) -> u64,
+        n: usize,
+    ) -> Result<(), GpuError> {
+        let (nk, nv, dk, dv) = self.shape;
+        let x = b(Buf::Normed);
+        let (mixed, z, bb, ab) = (b(Buf::Mixed), b(Buf::Z), b(Buf::DeltaB), b(Buf::DeltaA));
+        match &self.proj {
+            GpuDeltaProjections::Separate {
+                qkv,
+                z: wz,
+                b: wb,
+                a: wa,
+            } => {
+                qkv.forward(gpu, x, n, mixed)?;
+                wz.forward(gpu, x, n, z)?;
+                wb.forward(gpu, x, n, bb)?;
+                wa.forward(gpu, x, n, ab)?;
+            }
+            GpuDeltaProjections::Fused { qkvz, ba } => {
+                qkvz.forward(gpu, x, n, b(Buf::Raw))?;
+                ba.forward(gpu, x, n, b(Buf::RawBa))?;
+                ops::unfuse_qkvz(
+                    gpu,
+                    b(Buf::Raw),
+                    b(Buf::RawBa),
+                    mixed,
+                    z,
+                    bb,
+                    ab,
+                    n,
+                    self.shape,
+                )?;
+            }
+        }
+        let c = self.channels;
+        let xc = b(Buf::Conv);
+        ops::conv1d_silu(
+            gpu,
+            mixed,
+            self.conv_w.ptr,
+            state.0.ptr,
+            xc,
+            n,
+            c,
+            self.taps,
+        )?;
+        ops::l2norm_heads(gpu, xc, n, nk, dk, c, 1.0 / (dk as f32).sqrt())?;
+        ops::l2norm_heads(gpu, xc + 4 * (nk * dk) as u64, n, nk, dk, c, 1.0)?;
+        let (beta, g) = (b(Buf::Beta), b(Buf::Decay));
+        ops::delta_gates(
+            gpu,
+            bb,
+            ab,
+            self.neg_a.ptr,
+            self.dt_bias.ptr,
+            beta,
+            g,
+            n,
+            nv,
+        )?;
+        let o = b(Buf::DeltaOut);
+        ops::gated_delta(
+            gpu,
+            state.1.ptr,
+            xc,
+            c,
+            g,
+            beta,
+            o,
+            n,
+            self.shape,
+            self.tiled,
+        )?;
+        ops::gated_rms_norm(gpu, o, z, self.norm.w.ptr, self.norm.eps, n * nv, dv)?;
+        self.out.forward_add(gpu, o, n, b(Buf::X))
+    }
 }
 
 struct GpuMlp {
@@ -122,36 +290,102 @@ enum GpuFfn {
     },
 }
 
+/// The input projections of a Gated DeltaNet layer, in either checkpoint layout.
+#[allow(clippy::large_enum_variant)] // one per layer
+enum GpuDeltaProjections {
+    /// Qwen3.5: `[Q | K | V]`, z, b, a.
+    Separate {
+        qkv: GpuMatrix,
+        z: GpuMatrix,
+        b: GpuMatrix,
+        a: GpuMatrix,
+    },
+    /// Qwen3-Next: grouped by key head.
+    Fused { qkvz: GpuMatrix, ba: GpuMatrix },
+}
+
+/// Gated DeltaNet (see `moestream_engine::models::blocks::GatedDeltaNet`).
+struct GpuDelta {
+    proj: GpuDeltaProjections,
+    conv_w: DeviceBuffer,
+    taps: usize,
+    dt_bias: DeviceBuffer,
+    neg_a: DeviceBuffer,
+    norm: Norm,
+    out: GpuMatrix,
+    /// (nk, nv, dk, dv).
+    shape: (usize, usize, usize, usize),
+    tiled: bool,
+    channels: usize,
+}
+
+#[allow(clippy::large_enum_variant)] // one per layer
+enum GpuMixer {
+    Attention(GpuAttention),
+    Delta(GpuDelta),
+}
+
 struct GpuLayer {
     input_norm: Norm,
-    attention: GpuAttention,
+    mixer: GpuMixer,
     post_norm: Norm,
     ffn: GpuFfn,
 }
 
-/// Per-sequence state on the GPU: keys and values of every layer, `[capacity, kv_width]`.
+/// Per-sequence state on the GPU: keys and values of every attention layer
+/// (`[capacity, kv_width]`), and the convolution and recurrent states of every Gated DeltaNet
+/// layer, which a pass advances in place.
 #[derive(Debug)]
 pub struct GpuSequence {
     k: Vec<DeviceBuffer>,
     v: Vec<DeviceBuffer>,
+    /// Per layer: None for attention, else (convolution state, recurrent state).
+    linear: Vec<Option<(DeviceBuffer, DeviceBuffer)>>,
     capacity: usize,
     kv_width: usize,
+    /// Tokens the device state holds.
+    len: usize,
+    /// A pass failed after changing recurrent state in place.
+    poisoned: bool,
     gpu: Arc<Gpu>,
 }
 
 impl GpuSequence {
-    fn new(gpu: Arc<Gpu>, layers: usize, kv_width: usize) -> GpuSequence {
-        GpuSequence {
-            k: Vec::with_capacity(layers),
-            v: Vec::with_capacity(layers),
+    /// An empty sequence for layers of `kinds` (None: attention; Some(conv, recurrent) floats).
+    fn new(
+        gpu: Arc<Gpu>,
+        kinds: &[Option<(usize, usize)>],
+        kv_width: usize,
+    ) -> Result<GpuSequence, GpuError> {
+        let mut linear = Vec::with_capacity(kinds.len());
+        for kind in kinds {
+            linear.push(match kind {
+                None => None,
+                Some((c, r)) => {
+                    let conv = gpu.alloc_f32(*c)?;
+                    let rec = gpu.alloc_f32(*r)?;
+                    gpu.zero(conv.ptr, *c)?;
+                    gpu.zero(rec.ptr, *r)?;
+                    Some((conv, rec))
+                }
+            });
+        }
+        gpu.synchronize()?;
+        Ok(GpuSequence {
+            k: Vec::new(),
+            v: Vec::new(),
+            linear,
             capacity: 0,
             kv_width,
+            len: 0,
+            poisoned: false,
             gpu,
-        }
+        })
     }
 
     /// Makes room for `need` positions, keeping the first `keep`.
-    fn reserve(&mut self, layers: usize, need: usize, keep: usize) -> Result<(), GpuError> {
+    fn reserve(&mut self, need: usize, keep: usize) -> Result<(), GpuError> {
+        let layers = self.linear.len();
         if need <= self.capacity && self.k.len() == layers {
             return Ok(());
         }
@@ -160,9 +394,15 @@ impl GpuSequence {
         let mut k = Vec::with_capacity(layers);
         let mut v = Vec::with_capacity(layers);
         for l in 0..layers {
-            let nk = self.gpu.alloc_f32(cap * self.kv_width)?;
-            let nv = self.gpu.alloc_f32(cap * self.kv_width)?;
-            if let (Some(ok), Some(ov)) = (self.k.get(l), self.v.get(l)) {
+            // Gated DeltaNet layers keep no keys: a placeholder keeps the indices.
+            let floats = if self.linear[l].is_some() {
+                1
+            } else {
+                cap * self.kv_width
+            };
+            let nk = self.gpu.alloc_f32(floats)?;
+            let nv = self.gpu.alloc_f32(floats)?;
+            if let (Some(ok), Some(ov), None) = (self.k.get(l), self.v.get(l), &self.linear[l]) {
                 self.gpu.copy(nk.ptr, ok.ptr, bytes)?;
                 self.gpu.copy(nv.ptr, ov.ptr, bytes)?;
             }
@@ -175,21 +415,52 @@ impl GpuSequence {
         self.capacity = cap;
         Ok(())
     }
+
+    fn try_clone(&self) -> Result<GpuSequence, GpuError> {
+        self.gpu.bind()?;
+        let kinds: Vec<_> = self
+            .linear
+            .iter()
+            .map(|l| l.as_ref().map(|(c, r)| (c.bytes / 4, r.bytes / 4)))
+            .collect();
+        let mut copy = GpuSequence::new(self.gpu.clone(), &kinds, self.kv_width)?;
+        copy.reserve(self.capacity, 0)?;
+        for l in 0..self.linear.len() {
+            match (&self.linear[l], &copy.linear[l]) {
+                (Some((c, r)), Some((cc, cr))) => {
+                    self.gpu.copy(cc.ptr, c.ptr, c.bytes)?;
+                    self.gpu.copy(cr.ptr, r.ptr, r.bytes)?;
+                }
+                _ => {
+                    let bytes = self.len * self.kv_width * 4;
+                    self.gpu.copy(copy.k[l].ptr, self.k[l].ptr, bytes)?;
+                    self.gpu.copy(copy.v[l].ptr, self.v[l].ptr, bytes)?;
+                }
+            }
+        }
+        self.gpu.synchronize()?;
+        copy.len = self.len;
+        copy.poisoned = self.poisoned;
+        Ok(copy)
+    }
 }
 
 impl DeviceState for GpuSequence {
     fn clone_box(&self) -> Box<dyn DeviceState> {
-        let mut copy = GpuSequence::new(self.gpu.clone(), self.k.len(), self.kv_width);
-        // A copy that cannot be made is an empty state: the next pass fails cleanly on it.
-        let ok = self.gpu.bind().is_ok()
-            && copy
-                .reserve(self.k.len(), self.capacity, self.capacity)
-                .is_ok();
-        if !ok {
-            copy.k.clear();
-            copy.capacity = 0;
+        match self.try_clone() {
+            Ok(c) => Box::new(c),
+            // A copy that cannot be made is a poisoned one: its next pass fails cleanly.
+            Err(_) => Box::new(GpuSequence {
+                k: Vec::new(),
+                v: Vec::new(),
+                linear: Vec::new(),
+                capacity: 0,
+                kv_width: self.kv_width,
+                len: self.len,
+                poisoned: true,
+                gpu: self.gpu.clone(),
+            }),
         }
-        Box::new(copy)
     }
 
     fn as_any_mut(&mut self) -> &mut dyn Any {
@@ -223,8 +494,18 @@ enum Buf {
     Gathered,
     ExpertOut,
     Table,
+    Mixed,
+    Conv,
+    Z,
+    DeltaB,
+    DeltaA,
+    Beta,
+    Decay,
+    DeltaOut,
+    Raw,
+    RawBa,
 }
-const BUFS: usize = 14;
+const BUFS: usize = 24;
 
 /// Widths (floats per token) of the scratch buffers, from the model's shapes.
 struct Widths([usize; BUFS]);
@@ -293,46 +574,13 @@ impl CudaModel {
         ] {
             widths[w as usize] = h;
         }
-        for (i, l) in model.layers.iter().enumerate() {
-            let a: &Attention = match &l.mixer {
-                Mixer::Attention(a) => a,
-                Mixer::Linear(_) => {
-                    return Err(GpuError(format!(
-                        "layer {i} is a Gated DeltaNet layer: the CUDA backend runs attention-only models so far"
-                    )))
+        for l in &model.layers {
+            let mixer = match &l.mixer {
+                Mixer::Attention(a) => {
+                    GpuMixer::Attention(GpuAttention::upload(&gpu, a, &mut widths)?)
                 }
+                Mixer::Linear(d) => GpuMixer::Delta(GpuDelta::upload(&gpu, d, &mut widths)?),
             };
-            let s = a.shape;
-            let attention = GpuAttention {
-                q: GpuMatrix::upload(&gpu, &a.q_proj.matrix())?,
-                k: GpuMatrix::upload(&gpu, &a.k_proj.matrix())?,
-                v: GpuMatrix::upload(&gpu, &a.v_proj.matrix())?,
-                o: GpuMatrix::upload(&gpu, &a.o_proj.matrix())?,
-                q_norm: a
-                    .q_norm
-                    .as_ref()
-                    .map(|n| Norm::upload(&gpu, n))
-                    .transpose()?,
-                k_norm: a
-                    .k_norm
-                    .as_ref()
-                    .map(|n| Norm::upload(&gpu, n))
-                    .transpose()?,
-                heads: s.n_heads,
-                kv_heads: s.n_kv_heads,
-                head_dim: s.head_dim,
-                output_gate: a.output_gate,
-            };
-            let qd = s.n_heads * s.head_dim;
-            widths[Buf::Q as usize] = widths[Buf::Q as usize].max(qd);
-            widths[Buf::Attn as usize] = widths[Buf::Attn as usize].max(qd);
-            if a.output_gate {
-                widths[Buf::QGate as usize] = widths[Buf::QGate as usize].max(2 * qd);
-                widths[Buf::Gate as usize] = widths[Buf::Gate as usize].max(qd);
-            }
-            let kvd = s.n_kv_heads * s.head_dim;
-            widths[Buf::K as usize] = widths[Buf::K as usize].max(kvd);
-            widths[Buf::V as usize] = widths[Buf::V as usize].max(kvd);
             let ffn = match &l.mlp {
                 FeedForward::Dense(m) => {
                     widths[Buf::Gate as usize] = widths[Buf::Gate as usize].max(m.gate_proj.rows);
@@ -360,7 +608,7 @@ impl CudaModel {
             };
             layers.push(GpuLayer {
                 input_norm: Norm::upload(&gpu, &l.input_layernorm)?,
-                attention,
+                mixer,
                 post_norm: Norm::upload(&gpu, &l.post_attention_layernorm)?,
                 ffn,
             });
@@ -376,7 +624,26 @@ impl CudaModel {
             + layers
                 .iter()
                 .map(|l| {
-                    let a = &l.attention;
+                    let mixer: usize = match &l.mixer {
+                        GpuMixer::Attention(a) => [&a.q, &a.k, &a.v, &a.o]
+                            .iter()
+                            .map(|m| m.size_bytes())
+                            .sum(),
+                        GpuMixer::Delta(d) => {
+                            d.out.size_bytes()
+                                + match &d.proj {
+                                    GpuDeltaProjections::Separate { qkv, z, b, a } => {
+                                        qkv.size_bytes()
+                                            + z.size_bytes()
+                                            + b.size_bytes()
+                                            + a.size_bytes()
+                                    }
+                                    GpuDeltaProjections::Fused { qkvz, ba } => {
+                                        qkvz.size_bytes() + ba.size_bytes()
+                                    }
+                                }
+                        }
+                    };
                     let ffn = match &l.ffn {
                         GpuFfn::Dense(m) => {
                             m.gate.size_bytes() + m.up.size_bytes() + m.down.size_bytes()
@@ -391,7 +658,7 @@ impl CudaModel {
                                 })
                         }
                     };
-                    a.q.size_bytes() + a.k.size_bytes() + a.v.size_bytes() + a.o.size_bytes() + ffn
+                    mixer + ffn
                 })
                 .sum::<usize>();
 
@@ -510,20 +777,39 @@ impl CudaModel {
         let n = tokens.len();
         let h = self.hidden;
         let start = cache.len();
-        let layers = self.layers.len();
         if cache.device.is_none() {
-            cache.device = Some(Box::new(GpuSequence::new(
-                self.gpu.clone(),
-                layers,
-                self.kv_width,
-            )));
+            let kinds: Vec<Option<(usize, usize)>> = model
+                .layers
+                .iter()
+                .map(|l| match &l.mixer {
+                    Mixer::Attention(_) => None,
+                    Mixer::Linear(d) => Some(d.state_lens()),
+                })
+                .collect();
+            let seq = GpuSequence::new(self.gpu.clone(), &kinds, self.kv_width).map_err(dev)?;
+            cache.device = Some(Box::new(seq));
         }
         let seq = cache
             .device
             .as_mut()
             .and_then(|d| d.as_any_mut().downcast_mut::<GpuSequence>())
             .ok_or_else(|| StoreError::Device("the cache belongs to another device".into()))?;
-        seq.reserve(layers, start + n, start).map_err(dev)?;
+        let recurrent = seq.linear.iter().any(|l| l.is_some());
+        if seq.poisoned {
+            return Err(StoreError::Device(
+                "an earlier pass failed part-way through this sequence's recurrent state on the GPU; start the sequence again".into(),
+            ));
+        }
+        if recurrent && seq.len != start {
+            // Attention caches go back by their length alone; recurrent states do not.
+            return Err(StoreError::Device(format!(
+                "the GPU's Gated DeltaNet state holds {} tokens, the sequence {start}: going back (speculative decoding, prefix reuse) is not supported for hybrid models on the GPU",
+                seq.len
+            )));
+        }
+        seq.reserve(start + n, start).map_err(dev)?;
+        // A failure from here on may leave recurrent state half-advanced.
+        seq.poisoned = recurrent;
 
         let mut state = self.lock();
         let State {
@@ -649,6 +935,8 @@ impl CudaModel {
         drop(keep_alive);
         *counted += n as u64;
         drop(state);
+        seq.len = start + n;
+        seq.poisoned = false;
         cache.advance(n);
         Ok(logits)
     }
@@ -681,8 +969,14 @@ impl CudaModel {
                 .input_norm
                 .forward(gpu, b(Buf::X), b(Buf::Normed), n)
                 .map_err(dev)?;
-            self.attention(gpu, &layer.attention, seq, l, b, n, pos)
-                .map_err(dev)?;
+            match &layer.mixer {
+                GpuMixer::Attention(a) => self.attention(gpu, a, seq, l, b, n, pos),
+                GpuMixer::Delta(d) => match &seq.linear[l] {
+                    Some(state) => d.forward(gpu, state, b, n),
+                    None => Err(GpuError("a Gated DeltaNet layer without its state".into())),
+                },
+            }
+            .map_err(dev)?;
             // out = h + FeedForward(RMSNorm(h))
             layer
                 .post_norm

@@ -286,3 +286,133 @@ pub fn append_kv(
     );
     gpu.launch_elements("append_kv", n * width, args!(k, v, kc, vc, w, nn, s, sa))
 }
+
+/// `silu(causal conv)` of `n` rows of `channels`, advancing `state` (`[K − 1, channels]`).
+#[allow(clippy::too_many_arguments)]
+pub fn conv1d_silu(
+    gpu: &Gpu,
+    x: u64,
+    w: u64,
+    state: u64,
+    out: u64,
+    n: usize,
+    channels: usize,
+    taps: usize,
+) -> Result<(), GpuError> {
+    if taps == 0 || taps > 9 {
+        return Err(GpuError(format!(
+            "a convolution of {taps} taps is not supported on the GPU"
+        )));
+    }
+    let (mut x, mut w, mut s, mut o, mut nn, mut c, mut k) =
+        (x, w, state, out, n as u32, channels as u32, taps as u32);
+    gpu.launch_elements("conv1d_silu", channels, args!(x, w, s, o, nn, c, k))
+}
+
+/// Scales each `dim`-wide head of `n` rows (row stride `stride` floats) to unit L2 norm, times
+/// `scale`, in place.
+pub fn l2norm_heads(
+    gpu: &Gpu,
+    x: u64,
+    n: usize,
+    heads: usize,
+    dim: usize,
+    stride: usize,
+    scale: f32,
+) -> Result<(), GpuError> {
+    let (mut x, mut nn, mut h, mut d, mut st, mut sc) =
+        (x, n as u32, heads as u32, dim as u32, stride as u64, scale);
+    gpu.launch_elements("l2norm_heads", n * heads * 32, args!(x, nn, h, d, st, sc))
+}
+
+/// `beta = sigmoid(b)`, `g = neg_a · softplus(a + dt_bias)` for `n × nv`.
+#[allow(clippy::too_many_arguments)]
+pub fn delta_gates(
+    gpu: &Gpu,
+    b: u64,
+    a: u64,
+    neg_a: u64,
+    dt_bias: u64,
+    beta: u64,
+    g: u64,
+    n: usize,
+    nv: usize,
+) -> Result<(), GpuError> {
+    let (mut b, mut a, mut na, mut dt, mut be, mut g, mut nn, mut v) =
+        (b, a, neg_a, dt_bias, beta, g, n as u32, nv as u32);
+    gpu.launch_elements("delta_gates", n * nv, args!(b, a, na, dt, be, g, nn, v))
+}
+
+/// The gated delta rule over `n` tokens for every value head, `state` (`[nv, dk, dv]`)
+/// advanced in place; q, k, v read from the convolution output `xc` (row stride `stride`).
+#[allow(clippy::too_many_arguments)]
+pub fn gated_delta(
+    gpu: &Gpu,
+    state: u64,
+    xc: u64,
+    stride: usize,
+    g: u64,
+    beta: u64,
+    out: u64,
+    n: usize,
+    shape: (usize, usize, usize, usize),
+    tiled: bool,
+) -> Result<(), GpuError> {
+    let (nk, nv, dk, dv) = shape;
+    if dk > 128 || dv > 256 || nk == 0 || !nv.is_multiple_of(nk) {
+        return Err(GpuError(format!(
+            "Gated DeltaNet heads of {dk}x{dv} ({nk} key, {nv} value heads) are not supported on the GPU"
+        )));
+    }
+    let (mut s, mut x, mut st, mut g, mut b, mut o, mut nn) =
+        (state, xc, stride as u64, g, beta, out, n as u32);
+    let (mut k1, mut v1, mut dk1, mut dv1, mut t) =
+        (nk as u32, nv as u32, dk as u32, dv as u32, tiled as u32);
+    let block = dv.div_ceil(32) * 32;
+    gpu.launch(
+        "gated_delta",
+        (nv as u32, 1, 1),
+        block as u32,
+        args!(s, x, st, g, b, o, nn, k1, v1, dk1, dv1, t),
+    )
+}
+
+/// `o = (w · o / rms(o)) · silu(z)` over `rows` rows of `dv`.
+pub fn gated_rms_norm(
+    gpu: &Gpu,
+    o: u64,
+    z: u64,
+    w: u64,
+    eps: f32,
+    rows: usize,
+    dv: usize,
+) -> Result<(), GpuError> {
+    let (mut o, mut z, mut w, mut e, mut r, mut d) = (o, z, w, eps, rows as u32, dv as u32);
+    gpu.launch_elements("gated_rms_norm", rows * 32, args!(o, z, w, e, r, d))
+}
+
+/// Qwen3-Next's key-head-grouped `qkvz` and `ba` rows into `[Q | K | V]`, z, b and a.
+#[allow(clippy::too_many_arguments)]
+pub fn unfuse_qkvz(
+    gpu: &Gpu,
+    raw: u64,
+    raw_ba: u64,
+    mixed: u64,
+    z: u64,
+    b: u64,
+    a: u64,
+    n: usize,
+    shape: (usize, usize, usize, usize),
+) -> Result<(), GpuError> {
+    let (nk, nv, dk, dv) = shape;
+    let r = nv / nk;
+    let total = (n * nk * (2 * dk + 2 * r * dv)).max(n * nk * 2 * r);
+    let (mut raw, mut rb, mut m, mut z, mut b, mut a) = (raw, raw_ba, mixed, z, b, a);
+    let (mut nn, mut k1, mut dk1, mut r1, mut dv1) =
+        (n as u32, nk as u32, dk as u32, r as u32, dv as u32);
+    gpu.launch_elements(
+        "unfuse_qkvz",
+        total,
+        args!(raw, rb, m, z, b, a, nn, k1, dk1, r1, dv1),
+    )
+}
