@@ -125,3 +125,24 @@ pub fn copy_files(from: &Path, to: &Path) {
         std::fs::copy(&f, to.join(f.file_name().unwrap())).unwrap();
     }
 }
+
+/// The token ids of 24 greedy tokens after a fixed prompt (as JSON text), with `extra` options.
+pub fn greedy_ids(model: &Path, extra: &[&str]) -> String {
+    let mut args = vec![
+        "run",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt-tokens",
+        "5 9 44 3 17 250 8 1 99 31",
+        "--max-tokens",
+        "24",
+        "--ignore-eos",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let o = moestream(&args);
+    assert!(o.status.success(), "run failed: {}", stderr(&o));
+    let v: serde_json::Value =
+        serde_json::from_str(stdout(&o).trim()).expect("run --json prints one object");
+    v["generated_tokens"].to_string()
+}

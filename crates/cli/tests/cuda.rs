@@ -3,7 +3,7 @@
 //! and greedy generation is the same with every expert in VRAM as with a small VRAM expert
 //! cache. Needs a binary built with `--features cuda` and a GPU: elsewhere each test prints why
 //! it is skipped and passes.
-use crate::common::{moestream, stderr, stdout};
+use crate::common::{greedy_ids, moestream, stderr, stdout};
 use std::path::{Path, PathBuf};
 
 const TOKENS: &str = "5 9 44 3 17 250 8 1 99 31 7 7 120 64 2 200 13 77 5 9";
@@ -53,6 +53,14 @@ fn score(model: &Path, extra: &[&str]) -> Result<Vec<f64>, String> {
         .collect())
 }
 
+fn max_diff(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+}
+
 /// Whether `--device cuda` can run here; prints the reason when not.
 fn gpu_here(model: &Path) -> bool {
     match score(model, &["--device", "cuda"]) {
@@ -96,12 +104,7 @@ fn gpu_scores_equal_cpu_scores() {
         let m = synth_preset(&sub, arch, preset, format);
         let cpu = score(&m, &["--device", "cpu"]).expect("cpu score");
         let gpu = score(&m, &["--device", "cuda"]).expect("gpu score");
-        assert_eq!(cpu.len(), gpu.len());
-        let worst = cpu
-            .iter()
-            .zip(&gpu)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f64, f64::max);
+        let worst = max_diff(&cpu, &gpu);
         eprintln!("{arch} {format}: max |Δ log-prob| GPU vs CPU {worst:.2e}");
         assert!(
             worst <= tol,
@@ -109,36 +112,13 @@ fn gpu_scores_equal_cpu_scores() {
         );
         // One token per pass: the decode path (routing on the GPU when every expert is in VRAM).
         let steps = score(&m, &["--device", "cuda", "--ubatch", "1"]).expect("gpu score");
-        let worst = cpu
-            .iter()
-            .zip(&steps)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f64, f64::max);
+        let worst = max_diff(&cpu, &steps);
         eprintln!("{arch} {format}: one token per pass, max |Δ log-prob| {worst:.2e}");
         assert!(
             worst <= tol,
             "{arch} {format}: GPU decode steps differ by {worst}"
         );
     }
-}
-
-fn greedy(model: &Path, extra: &[&str]) -> String {
-    let mut args = vec![
-        "run",
-        "--model",
-        model.to_str().unwrap(),
-        "--prompt-tokens",
-        "5 9 44 3 17 250 8 1",
-        "--max-tokens",
-        "24",
-        "--ignore-eos",
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    let o = moestream(&args);
-    assert!(o.status.success(), "run failed: {}", stderr(&o));
-    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).expect("JSON");
-    v["generated_tokens"].to_string()
 }
 
 #[test]
@@ -157,10 +137,10 @@ fn a_small_vram_expert_cache_generates_the_same_tokens() {
 /// Greedy tokens with every expert in VRAM (decode steps replayed from a CUDA graph), with a
 /// tiny VRAM expert cache (host routing, copies) and on the CPU are the same.
 fn same_tokens_every_way(m: &Path) {
-    let all = greedy(m, &["--device", "cuda"]);
+    let all = greedy_ids(m, &["--device", "cuda"]);
     // A few experts' worth of VRAM: most uses miss and are copied in from host memory.
-    let small = greedy(m, &["--device", "cuda", "--gpu-expert-cache", "64K"]);
-    let cpu = greedy(m, &["--device", "cpu", "--decode-activations", "f32"]);
+    let small = greedy_ids(m, &["--device", "cuda", "--gpu-expert-cache", "64K"]);
+    let cpu = greedy_ids(m, &["--device", "cpu", "--decode-activations", "f32"]);
     assert_eq!(all, small, "a small expert cache changed the tokens");
     assert_eq!(all, cpu, "the GPU generated other tokens than the CPU");
 }

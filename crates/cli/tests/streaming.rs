@@ -97,25 +97,6 @@ fn streamed_scores_equal_mapped_scores_bit_for_bit() {
     }
 }
 
-fn greedy_ids(model: &Path, extra: &[&str]) -> String {
-    let mut args = vec![
-        "run",
-        "--model",
-        model.to_str().unwrap(),
-        "--prompt-tokens",
-        "5 9 44 3 17 250 8 1 99 31",
-        "--max-tokens",
-        "24",
-        "--ignore-eos",
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    let o = moestream(&args);
-    assert!(o.status.success(), "run failed: {}", stderr(&o));
-    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
-    v["generated_tokens"].to_string()
-}
-
 #[test]
 fn streamed_greedy_generation_equals_mapped() {
     for name in ["qwen3_moe_a_mlx4", "mixtral_mlx8", "qwen3_moe_b"] {

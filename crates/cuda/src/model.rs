@@ -244,7 +244,9 @@ impl GpuMlp {
         })
     }
 
-    /// `out = down(silu(gate x) · up x)` with `g`, `u` scratch of `n × F` floats.
+    /// `out (+)= down(silu(gate x) · up x)` with `g`, `u` scratch of `n × F` floats; `add`
+    /// for a residual connection.
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         gpu: &Gpu,
@@ -253,23 +255,13 @@ impl GpuMlp {
         g: u64,
         u: u64,
         out: u64,
+        add: bool,
     ) -> Result<(), GpuError> {
         self.hidden(gpu, x, n, g, u)?;
-        self.down.forward(gpu, g, n, out)
-    }
-
-    /// `out += down(silu(gate x) · up x)` (a residual connection).
-    fn forward_add(
-        &self,
-        gpu: &Gpu,
-        x: u64,
-        n: usize,
-        g: u64,
-        u: u64,
-        out: u64,
-    ) -> Result<(), GpuError> {
-        self.hidden(gpu, x, n, g, u)?;
-        self.down.forward_add(gpu, g, n, out)
+        match add {
+            true => self.down.forward_add(gpu, g, n, out),
+            false => self.down.forward(gpu, g, n, out),
+        }
     }
 
     /// `g = silu(gate x) · up x`.
@@ -778,14 +770,7 @@ impl CudaModel {
         let h = self.hidden;
         let start = cache.len();
         if cache.device.is_none() {
-            let kinds: Vec<Option<(usize, usize)>> = model
-                .layers
-                .iter()
-                .map(|l| match &l.mixer {
-                    Mixer::Attention(_) => None,
-                    Mixer::Linear(d) => Some(d.state_lens()),
-                })
-                .collect();
+            let kinds = model.layer_states();
             let seq = GpuSequence::new(self.gpu.clone(), &kinds, self.kv_width).map_err(dev)?;
             cache.device = Some(Box::new(seq));
         }
@@ -983,9 +968,10 @@ impl CudaModel {
                 .forward(gpu, b(Buf::X), b(Buf::Normed), n)
                 .map_err(dev)?;
             match &layer.ffn {
-                GpuFfn::Dense(m) => m
-                    .forward_add(gpu, b(Buf::Normed), n, b(Buf::Gate), b(Buf::Up), b(Buf::X))
-                    .map_err(dev)?,
+                GpuFfn::Dense(m) => {
+                    let (x, g, u) = (b(Buf::Normed), b(Buf::Gate), b(Buf::Up));
+                    m.forward(gpu, x, n, g, u, b(Buf::X), true).map_err(dev)?
+                }
                 GpuFfn::Sparse { router, shared } => {
                     let moe = match &model.layers[l].mlp {
                         FeedForward::Sparse(m) => m,
@@ -1007,15 +993,9 @@ impl CudaModel {
                     };
                     self.moe(gpu, model, moe, cache, l, n, b, routed, keep_alive)?;
                     if let Some((mlp, gate)) = shared {
-                        mlp.forward(
-                            gpu,
-                            b(Buf::Normed),
-                            n,
-                            b(Buf::Gate),
-                            b(Buf::Up),
-                            b(Buf::ExpertOut),
-                        )
-                        .map_err(dev)?;
+                        let (x, g, u) = (b(Buf::Normed), b(Buf::Gate), b(Buf::Up));
+                        mlp.forward(gpu, x, n, g, u, b(Buf::ExpertOut), false)
+                            .map_err(dev)?;
                         gate.forward(gpu, b(Buf::Normed), n, b(Buf::Router))
                             .map_err(dev)?;
                         ops::add_gated(gpu, b(Buf::Delta), b(Buf::ExpertOut), b(Buf::Router), h, n)

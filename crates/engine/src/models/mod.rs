@@ -304,15 +304,23 @@ impl Model {
     /// ones. Attention layers reserve room for `reserve_tokens`.
     pub fn new_cache(&self, reserve_tokens: usize) -> SequenceCache {
         let c = &self.config;
-        let layers: Vec<Option<(usize, usize)>> = self
-            .layers
+        SequenceCache::with_layers(
+            &self.layer_states(),
+            c.num_key_value_heads * c.head_dim,
+            reserve_tokens,
+        )
+    }
+
+    /// Per layer, the per-sequence state it keeps besides keys and values: None for attention,
+    /// (convolution, recurrent) state floats for a Gated DeltaNet layer.
+    pub fn layer_states(&self) -> Vec<Option<(usize, usize)>> {
+        self.layers
             .iter()
             .map(|l| match &l.mixer {
                 Mixer::Attention(_) => None,
                 Mixer::Linear(d) => Some(d.state_lens()),
             })
-            .collect();
-        SequenceCache::with_layers(&layers, c.num_key_value_heads * c.head_dim, reserve_tokens)
+            .collect()
     }
 
     /// Takes `cache` back to `len` tokens, of which `tokens` are the ones it holds: exact for
