@@ -72,8 +72,15 @@ struct Profile {
     totals: HashMap<&'static str, (f64, u64)>,
 }
 
-/// Kernel names in kernels.cu.
-const FUNCTIONS: &[&str] = &[
+/// A product kernel's name and its one-token variant's (`name_1`).
+macro_rules! products {
+    ($($name:literal),* $(,)?) => {
+        &[$($name, concat!($name, "_1")),*]
+    };
+}
+
+/// Product kernels in kernels.cu, each with its one-token variant.
+const PRODUCTS: &[&str] = products!(
     "matvec_f32",
     "matvec_f16",
     "matvec_bf16",
@@ -90,6 +97,10 @@ const FUNCTIONS: &[&str] = &[
     "matvec_q4_k",
     "matvec_q5_k",
     "matvec_q6_k",
+);
+
+/// The other kernels in kernels.cu.
+const FUNCTIONS: &[&str] = &[
     "rms_norm",
     "rope",
     "attention",
@@ -136,7 +147,7 @@ impl Gpu {
         let ptx = compiled_kernels(major, minor)?;
         let module = ctx.load_module(ptx).doing("loading the kernels")?;
         let mut functions = HashMap::new();
-        for &f in FUNCTIONS {
+        for &f in PRODUCTS.iter().chain(FUNCTIONS) {
             functions.insert(f, module.load_function(f).doing(f)?);
         }
         let profile = std::env::var_os("MOESTREAM_CUDA_PROFILE")
@@ -564,7 +575,7 @@ mod tests {
         }
         for (major, minor) in [(9, 0), (7, 5)] {
             let ptx = super::compile_kernels(major, minor).expect("NVRTC compiles kernels.cu");
-            for f in super::FUNCTIONS {
+            for f in super::PRODUCTS.iter().chain(super::FUNCTIONS) {
                 assert!(
                     ptx.contains(&format!(".entry {f}(")),
                     "no kernel {f} in the PTX"

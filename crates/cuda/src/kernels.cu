@@ -306,7 +306,9 @@ struct Q6_KW {
 
 // y[g][t][row] = Σ_k W_g[row][k] · x[g][t][k] for groups g = blockIdx.y (the experts of a layer,
 // whose slots start at bases[g]; bases == 0 for a plain matrix).
-template <class W>
+// TILE tokens share each dequantized chunk; TILE = 1 is the decode-step variant, with fewer
+// registers (more warps in flight) and two chunks' loads issued before their arithmetic.
+template <class W, int TILE>
 __device__ void matvec(const u64* bases, MatArgs a, const float* x, float* y) {
     u32 row = blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / WARP;
     int lane = threadIdx.x % WARP;
@@ -316,16 +318,17 @@ __device__ void matvec(const u64* bases, MatArgs a, const float* x, float* y) {
     x += g * a.x_group_stride;
     y += g * a.y_group_stride;
     u32 chunks = a.cols / 32;
-    for (u32 t0 = 0; t0 < a.n; t0 += TOKEN_TILE) {
-        u32 nt = min((u32)TOKEN_TILE, a.n - t0);
-        float acc[TOKEN_TILE];
+    for (u32 t0 = 0; t0 < a.n; t0 += TILE) {
+        u32 nt = min((u32)TILE, a.n - t0);
+        float acc[TILE];
 #pragma unroll
-        for (int t = 0; t < TOKEN_TILE; t++) acc[t] = 0.f;
+        for (int t = 0; t < TILE; t++) acc[t] = 0.f;
+#pragma unroll(TILE == 1 ? 2 : 1)
         for (u32 c = lane; c < chunks; c += WARP) {
             float w[32];
             W::chunk(a, base, row, c, w);
 #pragma unroll
-            for (int t = 0; t < TOKEN_TILE; t++) {
+            for (int t = 0; t < TILE; t++) {
                 if (t < nt) {
                     const float4* xp = (const float4*)(x + (u64)(t0 + t) * a.cols + (u64)c * 32);
                     float s = 0.f;
@@ -342,7 +345,7 @@ __device__ void matvec(const u64* bases, MatArgs a, const float* x, float* y) {
             }
         }
 #pragma unroll
-        for (int t = 0; t < TOKEN_TILE; t++) {
+        for (int t = 0; t < TILE; t++) {
             if (t < nt) {
                 float s = warp_sum(acc[t]);
                 if (lane == 0) {
@@ -356,7 +359,9 @@ __device__ void matvec(const u64* bases, MatArgs a, const float* x, float* y) {
 
 #define MATVEC(name, W) \
     extern "C" __global__ void __launch_bounds__(ROWS_PER_BLOCK * WARP) \
-    name(const u64* bases, MatArgs a, const float* x, float* y) { matvec<W>(bases, a, x, y); }
+    name(const u64* bases, MatArgs a, const float* x, float* y) { matvec<W, TOKEN_TILE>(bases, a, x, y); } \
+    extern "C" __global__ void __launch_bounds__(ROWS_PER_BLOCK * WARP) \
+    name##_1(const u64* bases, MatArgs a, const float* x, float* y) { matvec<W, 1>(bases, a, x, y); }
 
 MATVEC(matvec_f32, F32W)
 MATVEC(matvec_f16, HalfW<1>)

@@ -28,6 +28,15 @@ pub(crate) struct MatArgs {
 
 const ALIGN: usize = 256;
 
+/// A product kernel's name and its one-token variant's.
+type Kernel = (&'static str, &'static str);
+
+macro_rules! k {
+    ($name:literal) => {
+        ($name, concat!($name, "_1"))
+    };
+}
+
 fn align(n: usize) -> usize {
     n.div_ceil(ALIGN) * ALIGN
 }
@@ -35,7 +44,7 @@ fn align(n: usize) -> usize {
 /// Where a matrix's parts lie from a base address, and which kernel multiplies it.
 #[derive(Clone, Copy, Debug)]
 pub struct MatrixLayout {
-    kernel: &'static str,
+    kernel: Kernel,
     args: MatArgs,
     /// Bytes from the base to the end of the last part.
     pub bytes: usize,
@@ -73,12 +82,12 @@ impl MatrixLayout {
             cols,
             ..Default::default()
         };
-        let (kernel, parts): (&'static str, Vec<&[u8]>) = match m.weights {
+        let (kernel, parts): (Kernel, Vec<&[u8]>) = match m.weights {
             Weights::Float { kind, data } => (
                 match kind {
-                    FloatKind::F32 => "matvec_f32",
-                    FloatKind::F16 => "matvec_f16",
-                    FloatKind::BF16 => "matvec_bf16",
+                    FloatKind::F32 => k!("matvec_f32"),
+                    FloatKind::F16 => k!("matvec_f16"),
+                    FloatKind::BF16 => k!("matvec_bf16"),
                 },
                 vec![data],
             ),
@@ -93,25 +102,25 @@ impl MatrixLayout {
                 args.scale_kind = scale_kind(k);
                 args.group_size = group_size as u32;
                 let kernel = match bits {
-                    2 => "matvec_affine2",
-                    3 => "matvec_affine3",
-                    4 => "matvec_affine4",
-                    5 => "matvec_affine5",
-                    6 => "matvec_affine6",
-                    8 => "matvec_affine8",
+                    2 => k!("matvec_affine2"),
+                    3 => k!("matvec_affine3"),
+                    4 => k!("matvec_affine4"),
+                    5 => k!("matvec_affine5"),
+                    6 => k!("matvec_affine6"),
+                    8 => k!("matvec_affine8"),
                     b => return Err(GpuError(format!("no GPU kernel for {b}-bit weights"))),
                 };
                 (kernel, vec![packed, scales, biases])
             }
             Weights::Ggml { format, data } => (
                 match format {
-                    BlockFormat::Q4_0 => "matvec_q4_0",
-                    BlockFormat::Q4_1 => "matvec_q4_1",
-                    BlockFormat::Q5_0 => "matvec_q5_0",
-                    BlockFormat::Q8_0 => "matvec_q8_0",
-                    BlockFormat::Q4_K => "matvec_q4_k",
-                    BlockFormat::Q5_K => "matvec_q5_k",
-                    BlockFormat::Q6_K => "matvec_q6_k",
+                    BlockFormat::Q4_0 => k!("matvec_q4_0"),
+                    BlockFormat::Q4_1 => k!("matvec_q4_1"),
+                    BlockFormat::Q5_0 => k!("matvec_q5_0"),
+                    BlockFormat::Q8_0 => k!("matvec_q8_0"),
+                    BlockFormat::Q4_K => k!("matvec_q4_k"),
+                    BlockFormat::Q5_K => k!("matvec_q5_k"),
+                    BlockFormat::Q6_K => k!("matvec_q6_k"),
                 },
                 vec![data],
             ),
@@ -154,7 +163,7 @@ impl MatrixLayout {
     /// Whether `other` is multiplied by the same kernel with the same quantization parameters
     /// and shape (so both can share one grouped launch).
     pub fn same_kind(&self, other: &MatrixLayout) -> bool {
-        self.kernel == other.kernel
+        self.kernel.0 == other.kernel.0
             && self.rows == other.rows
             && self.cols == other.cols
             && self.args.scale_kind == other.args.scale_kind
@@ -223,7 +232,11 @@ impl MatrixLayout {
         const ROWS_PER_BLOCK: usize = 4;
         let blocks = self.rows.div_ceil(ROWS_PER_BLOCK) as u32;
         gpu.launch(
-            self.kernel,
+            if a.n == 1 {
+                self.kernel.1
+            } else {
+                self.kernel.0
+            },
             (blocks, groups as u32, 1),
             (ROWS_PER_BLOCK * 32) as u32,
             &mut [
