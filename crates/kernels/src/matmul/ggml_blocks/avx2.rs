@@ -30,13 +30,71 @@ pub(in super::super) unsafe fn matmul_block(
     let rb = format.row_bytes(cols);
     let nt = tokens.len();
     let x = act.tokens(tokens);
+    let xs: Vec<&[f32]> = x.chunks_exact(cols).collect();
     let mut w = vec![0f32; cols];
     for (row_out, o) in out.chunks_exact_mut(nt).zip(rows) {
         decode_row(format, &data[o * rb..(o + 1) * rb], &mut w);
-        for (y, xt) in row_out.iter_mut().zip(x.chunks_exact(cols)) {
-            *y = dot(&w, xt);
+        // Tokens in threes and pairs share each load of the decoded row (the dot products are
+        // bound by loads, not FMAs), each with `dot`'s bits.
+        let mut t = 0;
+        while t + 3 <= nt {
+            row_out[t..t + 3].copy_from_slice(&dot_tokens(&w, [xs[t], xs[t + 1], xs[t + 2]]));
+            t += 3;
+        }
+        if t + 2 <= nt {
+            row_out[t..t + 2].copy_from_slice(&dot_tokens(&w, [xs[t], xs[t + 1]]));
+            t += 2;
+        }
+        if t < nt {
+            row_out[t] = dot(&w, xs[t]);
         }
     }
+}
+
+/// [`dot`] of `a` with each of `T` vectors, every result with `dot`'s exact bits (the same four
+/// accumulators, the same reduction, the same tail), sharing each load of `a`.
+///
+/// # Safety
+/// AVX2+FMA; every `b[t].len() == a.len()`.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::needless_range_loop)] // acc[t][k]: two indices, as dot's acc[k]
+unsafe fn dot_tokens<const T: usize>(a: &[f32], b: [&[f32]; T]) -> [f32; T] {
+    let n = a.len();
+    debug_assert!(b.iter().all(|x| x.len() == n));
+    let pa = a.as_ptr();
+    let mut acc = [[_mm256_setzero_ps(); 4]; T];
+    let mut i = 0;
+    // SAFETY: loads read [i, i + 32) or [i, i + 8), inside every slice by the loop conditions.
+    while i + 32 <= n {
+        for k in 0..4 {
+            let j = i + 8 * k;
+            let av = _mm256_loadu_ps(pa.add(j));
+            for t in 0..T {
+                acc[t][k] = _mm256_fmadd_ps(av, _mm256_loadu_ps(b[t].as_ptr().add(j)), acc[t][k]);
+            }
+        }
+        i += 32;
+    }
+    while i + 8 <= n {
+        let av = _mm256_loadu_ps(pa.add(i));
+        for t in 0..T {
+            acc[t][0] = _mm256_fmadd_ps(av, _mm256_loadu_ps(b[t].as_ptr().add(i)), acc[t][0]);
+        }
+        i += 8;
+    }
+    let mut out = [0f32; T];
+    for t in 0..T {
+        let c = acc[t];
+        let mut s = hsum(_mm256_add_ps(
+            _mm256_add_ps(c[0], c[1]),
+            _mm256_add_ps(c[2], c[3]),
+        ));
+        for j in i..n {
+            s += a[j] * b[t][j];
+        }
+        out[t] = s;
+    }
+    out
 }
 
 /// Decodes a row of `format` blocks into `out` (`out.len()` a multiple of the block size).
@@ -254,4 +312,41 @@ unsafe fn q6_k(b: &[u8], out: &mut [f32]) {
 unsafe fn high_bits(hh: __m256i, shift: i32, m2: __m256i) -> __m256i {
     let s = _mm256_srl_epi16(hh, _mm_cvtsi32_si128(shift));
     _mm256_slli_epi16(_mm256_and_si256(s, m2), 4)
+}
+
+#[cfg(test)]
+mod tests {
+    /// Tokens sharing the decoded row's loads get `dot`'s bits exactly, tails included.
+    #[test]
+    fn dot_tokens_has_dots_bits() {
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+            eprintln!("skipped: no AVX2+FMA");
+            return;
+        }
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        for n in [7usize, 37, 256, 2053] {
+            let a: Vec<f32> = (0..n).map(|_| next()).collect();
+            let b: Vec<Vec<f32>> = (0..3).map(|_| (0..n).map(|_| next()).collect()).collect();
+            // SAFETY: AVX2+FMA checked above; every slice has n values.
+            unsafe {
+                let three = super::dot_tokens(&a, [&b[0], &b[1], &b[2]]);
+                let two = super::dot_tokens(&a, [&b[1], &b[2]]);
+                for t in 0..3 {
+                    assert_eq!(
+                        three[t].to_bits(),
+                        super::dot(&a, &b[t]).to_bits(),
+                        "n={n} t={t}"
+                    );
+                }
+                assert_eq!(two[0].to_bits(), super::dot(&a, &b[1]).to_bits());
+                assert_eq!(two[1].to_bits(), super::dot(&a, &b[2]).to_bits());
+            }
+        }
+    }
 }
