@@ -19,12 +19,20 @@ pub struct DeviceArgs {
     /// other weights and 2 GiB.
     #[arg(long, value_name = "SIZE", value_parser = crate::loaded::parse_size)]
     pub gpu_expert_cache: Option<u64>,
+    /// Which VRAM expert slot a miss replaces: lru (least recently used) or lfu (least used,
+    /// counts halved every 4,096 lookups).
+    #[arg(long, default_value = "lru", value_name = "lru|lfu")]
+    pub gpu_expert_eviction: moestream_engine::store::Eviction,
 }
 
 impl DeviceArgs {
     /// Moves `model` to the device these options name (prints the placement on stderr).
     pub fn place(&self, model: &mut Model) -> Result<()> {
-        place(model, self.device, self.gpu_expert_cache)
+        match self.device {
+            DeviceChoice::Cpu => Ok(()),
+            DeviceChoice::Auto => auto(model, self),
+            DeviceChoice::Cuda(n) => cuda(model, n, self),
+        }
     }
 }
 
@@ -56,41 +64,33 @@ impl std::str::FromStr for DeviceChoice {
     }
 }
 
-fn place(model: &mut Model, choice: DeviceChoice, gpu_expert_cache: Option<u64>) -> Result<()> {
-    match choice {
-        DeviceChoice::Cpu => Ok(()),
-        DeviceChoice::Auto => auto(model, gpu_expert_cache),
-        DeviceChoice::Cuda(n) => cuda(model, n, gpu_expert_cache),
-    }
-}
-
 #[cfg(feature = "cuda")]
-fn auto(model: &mut Model, budget: Option<u64>) -> Result<()> {
+fn auto(model: &mut Model, args: &DeviceArgs) -> Result<()> {
     if moestream_cuda::devices() == 0 {
         eprintln!("no CUDA device found (libcuda or a GPU is missing): running on the CPU");
         return Ok(());
     }
-    cuda(model, 0, budget)
+    cuda(model, 0, args)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn auto(_: &mut Model, _: Option<u64>) -> Result<()> {
+fn auto(_: &mut Model, _: &DeviceArgs) -> Result<()> {
     Ok(())
 }
 
 #[cfg(feature = "cuda")]
-fn cuda(model: &mut Model, ordinal: usize, budget: Option<u64>) -> Result<()> {
-    let budget = match budget {
+fn cuda(model: &mut Model, ordinal: usize, args: &DeviceArgs) -> Result<()> {
+    let budget = match args.gpu_expert_cache {
         Some(b) => moestream_cuda::ExpertBudget::Bytes(b as usize),
         None => moestream_cuda::ExpertBudget::Auto,
     };
-    let line = moestream_cuda::accelerate(model, ordinal, budget)?;
+    let line = moestream_cuda::accelerate(model, ordinal, budget, args.gpu_expert_eviction)?;
     eprintln!("{line}");
     Ok(())
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda(_: &mut Model, _: usize, _: Option<u64>) -> Result<()> {
+fn cuda(_: &mut Model, _: usize, _: &DeviceArgs) -> Result<()> {
     anyhow::bail!(
         "this moestream was built without CUDA: rebuild with `cargo build --release --features cuda`"
     )

@@ -140,6 +140,18 @@ fn same_tokens_every_way(m: &Path) {
     let all = greedy_ids(m, &["--device", "cuda"]);
     // A few experts' worth of VRAM: most uses miss and are copied in from host memory.
     let small = greedy_ids(m, &["--device", "cuda", "--gpu-expert-cache", "64K"]);
+    let lfu = greedy_ids(
+        m,
+        &[
+            "--device",
+            "cuda",
+            "--gpu-expert-cache",
+            "64K",
+            "--gpu-expert-eviction",
+            "lfu",
+        ],
+    );
+    assert_eq!(small, lfu, "the eviction policy changed the tokens");
     let cpu = greedy_ids(m, &["--device", "cpu", "--decode-activations", "f32"]);
     assert_eq!(all, small, "a small expert cache changed the tokens");
     assert_eq!(all, cpu, "the GPU generated other tokens than the CPU");

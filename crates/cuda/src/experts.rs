@@ -9,6 +9,7 @@
 //! VRAM is not host memory).
 use crate::device::{DeviceBuffer, Gpu, GpuError, PinnedBuffer};
 use crate::matrix::MatrixLayout;
+pub use moestream_engine::store::Eviction;
 use moestream_engine::store::{ExpertStore, ExpertWeights, StoreError};
 use std::collections::HashMap;
 
@@ -67,6 +68,9 @@ impl ExpertLayout {
 /// The byte parts of gate, up and down, in [`MatrixLayout::of`]'s order.
 type ExpertParts<'a> = Vec<Vec<&'a [u8]>>;
 
+/// Lookups between two halvings of the LFU use counts.
+pub const AGING_PERIOD: u64 = 4096;
+
 /// Counters of the cache, cumulative.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CacheStats {
@@ -88,6 +92,9 @@ pub struct ExpertCache {
     resident: HashMap<(usize, usize), usize>,
     owner: Vec<Option<(usize, usize)>>,
     last_use: Vec<u64>,
+    /// Uses per slot (LFU), halved every AGING_PERIOD lookups.
+    uses: Vec<u32>,
+    eviction: Eviction,
     clock: u64,
     staging: PinnedBuffer,
     staging_slots: usize,
@@ -129,6 +136,7 @@ impl ExpertCache {
         layouts: Vec<Option<ExpertLayout>>,
         slots: usize,
         staging_slots: usize,
+        eviction: Eviction,
     ) -> Result<ExpertCache, GpuError> {
         let slot_bytes = layouts.iter().flatten().map(|l| l.bytes).max().unwrap_or(0);
         let pool = DeviceBuffer::new(slot_bytes * slots)?;
@@ -141,6 +149,8 @@ impl ExpertCache {
             resident: HashMap::new(),
             owner: vec![None; slots],
             last_use: vec![0; slots],
+            uses: vec![0; slots],
+            eviction,
             clock: 0,
             staging: PinnedBuffer::new(slot_bytes * staging_slots)?,
             staging_slots,
@@ -153,6 +163,11 @@ impl ExpertCache {
     /// Bytes of one slot.
     pub fn slot_bytes(&self) -> usize {
         self.slot_bytes
+    }
+
+    /// The eviction policy.
+    pub fn eviction(&self) -> Eviction {
+        self.eviction
     }
 
     /// Number of slots.
@@ -228,10 +243,14 @@ impl ExpertCache {
         let mut missing = Vec::new();
         for (i, &e) in experts.iter().enumerate() {
             self.stats.lookups += 1;
+            if self.stats.lookups.is_multiple_of(AGING_PERIOD) {
+                self.uses.iter_mut().for_each(|u| *u /= 2);
+            }
             match self.resident.get(&(layer, e)) {
                 Some(&s) => {
                     self.stats.hits += 1;
                     self.last_use[s] = now;
+                    self.uses[s] = self.uses[s].saturating_add(1);
                     slots[i] = s;
                 }
                 None => missing.push(i),
@@ -270,6 +289,7 @@ impl ExpertCache {
                 self.owner[s] = Some((layer, experts[i]));
                 self.resident.insert((layer, experts[i]), s);
                 self.last_use[s] = now;
+                self.uses[s] = 1;
                 slots[i] = s;
             }
             self.pending = true;
@@ -280,14 +300,17 @@ impl ExpertCache {
             .collect())
     }
 
-    /// A free slot, else the least recently used one not used in this call.
+    /// A free slot, else by the eviction policy among the slots not used in this call.
     fn victim(&self, now: u64) -> usize {
         if let Some(s) = self.owner.iter().position(|o| o.is_none()) {
             return s;
         }
-        (0..self.slots)
-            .filter(|&s| self.last_use[s] < now)
-            .min_by_key(|&s| self.last_use[s])
-            .unwrap_or(0)
+        let candidates = (0..self.slots).filter(|&s| self.last_use[s] < now);
+        match self.eviction {
+            Eviction::Lru => candidates.min_by_key(|&s| self.last_use[s]),
+            // Ties go to the least recently used.
+            Eviction::Lfu => candidates.min_by_key(|&s| (self.uses[s], self.last_use[s])),
+        }
+        .unwrap_or(0)
     }
 }

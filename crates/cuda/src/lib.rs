@@ -18,18 +18,20 @@ pub mod model;
 pub mod ops;
 
 pub use device::{devices, DeviceBuffer, Gpu, GpuError, PinnedBuffer};
+pub use experts::Eviction;
 pub use model::{CudaModel, ExpertBudget};
 
 /// Moves `model`'s forward passes to GPU `ordinal`, with the routed experts in a VRAM cache of
-/// `budget`. Returns a line describing the placement.
+/// `budget` evicting by `eviction`. Returns a line describing the placement.
 pub fn accelerate(
     model: &mut moestream_engine::models::Model,
     ordinal: usize,
     budget: ExpertBudget,
+    eviction: Eviction,
 ) -> Result<String, GpuError> {
     let gpu = Gpu::open(ordinal)?;
     let name = gpu.describe();
-    let cuda = CudaModel::new(gpu, model, budget)?;
+    let cuda = CudaModel::new(gpu, model, budget, eviction)?;
     let experts = match cuda.expert_slots() {
         Some(slots) => {
             let total: usize = (0..model.layers.len())

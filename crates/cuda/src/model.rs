@@ -14,7 +14,7 @@
 //! expert's gate, one for up, one for down); a prompt applies each chosen expert to the rows
 //! that chose it.
 use crate::device::{DeviceBuffer, Gpu, GpuError};
-use crate::experts::ExpertCache;
+use crate::experts::{Eviction, ExpertCache};
 use crate::matrix::GpuMatrix;
 use crate::ops;
 use cudarc::driver::CudaGraph;
@@ -550,7 +550,12 @@ const AUTO_RESERVE: usize = 2 << 30;
 impl CudaModel {
     /// Uploads `model`'s weights to `gpu`, with the routed experts in a cache of `budget`
     /// (all of them when they fit, copied in now).
-    pub fn new(gpu: Gpu, model: &Model, budget: ExpertBudget) -> Result<CudaModel, GpuError> {
+    pub fn new(
+        gpu: Gpu,
+        model: &Model,
+        budget: ExpertBudget,
+        eviction: Eviction,
+    ) -> Result<CudaModel, GpuError> {
         gpu.bind()?;
         let gpu = Arc::new(gpu);
         let c = &model.config;
@@ -683,7 +688,7 @@ impl CudaModel {
             // Widths of the grouped step: up to top-k experts of one token.
             // [k gate bases: u64][k up bases: u64][k weights: f32]
             widths[Buf::Table as usize] = 5 * k;
-            let mut cache = ExpertCache::new(layouts, slots, k.max(16).min(slots))?;
+            let mut cache = ExpertCache::new(layouts, slots, k.max(16).min(slots), eviction)?;
             if slots == total {
                 cache
                     .preload(&gpu, &model.experts)
