@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA benchmark of BENCHMARKS.md, on the GPU machine:
-#   source scripts/cuda/device_env.sh; scripts/cuda/bench.sh [a|b|c ...]
+#   source scripts/cuda/device_env.sh; scripts/cuda/bench.sh [a|b|b-lfu|c ...]
 # Writes the qwen3-30b-a3b-geometry Q4_K_M file once (random weights), then runs
 # (a) every expert in VRAM, (b) a VRAM expert cache of ~25% of the expert bytes with host memory
 # plentiful, (c) the same cache with host memory capped at 8 GiB (with-memory-limit).
@@ -20,6 +20,7 @@ for what in "${@:-a b c}"; do
   case $what in
     a) echo "== (a) all experts in VRAM"; "${B[@]}" --device cuda ;;
     b) echo "== (b) VRAM expert cache $CACHE, host memory plentiful"; "${B[@]}" --device cuda --gpu-expert-cache "$CACHE" ;;
+    b-lfu) echo "== (b) with LFU eviction"; "${B[@]}" --device cuda --gpu-expert-cache "$CACHE" --gpu-expert-eviction lfu ;;
     c) echo "== (c) VRAM expert cache $CACHE, host memory capped at 8 GiB"
        sync; echo 3 > /proc/sys/vm/drop_caches
        dd if="$M" of=/dev/null bs=16M count=256 iflag=direct 2>&1 | tail -1
