@@ -294,3 +294,167 @@ fn norm_rope_attention_and_element_wise_match_the_cpu() {
     let e = max_rel(&got, &want);
     assert!(e < 1e-6, "silu_mul off by {e}");
 }
+
+#[test]
+fn gated_deltanet_kernels_match_the_cpu() {
+    use moestream_kernels::deltanet::{self, DeltaInputs, DeltaShape, ValueHeadOrder};
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng(0x000d_e17a_0003);
+    for order in [ValueHeadOrder::Grouped, ValueHeadOrder::Tiled] {
+        let shape = DeltaShape {
+            n_k_heads: 2,
+            n_v_heads: 4,
+            k_dim: 64,
+            v_dim: 32,
+            order,
+        };
+        let (nk, nv, dk, dv) = (2usize, 4usize, 64usize, 32usize);
+        let c = 2 * nk * dk + nv * dv;
+        let (n, taps) = (5usize, 4usize);
+        // Convolution + SiLU with a carried state, then the state after the pass.
+        let x = rng.floats(n * c);
+        let w = rng.floats(c * taps);
+        let state = rng.floats((taps - 1) * c);
+        let mut want = vec![0f32; n * c];
+        let mut want_state = vec![0f32; state.len()];
+        deltanet::causal_conv1d_silu(&x, n, c, &w, taps, &state, &mut want_state, &mut want);
+        let (xd, wd, sd, od) = (
+            gpu.upload(&x).unwrap(),
+            gpu.upload(&w).unwrap(),
+            gpu.upload(&state).unwrap(),
+            gpu.alloc_f32(n * c).unwrap(),
+        );
+        ops::conv1d_silu(&gpu, xd.ptr, wd.ptr, sd.ptr, od.ptr, n, c, taps).unwrap();
+        let mut got = vec![0f32; n * c];
+        gpu.read(od.ptr, &mut got).unwrap();
+        let mut got_state = vec![0f32; state.len()];
+        gpu.read(sd.ptr, &mut got_state).unwrap();
+        let (e, es) = (max_rel(&got, &want), max_rel(&got_state, &want_state));
+        eprintln!("conv1d_silu {order:?}: {e:.2e}, state {es:.2e}");
+        assert!(e < 1e-5 && es == 0.0, "conv1d_silu off by {e} (state {es})");
+
+        // L2 norms in place on the convolution output, gates, then the delta rule token by
+        // token against gated_delta_step from the same state.
+        let xc = want.clone();
+        let (qk, kk) = (nk * dk, 2 * nk * dk);
+        let mut q = Vec::new();
+        let mut k = Vec::new();
+        let mut v = Vec::new();
+        for row in xc.chunks_exact(c) {
+            q.extend_from_slice(&row[..qk]);
+            k.extend_from_slice(&row[qk..kk]);
+            v.extend_from_slice(&row[kk..]);
+        }
+        deltanet::l2_normalize_rows(&mut q, dk, 1.0 / (dk as f32).sqrt());
+        deltanet::l2_normalize_rows(&mut k, dk, 1.0);
+        let (b, a) = (rng.floats(n * nv), rng.floats(n * nv));
+        let (neg_a, dt_bias) = (rng.floats(nv), rng.floats(nv));
+        let beta: Vec<f32> = b.iter().map(|&x| deltanet::sigmoid(x)).collect();
+        let g: Vec<f32> = a
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| -neg_a[i % nv].abs() * deltanet::softplus(x + dt_bias[i % nv]))
+            .collect();
+        let s0 = rng.floats(shape.state_len());
+        let mut s = s0.clone();
+        let mut next = vec![0f32; s.len()];
+        let mut want_o = vec![0f32; n * nv * dv];
+        let inputs = DeltaInputs {
+            q: &q,
+            k: &k,
+            v: &v,
+            g: &g,
+            beta: &beta,
+        };
+        for t in 0..n {
+            let o = &mut want_o[t * nv * dv..(t + 1) * nv * dv];
+            deltanet::gated_delta_step(shape, inputs.token(shape, t), &s, &mut next, o);
+            std::mem::swap(&mut s, &mut next);
+        }
+        let xcd = gpu.upload(&xc).unwrap();
+        ops::l2norm_heads(&gpu, xcd.ptr, n, nk, dk, c, 1.0 / (dk as f32).sqrt()).unwrap();
+        ops::l2norm_heads(&gpu, xcd.ptr + 4 * qk as u64, n, nk, dk, c, 1.0).unwrap();
+        let neg: Vec<f32> = neg_a.iter().map(|x| -x.abs()).collect();
+        let (bd, ad, nd, dd) = (
+            gpu.upload(&b).unwrap(),
+            gpu.upload(&a).unwrap(),
+            gpu.upload(&neg).unwrap(),
+            gpu.upload(&dt_bias).unwrap(),
+        );
+        let (betad, gd) = (
+            gpu.alloc_f32(n * nv).unwrap(),
+            gpu.alloc_f32(n * nv).unwrap(),
+        );
+        ops::delta_gates(
+            &gpu, bd.ptr, ad.ptr, nd.ptr, dd.ptr, betad.ptr, gd.ptr, n, nv,
+        )
+        .unwrap();
+        let sd = gpu.upload(&s0).unwrap();
+        let od = gpu.alloc_f32(n * nv * dv).unwrap();
+        let tiled = order == ValueHeadOrder::Tiled;
+        ops::gated_delta(
+            &gpu,
+            sd.ptr,
+            xcd.ptr,
+            c,
+            gd.ptr,
+            betad.ptr,
+            od.ptr,
+            n,
+            (nk, nv, dk, dv),
+            tiled,
+        )
+        .unwrap();
+        let mut got_o = vec![0f32; want_o.len()];
+        gpu.read(od.ptr, &mut got_o).unwrap();
+        let mut got_s = vec![0f32; s.len()];
+        gpu.read(sd.ptr, &mut got_s).unwrap();
+        let (eo, es) = (max_rel(&got_o, &want_o), max_rel(&got_s, &s));
+        eprintln!("gated_delta {order:?}: output {eo:.2e}, state {es:.2e}");
+        assert!(
+            eo < 1e-5 && es < 1e-5,
+            "gated_delta off by {eo} (state {es})"
+        );
+    }
+}
+
+#[test]
+fn routing_on_the_gpu_chooses_what_the_cpu_chooses() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng(0x0707_0004);
+    for (e, k) in [(128usize, 8usize), (512, 10), (64, 4)] {
+        for renormalize in [true, false] {
+            let logits: Vec<f32> = rng.floats(e).iter().map(|v| v * 8.0).collect();
+            let mut p = logits.clone();
+            moestream_kernels::ops::softmax(&mut p);
+            let mut chosen = moestream_kernels::ops::top_k(&p, k);
+            if renormalize {
+                let s: f32 = chosen.iter().map(|c| c.1).sum();
+                chosen.iter_mut().for_each(|c| c.1 /= s);
+            }
+            chosen.sort_unstable_by_key(|c| c.0);
+            let bases: Vec<u64> = (0..e as u64).map(|i| 0x1000 * (i + 1)).collect();
+            let (ld, bd, td) = (
+                gpu.upload(&logits).unwrap(),
+                gpu.upload(&bases).unwrap(),
+                gpu.alloc_f32(5 * k).unwrap(),
+            );
+            ops::route_top_k(&gpu, ld.ptr, e, k, renormalize, bd.ptr, 8, td.ptr).unwrap();
+            let mut table = vec![0f32; 5 * k];
+            gpu.read(td.ptr, &mut table).unwrap();
+            let words: Vec<u64> = table[..4 * k]
+                .chunks_exact(2)
+                .map(|w| w[0].to_bits() as u64 | (w[1].to_bits() as u64) << 32)
+                .collect();
+            for (j, &(id, weight)) in chosen.iter().enumerate() {
+                assert_eq!(words[j], bases[id], "E={e} k={k}: expert {j}");
+                assert_eq!(words[k + j], bases[id] + 8, "E={e} k={k}: up base {j}");
+                let got = table[4 * k + j];
+                assert!(
+                    (got - weight).abs() <= 1e-6 * weight.abs().max(1e-3),
+                    "weight {got} vs {weight}"
+                );
+            }
+        }
+    }
+}
