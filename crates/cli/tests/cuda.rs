@@ -73,6 +73,31 @@ fn gpu_here(model: &Path) -> bool {
     }
 }
 
+/// `score` on the GPU with passes of at most 7 tokens (a long prompt's chunking).
+fn score_in_short_passes(model: &Path) -> Vec<f64> {
+    let o = std::process::Command::new(crate::common::bin())
+        .args([
+            "score",
+            "--model",
+            model.to_str().unwrap(),
+            "--tokens",
+            TOKENS,
+        ])
+        .args(["--device", "cuda"])
+        .env("MOESTREAM_LOG", "error")
+        .env("MOESTREAM_CUDA_MAX_PASS", "7")
+        .output()
+        .expect("spawn moestream");
+    assert!(o.status.success(), "score failed: {}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).expect("JSON");
+    v["logprobs"]
+        .as_array()
+        .expect("logprobs")
+        .iter()
+        .map(|x| x.as_f64().expect("number"))
+        .collect()
+}
+
 #[test]
 fn gpu_scores_equal_cpu_scores() {
     let dir = tempfile::tempdir().unwrap();
@@ -114,6 +139,12 @@ fn gpu_scores_equal_cpu_scores() {
         let steps = score(&m, &["--device", "cuda", "--ubatch", "1"]).expect("gpu score");
         let worst = max_diff(&cpu, &steps);
         eprintln!("{arch} {format}: one token per pass, max |Δ log-prob| {worst:.2e}");
+        let chunked = max_diff(&cpu, &score_in_short_passes(&m));
+        eprintln!("{arch} {format}: passes of 7 tokens, max |Δ log-prob| {chunked:.2e}");
+        assert!(
+            chunked <= tol,
+            "{arch} {format}: GPU in short passes differs by {chunked}"
+        );
         assert!(
             worst <= tol,
             "{arch} {format}: GPU decode steps differ by {worst}"

@@ -1218,6 +1218,15 @@ impl CudaModel {
     }
 }
 
+/// Most tokens in one pass on the GPU (`MOESTREAM_CUDA_MAX_PASS`, default 512).
+fn max_pass() -> usize {
+    std::env::var("MOESTREAM_CUDA_MAX_PASS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n: &usize| n > 0)
+        .unwrap_or(512)
+}
+
 /// A recorded decode step.
 struct Graph(CudaGraph);
 
@@ -1261,7 +1270,28 @@ impl Accelerator for CudaModel {
         if tokens.is_empty() {
             return Err(StoreError::Device("a forward pass needs tokens".into()));
         }
-        self.run(model, tokens, cache, want)
+        // A long prompt runs in passes of at most `max_pass` tokens, so that its scratch
+        // activations (and, for scoring, its logits) stay a bounded size in VRAM.
+        let max = max_pass();
+        if tokens.len() <= max {
+            return self.run(model, tokens, cache, want);
+        }
+        let start = cache.len();
+        let mut logits = Vec::new();
+        let passes = tokens.len().div_ceil(max);
+        for (i, chunk) in tokens.chunks(max).enumerate() {
+            match self.run(model, chunk, cache, want) {
+                Ok(l) if want == Logits::All || i + 1 == passes => logits.extend(l),
+                Ok(_) => {}
+                Err(e) => {
+                    // Attention caches go back by length; a hybrid's cannot (its GPU state is
+                    // marked poisoned by the failed pass, so it is not used again).
+                    let _ = cache.truncate(start);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(logits)
     }
 
     fn stats(&self) -> Vec<(String, String)> {
