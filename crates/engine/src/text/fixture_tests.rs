@@ -137,9 +137,8 @@ fn text_fixture_incremental_decode_matches_hf() {
 }
 
 /// llama.cpp's `models/ggml-vocab-qwen2.gguf.{inp,out}`: strings separated by `\n__ggml_vocab_test__\n` (with a
-/// trailing separator), one line of ids per string.
-#[test]
-fn text_fixture_llama_cpp_qwen2_vocab() {
+/// trailing separator), one line of ids per string, as llama.cpp's tokenizer gives them.
+fn check_llama_cpp_qwen2_cases(tokenizer: &Tokenizer, what: &str) {
     let dir = fixtures_dir().join("qwen3");
     let inp = std::fs::read_to_string(dir.join("ggml-vocab-qwen2.gguf.inp")).unwrap();
     let out = std::fs::read_to_string(dir.join("ggml-vocab-qwen2.gguf.out")).unwrap();
@@ -148,7 +147,6 @@ fn text_fixture_llama_cpp_qwen2_vocab() {
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(texts.len(), lines.len());
     assert_eq!(texts.len(), 46);
-    let tokenizer = qwen3();
     let mut failures = Vec::new();
     for (text, line) in texts.iter().zip(&lines) {
         let want: Vec<u32> = line
@@ -164,7 +162,99 @@ fn text_fixture_llama_cpp_qwen2_vocab() {
             failures.push(format!("{text:?} decodes back to {decoded:?}"));
         }
     }
-    assert_no_failures("ggml-vocab-qwen2", texts.len(), &failures);
+    assert_no_failures(what, texts.len(), &failures);
+}
+
+#[test]
+fn text_fixture_llama_cpp_qwen2_vocab() {
+    check_llama_cpp_qwen2_cases(qwen3(), "ggml-vocab-qwen2");
+}
+
+/// The same cases through a GGUF file's `tokenizer.ggml.*` metadata, built from Qwen3's
+/// `tokenizer.json` as llama.cpp's converter builds it (`convert_hf_to_gguf.py --vocab-only`
+/// of llama-cpp-python 0.3.36's llama.cpp writes exactly these tokens, types and merges:
+/// checked once against its output): every id's token up to the model's vocab_size, `[PADn]`
+/// (type 5) in the holes, added tokens that are special or look it (`<|…|>`) as control (3)
+/// and the other added tokens as user-defined (4), the merges as `"a b"` strings,
+/// pre-tokenizer `qwen2`. The tokenizer moestream rebuilds from them gives llama.cpp's ids.
+#[test]
+fn text_fixture_llama_cpp_qwen2_vocab_from_gguf_metadata() {
+    use crate::gguf::GgufSource;
+    use moestream_formats::gguf::{write_gguf, MetadataArray, MetadataValue as V};
+    let dir = fixtures_dir().join("qwen3");
+    let json: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap())
+            .unwrap();
+    let vocab = json["model"]["vocab"].as_object().unwrap();
+    let added = json["added_tokens"].as_array().unwrap();
+    let n = 151_936; // Qwen3's config.json vocab_size
+    let mut tokens: Vec<Option<String>> = vec![None; n];
+    let mut types = vec![1i32; n];
+    for (t, id) in vocab {
+        tokens[id.as_u64().unwrap() as usize] = Some(t.clone());
+    }
+    for a in added {
+        let id = a["id"].as_u64().unwrap() as usize;
+        tokens[id] = Some(a["content"].as_str().unwrap().to_string());
+        types[id] = if a["special"].as_bool().unwrap() {
+            3
+        } else {
+            4
+        };
+    }
+    let tokens: Vec<String> = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            t.unwrap_or_else(|| {
+                types[i] = 5;
+                format!("[PAD{i}]")
+            })
+        })
+        .collect();
+    let merges: Vec<String> = json["model"]["merges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| match m {
+            Value::String(s) => s.clone(),
+            Value::Array(p) => format!("{} {}", p[0].as_str().unwrap(), p[1].as_str().unwrap()),
+            other => panic!("merge {other}"),
+        })
+        .collect();
+    let metadata = vec![
+        (
+            "general.architecture".to_string(),
+            V::String("qwen3".into()),
+        ),
+        ("tokenizer.ggml.model".into(), V::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), V::String("qwen2".into())),
+        (
+            "tokenizer.ggml.tokens".into(),
+            V::Array(MetadataArray::String(tokens)),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            V::Array(MetadataArray::I32(types)),
+        ),
+        (
+            "tokenizer.ggml.merges".into(),
+            V::Array(MetadataArray::String(merges)),
+        ),
+        ("tokenizer.ggml.eos_token_id".into(), V::U32(151645)),
+        ("tokenizer.ggml.padding_token_id".into(), V::U32(151643)),
+        ("tokenizer.ggml.add_bos_token".into(), V::Bool(false)),
+    ];
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("vocab.gguf");
+    let mut file = std::fs::File::create(&path).unwrap();
+    write_gguf(&mut file, &metadata, &[], |_| unreachable!("no tensors")).unwrap();
+    drop(file);
+    let source = GgufSource::open(&path, false).unwrap();
+    check_llama_cpp_qwen2_cases(
+        &source.tokenizer().unwrap(),
+        "ggml-vocab-qwen2 via GGUF metadata",
+    );
 }
 
 /// Every template case of expected.json: same output byte for byte, or an error where Python raised; for
