@@ -777,4 +777,31 @@ fn speculative_server_answers_as_without() {
     assert!(value("moestream_speculative_proposed_tokens_total") > 0.0);
     let r = value("moestream_speculative_acceptance_ratio");
     assert!((0.0..=1.0).contains(&r), "{metrics}");
+    // A request can turn speculation off: the same answer, and no verification pass.
+    let passes = value("moestream_speculative_verify_passes_total");
+    let body = json!({"model": "qwen3_moe-hf-f32", "max_tokens": 30, "temperature": 0,
+        "messages": [{"role": "user", "content": "hello"}]});
+    let mut off = body.clone();
+    off["speculative"] = json!(false);
+    let (_, want) = plain.post_json("/v1/chat/completions", &body);
+    let (status, got) = spec.post_json("/v1/chat/completions", &off);
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(want["choices"][0]["message"], got["choices"][0]["message"]);
+    let (_, metrics) = spec.request("GET", "/metrics", &[], b"");
+    let after: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("moestream_speculative_verify_passes_total "))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .expect("verify passes metric");
+    assert_eq!(
+        after, passes,
+        "a request with speculative: false was speculated"
+    );
+    let (status, err) = spec.post_json(
+        "/v1/chat/completions",
+        &json!({"speculative": "no",
+        "messages": [{"role": "user", "content": "hi"}]}),
+    );
+    assert_eq!(status, 400, "{err}");
 }

@@ -158,6 +158,7 @@ async fn chat_response(
     let bytes = json_body(shared, headers, body).await?;
     let req: ChatRequest = protocol::parse_body(&bytes)?;
     protocol::check_model(req.model.as_deref(), &shared.options.served_model_name)?;
+    let speculate = req.speculative.unwrap_or(true);
     let messages = req
         .messages
         .as_deref()
@@ -247,7 +248,7 @@ async fn chat_response(
     };
     let rx = submit(
         shared,
-        new_job(prompt, max_tokens, sampling, logprobs, arrived),
+        new_job(prompt, max_tokens, sampling, logprobs, arrived, speculate),
     )?;
     let meta = streaming::ResponseMeta::new("chatcmpl", &shared.options.served_model_name);
     if stream {
@@ -354,6 +355,7 @@ async fn completion_response(
     let engine = ready_engine(shared)?;
     let bytes = json_body(shared, headers, body).await?;
     let req: CompletionRequest = protocol::parse_body(&bytes)?;
+    let speculate = req.speculative.unwrap_or(true);
     protocol::check_model(req.model.as_deref(), &shared.options.served_model_name)?;
     if req.echo == Some(true) {
         return Err(ApiError::invalid("echo", "`echo: true` is not supported"));
@@ -418,7 +420,7 @@ async fn completion_response(
     let max_tokens = protocol::generation_budget(prompt.len(), asked, engine.ctx_size, "prompt")?;
     let rx = submit(
         shared,
-        new_job(prompt, max_tokens, sampling, logprobs, arrived),
+        new_job(prompt, max_tokens, sampling, logprobs, arrived, speculate),
     )?;
     let meta = streaming::ResponseMeta::new("cmpl", &shared.options.served_model_name);
     if stream {

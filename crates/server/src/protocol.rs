@@ -106,6 +106,9 @@ pub struct ChatRequest {
     pub metadata: Option<Value>,
     #[allow(dead_code)] // accepted, no effect
     pub store: Option<bool>,
+    /// moestream extension: `false` runs this request without the server's speculative
+    /// decoding (`--draft-model`, `--prompt-lookup`); absent or `true` uses it when configured.
+    pub speculative: Option<bool>,
 }
 
 /// `POST /v1/completions`.
@@ -134,6 +137,9 @@ pub struct CompletionRequest {
     pub logit_bias: Option<BTreeMap<String, f64>>,
     #[allow(dead_code)] // accepted, no effect
     pub user: Option<String>,
+    /// moestream extension: `false` runs this request without the server's speculative
+    /// decoding (`--draft-model`, `--prompt-lookup`); absent or `true` uses it when configured.
+    pub speculative: Option<bool>,
 }
 
 /// Parses a JSON body into `T`, answering OpenAI-shaped 400s that name the offending field.

@@ -313,9 +313,11 @@ pub(crate) fn new_job(
     s: protocol::Sampling,
     logprobs: Option<usize>,
     arrived: Instant,
+    speculate: bool,
 ) -> Job {
     let (events, _) = mpsc::unbounded_channel();
     Job {
+        speculate,
         prompt,
         max_tokens,
         sampling: s.params,

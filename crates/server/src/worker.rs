@@ -54,6 +54,8 @@ pub struct Job {
     pub arrived: Instant,
     /// Where the events go.
     pub events: mpsc::UnboundedSender<Event>,
+    /// Use the server's speculative decoding, if it has one (the request's `speculative`).
+    pub speculate: bool,
 }
 
 /// A token's log-probability under the model's raw distribution (before penalties and
@@ -143,7 +145,7 @@ impl Worker {
                     reply.clone()
                 });
                 let speculation = match (&forced, &self.engine.speculation) {
-                    (None, Some(c)) => Some(Speculation::new(
+                    (None, Some(c)) if job.speculate => Some(Speculation::new(
                         c.proposer.clone(),
                         c.max_draft,
                         c.fixed,
