@@ -146,3 +146,15 @@ pub fn greedy_ids(model: &Path, extra: &[&str]) -> String {
         serde_json::from_str(stdout(&o).trim()).expect("run --json prints one object");
     v["generated_tokens"].to_string()
 }
+
+/// The `logprobs` of `score`'s JSON output.
+pub fn score_logprobs(o: &Output) -> Vec<f64> {
+    let v: serde_json::Value =
+        serde_json::from_str(stdout(o).trim()).expect("score prints one JSON object");
+    v["logprobs"]
+        .as_array()
+        .expect("logprobs")
+        .iter()
+        .map(|x| x.as_f64().expect("number"))
+        .collect()
+}

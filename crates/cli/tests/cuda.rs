@@ -3,7 +3,7 @@
 //! and greedy generation is the same with every expert in VRAM as with a small VRAM expert
 //! cache. Needs a binary built with `--features cuda` and a GPU: elsewhere each test prints why
 //! it is skipped and passes.
-use crate::common::{greedy_ids, moestream, stderr, stdout};
+use crate::common::{greedy_ids, moestream, score_logprobs, stderr};
 use std::path::{Path, PathBuf};
 
 const TOKENS: &str = "5 9 44 3 17 250 8 1 99 31 7 7 120 64 2 200 13 77 5 9";
@@ -44,13 +44,7 @@ fn score(model: &Path, extra: &[&str]) -> Result<Vec<f64>, String> {
     if !o.status.success() {
         return Err(stderr(&o));
     }
-    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).expect("JSON");
-    Ok(v["logprobs"]
-        .as_array()
-        .expect("logprobs")
-        .iter()
-        .map(|x| x.as_f64().expect("number"))
-        .collect())
+    Ok(score_logprobs(&o))
 }
 
 fn max_diff(a: &[f64], b: &[f64]) -> f64 {
@@ -89,13 +83,7 @@ fn score_in_short_passes(model: &Path) -> Vec<f64> {
         .output()
         .expect("spawn moestream");
     assert!(o.status.success(), "score failed: {}", stderr(&o));
-    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).expect("JSON");
-    v["logprobs"]
-        .as_array()
-        .expect("logprobs")
-        .iter()
-        .map(|x| x.as_f64().expect("number"))
-        .collect()
+    score_logprobs(&o)
 }
 
 #[test]

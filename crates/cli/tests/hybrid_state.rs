@@ -162,14 +162,7 @@ fn score_json_env(model: &std::path::Path, extra: &[&str], exact: bool) -> Vec<f
         "score {extra:?}: {}",
         crate::common::stderr(&o)
     );
-    let v: serde_json::Value =
-        serde_json::from_str(crate::common::stdout(&o).trim()).expect("score JSON");
-    v["logprobs"]
-        .as_array()
-        .expect("logprobs")
-        .iter()
-        .map(|x| x.as_f64().expect("number"))
-        .collect()
+    crate::common::score_logprobs(&o)
 }
 
 /// Streamed equals mapped bit for bit; single-token decode steps (the recurrent form) equal the

@@ -857,6 +857,22 @@ impl CudaModel {
             && experts.as_ref().is_none_or(|c| c.all_resident())
             && sparse_layers == self.sparse_layers
             && std::env::var_os("MOESTREAM_CUDA_GRAPHS").is_none_or(|v| v != "0");
+        let mut pass = |pos, first, rows, keep: &mut Vec<DeviceBuffer>| {
+            self.pass(
+                gpu,
+                model,
+                seq,
+                experts,
+                slot_tables,
+                &b,
+                lb,
+                n,
+                pos,
+                first,
+                rows,
+                keep,
+            )
+        };
         if graphable {
             // A decode step: replay the graph of this sequence's buffers, or record it once.
             let step = scratch.step.get_or_insert_with(|| gpu.alloc_f32(1));
@@ -878,20 +894,7 @@ impl CudaModel {
                     at: step.ptr,
                 };
                 gpu.begin_capture().map_err(dev)?;
-                let recorded = self.pass(
-                    gpu,
-                    model,
-                    seq,
-                    experts,
-                    slot_tables,
-                    &b,
-                    lb,
-                    n,
-                    pos,
-                    0,
-                    1,
-                    &mut keep_alive,
-                );
+                let recorded = pass(pos, 0, 1, &mut keep_alive);
                 // The capture must end whatever happened inside it.
                 let graph = gpu.end_capture();
                 recorded?;
@@ -904,21 +907,7 @@ impl CudaModel {
                 .launch()
                 .map_err(|e| StoreError::Device(format!("replaying the decode graph: {e:?}")))?;
         } else {
-            let pos = Position { start, at: 0 };
-            self.pass(
-                gpu,
-                model,
-                seq,
-                experts,
-                slot_tables,
-                &b,
-                lb,
-                n,
-                pos,
-                first,
-                rows,
-                &mut keep_alive,
-            )?;
+            pass(Position { start, at: 0 }, first, rows, &mut keep_alive)?;
         }
         let mut logits = vec![0f32; rows * self.vocab];
         gpu.read(lb.ptr, &mut logits).map_err(dev)?;
