@@ -16,7 +16,8 @@ if [ ! -f "$M" ]; then
   echo "synth: $(( $(date +%s) - t )) s"
 fi
 B=("$BIN" bench --model "$M" -p 512 -n 128 -r 3 --no-bandwidth)
-for what in "${@:-a b c}"; do
+[ $# -eq 0 ] && set -- a b c
+for what in "$@"; do
   case $what in
     a) echo "== (a) all experts in VRAM"; "${B[@]}" --device cuda ;;
     b) echo "== (b) VRAM expert cache $CACHE, host memory plentiful"; "${B[@]}" --device cuda --gpu-expert-cache "$CACHE" ;;

@@ -11,7 +11,8 @@ M=${MODEL:-/root/bench/q3-30b-q4km.gguf}
 LIMIT=${WITH_MEMORY_LIMIT:-../shared/tools/with-memory-limit}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 B=/root/llama.cpp/build/bin/llama-bench
-for what in "${@:-build a b c}"; do
+[ $# -eq 0 ] && set -- build a b c
+for what in "$@"; do
   case $what in
     build)
       t=$(date +%s)

@@ -10,8 +10,11 @@ NVRTC=$(ls /usr/local/cuda/lib64/libnvrtc.so* /usr/local/cuda/targets/x86_64-lin
         2>/dev/null | grep -v builtins | head -1)
 mkdir -p /tmp/nvrtc && ln -sf "$NVRTC" /tmp/nvrtc/libnvrtc.so
 for dep in "$(dirname "$NVRTC")"/libnvrtc-builtins.so*; do ln -sf "$dep" /tmp/nvrtc/; done
+# cuBLAS (prompts): cudarc looks for libcublas.so or .so.12/.11/...; link the one beside NVRTC.
+CUBLAS=$(ls "$(dirname "$NVRTC")"/libcublas.so* /usr/local/cuda/lib64/libcublas.so* 2>/dev/null | head -1)
+[ -n "$CUBLAS" ] && ln -sf "$CUBLAS" /tmp/nvrtc/libcublas.so
 export LD_LIBRARY_PATH=/tmp/nvrtc:$(dirname "$NVRTC"):${LD_LIBRARY_PATH:-}
 export MOESTREAM_BIN=$ROOT/.device/moestream
-echo "nvrtc: $NVRTC"
+echo "nvrtc: $NVRTC; cublas: ${CUBLAS:-none}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 set +e

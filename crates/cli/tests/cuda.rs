@@ -67,6 +67,41 @@ fn gpu_here(model: &Path) -> bool {
     }
 }
 
+/// A `--gpu-expert-cache` size of about k + 2 of `model`'s experts (from `inspect`): a prompt's
+/// experts then go through the cache in several chunks.
+fn few_experts(model: &Path) -> String {
+    let o = moestream(&["inspect", "--model", model.to_str().unwrap()]);
+    assert!(o.status.success(), "inspect failed: {}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    let line = |key: &str| {
+        text.lines()
+            .find(|l| l.starts_with(key))
+            .unwrap_or_else(|| panic!("no {key} in inspect's output:\n{text}"))
+            .to_string()
+    };
+    let number_before = |l: &str, word: &str| -> f64 {
+        let words: Vec<&str> = l.split_whitespace().collect();
+        let at = words.iter().position(|w| w.starts_with(word)).unwrap();
+        words[at - 1].trim_start_matches('(').parse().unwrap()
+    };
+    let layers = number_before(&line("architecture"), "layers");
+    let experts = line("experts");
+    let (per_layer, active) = (
+        number_before(&experts, "per"),
+        number_before(&experts, "active"),
+    );
+    let bytes = line("expert bytes");
+    let words: Vec<&str> = bytes.split_whitespace().collect();
+    let unit = match words[3] {
+        "KiB" => 1.0,
+        "MiB" => 1024.0,
+        "GiB" => 1024.0 * 1024.0,
+        u => panic!("expert bytes in {u}"),
+    };
+    let one = words[2].parse::<f64>().unwrap() * unit / (layers * per_layer);
+    format!("{}K", (one * (active + 2.0)).ceil() as usize)
+}
+
 /// `score` on the GPU with passes of at most 7 tokens (a long prompt's chunking).
 fn score_in_short_passes(model: &Path) -> Vec<f64> {
     let o = std::process::Command::new(crate::common::bin())
@@ -95,6 +130,8 @@ fn gpu_scores_equal_cpu_scores() {
     }
     // f32 weights: the same numbers summed in another order (~1e-6); quantized weights are
     // dequantized identically, so the same bound holds with f32 activations on both sides.
+    // The 20-token prompt takes the prompt paths (cuBLAS SGEMM for dense matrices from 16
+    // tokens, grouped per-expert launches), `--ubatch 1` the decode kernels.
     let cases = [
         ("qwen3_moe", "tiny", "hf-f32", 1e-4),
         ("qwen3_moe", "tiny", "hf-bf16", 1e-4),
@@ -127,6 +164,19 @@ fn gpu_scores_equal_cpu_scores() {
         let steps = score(&m, &["--device", "cuda", "--ubatch", "1"]).expect("gpu score");
         let worst = max_diff(&cpu, &steps);
         eprintln!("{arch} {format}: one token per pass, max |Δ log-prob| {worst:.2e}");
+        if arch.contains("moe") || arch == "mixtral" || arch == "qwen3_next" {
+            // A prompt's experts through a VRAM cache of a few slots: the grouped launches in
+            // several chunks, each chunk's experts copied in first.
+            let size = few_experts(&m);
+            let small = score(&m, &["--device", "cuda", "--gpu-expert-cache", &size])
+                .expect("gpu score, small cache");
+            let worst = max_diff(&cpu, &small);
+            eprintln!("{arch} {format}: 64 KiB expert cache, max |Δ log-prob| {worst:.2e}");
+            assert!(
+                worst <= tol,
+                "{arch} {format}: small cache differs by {worst}"
+            );
+        }
         let chunked = max_diff(&cpu, &score_in_short_passes(&m));
         eprintln!("{arch} {format}: passes of 7 tokens, max |Δ log-prob| {chunked:.2e}");
         assert!(

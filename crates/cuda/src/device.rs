@@ -4,6 +4,7 @@
 //! architecture, and the build needs no CUDA toolkit), and the PTX is cached on disk under a key of
 //! the source, the compile options, the GPU's compute capability and the driver version: a later
 //! start loads it in milliseconds instead of compiling for seconds.
+use crate::gemm::Gemm;
 use cudarc::driver::{
     result, sys, CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaStream,
 };
@@ -63,6 +64,9 @@ pub struct Gpu {
     ordinal: usize,
     /// `MOESTREAM_CUDA_PROFILE=1`: every launch timed with a pair of events.
     profile: Option<std::sync::Mutex<Profile>>,
+    /// cuBLAS for prompts, opened at first use (`None` inside: not available).
+    gemm: std::sync::OnceLock<Option<Gemm>>,
+    gemm_min_tokens: usize,
 }
 
 /// Launch timings, when profiling.
@@ -72,14 +76,15 @@ struct Profile {
     totals: HashMap<&'static str, (f64, u64)>,
 }
 
-/// A product kernel's name and its one-token variant's (`name_1`).
+/// A product kernel's name, its one-token variant's (`name_1`), its per-expert-spans
+/// variant's (`name_spans`) and its weights' dequantization to f32 (`name_dequant`).
 macro_rules! products {
     ($($name:literal),* $(,)?) => {
-        &[$($name, concat!($name, "_1")),*]
+        &[$($name, concat!($name, "_1"), concat!($name, "_spans"), concat!($name, "_dequant")),*]
     };
 }
 
-/// Product kernels in kernels.cu, each with its one-token variant.
+/// Product kernels in kernels.cu, each with its one-token, spans and dequantization variants.
 const PRODUCTS: &[&str] = products!(
     "matvec_f32",
     "matvec_f16",
@@ -104,12 +109,13 @@ const FUNCTIONS: &[&str] = &[
     "rms_norm",
     "rope",
     "attention",
+    "attention_combine",
     "silu_mul",
     "add_into",
     "split_query_gate",
     "mul_sigmoid",
     "combine_experts",
-    "scatter_add",
+    "combine_rows",
     "gather_rows",
     "add_gated",
     "route_top_k",
@@ -161,7 +167,17 @@ impl Gpu {
             name,
             ordinal,
             profile,
+            gemm: std::sync::OnceLock::new(),
+            gemm_min_tokens: crate::gemm::min_tokens(),
         })
+    }
+
+    /// cuBLAS, when a product of `n` tokens should use it and it is available.
+    pub(crate) fn gemm(&self, n: usize) -> Option<&Gemm> {
+        if n < self.gemm_min_tokens {
+            return None;
+        }
+        self.gemm.get_or_init(|| Gemm::open(&self.stream)).as_ref()
     }
 
     /// `cuda:N NAME`.

@@ -308,18 +308,28 @@ struct Q6_KW {
 // whose slots start at bases[g]; bases == 0 for a plain matrix).
 // TILE tokens share each dequantized chunk; TILE = 1 is the decode-step variant, with fewer
 // registers (more warps in flight) and two chunks' loads issued before their arithmetic.
+// With `spans` (a prompt's experts), group g instead applies its matrix to the tokens
+// spans[g] .. spans[g+1] of x and y (the rows gathered for each expert, one after the other).
 template <class W, int TILE>
-__device__ void matvec(const u64* bases, MatArgs a, const float* x, float* y) {
+__device__ void matvec(const u64* bases, const u32* spans, MatArgs a, const float* x, float* y) {
     u32 row = blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / WARP;
     int lane = threadIdx.x % WARP;
     if (row >= a.rows) return;
     u64 g = blockIdx.y;
     u64 base = bases ? bases[g] : 0;
-    x += g * a.x_group_stride;
-    y += g * a.y_group_stride;
+    u32 n = a.n;
+    if (spans) {
+        u32 first = spans[g];
+        n = spans[g + 1] - first;
+        x += (u64)first * a.cols;
+        y += (u64)first * a.rows;
+    } else {
+        x += g * a.x_group_stride;
+        y += g * a.y_group_stride;
+    }
     u32 chunks = a.cols / 32;
-    for (u32 t0 = 0; t0 < a.n; t0 += TILE) {
-        u32 nt = min((u32)TILE, a.n - t0);
+    for (u32 t0 = 0; t0 < n; t0 += TILE) {
+        u32 nt = min((u32)TILE, n - t0);
         float acc[TILE];
 #pragma unroll
         for (int t = 0; t < TILE; t++) acc[t] = 0.f;
@@ -357,11 +367,38 @@ __device__ void matvec(const u64* bases, MatArgs a, const float* x, float* y) {
     }
 }
 
+// out[r][k] = W[row0 + r][k] for `rows` rows, in f32 (the input of a cuBLAS product): one
+// thread a chunk of 32 columns.
+template <class W>
+__device__ void dequantize(MatArgs a, u32 row0, u32 rows, float* out) {
+    u32 chunks = a.cols / 32;
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (u64)rows * chunks) return;
+    u64 r = i / chunks;
+    u32 c = i % chunks;
+    float w[32];
+    W::chunk(a, 0, row0 + r, c, w);
+    float4* o = (float4*)(out + r * a.cols + (u64)c * 32);
+#pragma unroll
+    for (int j = 0; j < 8; j++) o[j] = make_float4(w[4 * j], w[4 * j + 1], w[4 * j + 2], w[4 * j + 3]);
+}
+
+// A format's tiled, spans and dequantization kernels; MATVEC adds the generic one-token kernel,
+// formats with a kernel of their own for decode (below) use MATVEC_PROMPT.
+#define MATVEC_PROMPT(name, W) \
+    extern "C" __global__ void name##_dequant(MatArgs a, u32 row0, u32 rows, float* out) { \
+        dequantize<W>(a, row0, rows, out); \
+    } \
+    extern "C" __global__ void __launch_bounds__(ROWS_PER_BLOCK * WARP) \
+    name(const u64* bases, MatArgs a, const float* x, float* y) { matvec<W, TOKEN_TILE>(bases, nullptr, a, x, y); } \
+    extern "C" __global__ void __launch_bounds__(ROWS_PER_BLOCK * WARP) \
+    name##_spans(const u64* bases, const u32* spans, MatArgs a, const float* x, float* y) { \
+        matvec<W, TOKEN_TILE>(bases, spans, a, x, y); \
+    }
 #define MATVEC(name, W) \
+    MATVEC_PROMPT(name, W) \
     extern "C" __global__ void __launch_bounds__(ROWS_PER_BLOCK * WARP) \
-    name(const u64* bases, MatArgs a, const float* x, float* y) { matvec<W, TOKEN_TILE>(bases, a, x, y); } \
-    extern "C" __global__ void __launch_bounds__(ROWS_PER_BLOCK * WARP) \
-    name##_1(const u64* bases, MatArgs a, const float* x, float* y) { matvec<W, 1>(bases, a, x, y); }
+    name##_1(const u64* bases, MatArgs a, const float* x, float* y) { matvec<W, 1>(bases, nullptr, a, x, y); }
 
 MATVEC(matvec_f32, F32W)
 MATVEC(matvec_f16, HalfW<1>)
@@ -376,9 +413,100 @@ MATVEC(matvec_q8_0, Q8_0W)
 MATVEC(matvec_q4_0, Q4_0W)
 MATVEC(matvec_q4_1, Q4_1W)
 MATVEC(matvec_q5_0, Q5_0W)
-MATVEC(matvec_q4_k, Q4_KW)
+MATVEC_PROMPT(matvec_q4_k, Q4_KW)
 MATVEC(matvec_q5_k, Q5_KW)
-MATVEC(matvec_q6_k, Q6_KW)
+MATVEC_PROMPT(matvec_q6_k, Q6_KW)
+
+// ---- decode products of the K-quants that make most of a Q4_K_M file ----
+//
+// The generic one-token kernel gives each lane 32 consecutive columns, so the lanes of a warp
+// read x (and the codes) at a stride of 128 bytes: every load instruction touches 32 cache lines
+// and the L1 throughput, not memory, bounds the product (~10% of the bandwidth measured). Here a
+// warp walks its row one super-block of 256 at a time and consecutive lanes take consecutive
+// bytes of the codes and consecutive columns of x, so each load is one or a few whole lines.
+
+// Row `row` of group g = blockIdx.y (a slot at bases[g], or the plain matrix), y = W x.
+__device__ __forceinline__ const u8* decode_row(const u64* bases, const MatArgs& a, u32 row,
+                                                u32 block_bytes, const float** x, float** y) {
+    u64 g = blockIdx.y;
+    u64 base = bases ? bases[g] : 0;
+    *x += g * a.x_group_stride;
+    *y += g * a.y_group_stride;
+    return (const u8*)(base + a.data) + (u64)row * (a.cols / 256) * block_bytes;
+}
+
+__device__ __forceinline__ void decode_store(const MatArgs& a, float* y, u32 row, float acc) {
+    float s = warp_sum(acc);
+    if (threadIdx.x % WARP == 0) y[row] = a.accumulate ? y[row] + s : s;
+}
+
+// Q4_K: lane l reads code bytes 4l .. 4l+3 of a super-block: sub-block 2j (low nibbles, columns
+// 64j + 4(l%8) + 0..3) and 2j+1 (high nibbles, 32 columns on), j = l / 8. Its sums Σq·x and Σx
+// per sub-block are scaled once: y += d·sc·Σq·x − dmin·m·Σx.
+extern "C" __global__ void __launch_bounds__(ROWS_PER_BLOCK * WARP)
+matvec_q4_k_1(const u64* bases, MatArgs a, const float* x, float* y) {
+    u32 row = blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / WARP;
+    int lane = threadIdx.x % WARP;
+    if (row >= a.rows) return;
+    const u8* rowp = decode_row(bases, a, row, 144, &x, &y);
+    int j = lane / 8;
+    u32 c0 = 64 * j + 4 * (lane % 8);
+    float acc = 0.f;
+    u32 nb = a.cols / 256;
+#pragma unroll 2
+    for (u32 b = 0; b < nb; b++) {
+        const u8* blk = rowp + (u64)b * 144;
+        uint4 head = *(const uint4*)blk;
+        u32 q = *(const u32*)(blk + 16 + 4 * lane);
+        float4 xl = *(const float4*)(x + b * 256 + c0);
+        float4 xh = *(const float4*)(x + b * 256 + c0 + 32);
+        float d = half_to_float(head.x & 0xffff), dmin = half_to_float(head.x >> 16);
+        u32 sw[3] = {head.y, head.z, head.w};
+        float sc0, m0, sc1, m1;
+        scale_min_k4_words(2 * j, sw, &sc0, &m0);
+        scale_min_k4_words(2 * j + 1, sw, &sc1, &m1);
+        float ql = (float)(q & 15) * xl.x + (float)((q >> 8) & 15) * xl.y +
+                   (float)((q >> 16) & 15) * xl.z + (float)((q >> 24) & 15) * xl.w;
+        float qh = (float)((q >> 4) & 15) * xh.x + (float)((q >> 12) & 15) * xh.y +
+                   (float)((q >> 20) & 15) * xh.z + (float)(q >> 28) * xh.w;
+        float sl = (xl.x + xl.y) + (xl.z + xl.w), sh = (xh.x + xh.y) + (xh.z + xh.w);
+        acc += d * (sc0 * ql + sc1 * qh) - dmin * (m0 * sl + m1 * sh);
+    }
+    decode_store(a, y, row, acc);
+}
+
+// Q6_K (210-byte blocks, so byte loads): lane l takes columns 128n + 32i + l (n < 2, i < 4):
+// low nibble of ql[64n + l] (i = 0) or ql[64n + 32 + l] (i = 1), their high nibbles (i = 2, 3),
+// and 2 bits of qh[32n + l] each; scale sc[8n + 2i + l/16].
+extern "C" __global__ void __launch_bounds__(ROWS_PER_BLOCK * WARP)
+matvec_q6_k_1(const u64* bases, MatArgs a, const float* x, float* y) {
+    u32 row = blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / WARP;
+    int lane = threadIdx.x % WARP;
+    if (row >= a.rows) return;
+    const u8* rowp = decode_row(bases, a, row, 210, &x, &y);
+    float acc = 0.f;
+    u32 nb = a.cols / 256;
+    for (u32 b = 0; b < nb; b++) {
+        const u8* blk = rowp + (u64)b * 210;
+        const float* xb = x + b * 256 + lane;
+        float d = half_to_float(load_u16(blk + 208));
+        const i8* sc = (const i8*)(blk + 192) + lane / 16;
+        float s = 0.f;
+#pragma unroll
+        for (int n = 0; n < 2; n++) {
+            u32 l0 = blk[64 * n + lane], l1 = blk[64 * n + 32 + lane], h = blk[128 + 32 * n + lane];
+            int q0 = (int)((l0 & 15) | ((h & 3) << 4)) - 32;
+            int q1 = (int)((l1 & 15) | (((h >> 2) & 3) << 4)) - 32;
+            int q2 = (int)((l0 >> 4) | (((h >> 4) & 3) << 4)) - 32;
+            int q3 = (int)((l1 >> 4) | ((h >> 6) << 4)) - 32;
+            const float* xn = xb + 128 * n;
+            s += (float)sc[8 * n] * ((float)q0 * xn[0]) + (float)sc[8 * n + 2] * ((float)q1 * xn[32]) +
+                 (float)sc[8 * n + 4] * ((float)q2 * xn[64]) + (float)sc[8 * n + 6] * ((float)q3 * xn[96]);
+        }
+        acc += d * s;
+    }
+    decode_store(a, y, row, acc);
+}
 
 // ---- element-wise and normalisation ----
 
@@ -421,13 +549,18 @@ extern "C" __global__ void rope(float* x, u32 n_tokens, u32 n_heads, u32 head_di
 }
 
 // Causal attention over the cache: query t of the pass (position start + t) of head h attends to
-// positions 0..=start+t of kv head h / (n_heads / n_kv). One block of 4 warps per (head, token);
-// each warp keeps an online softmax over every 4th position, then the warps are merged.
+// positions 0..=start+t of kv head h / (n_heads / n_kv).
 #define ATT_WARPS 16
 #define MAX_DIMS_PER_LANE 8  // head_dim <= 256
+// One block of ATT_WARPS warps per (head, token); each warp keeps an online softmax over every
+// ATT_WARPS-th position, then the warps are merged.
+// Split (decode, `part` not null): block z = blockIdx.z of gridDim.z takes an equal share of the
+// positions (reckoned here, so a recorded graph stays right as the sequence grows) and writes
+// its running max, sum and unnormalised output to part[(t·n_heads + h)·splits + z] (head_dim + 2
+// floats each), which attention_combine merges; otherwise it writes the output itself.
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * WARP)
 attention(const float* q, const float* k, const float* v, float* out, u32 start, u32 n_heads,
-          u32 n_kv, u32 head_dim, float scale, const u32* start_at) {
+          u32 n_kv, u32 head_dim, float scale, const u32* start_at, float* part) {
     u32 h = blockIdx.x, t = blockIdx.y;
     if (start_at) start = *start_at;
     int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
@@ -442,8 +575,13 @@ attention(const float* q, const float* k, const float* v, float* out, u32 start,
         acc[j] = 0.f;
     }
     float m = __int_as_float(0xff800000), l = 0.f;  // -inf
-    u32 last = start + t;
-    for (u32 p = warp; p <= last; p += ATT_WARPS) {
+    u32 first = 0, end = start + t + 1;
+    if (part) {
+        u32 share = (end + gridDim.z - 1) / gridDim.z;
+        first = min(end, blockIdx.z * share);
+        end = min(end, first + share);
+    }
+    for (u32 p = first + warp; p < end; p += ATT_WARPS) {
         const float* kp = k + p * kv_width + (u64)kvh * head_dim;
         float s = 0.f;
 #pragma unroll
@@ -470,11 +608,44 @@ attention(const float* q, const float* k, const float* v, float* out, u32 start,
     for (int w = 0; w < ATT_WARPS; w++) mall = fmaxf(mall, sm[w]);
     float lall = 0.f;
     for (int w = 0; w < ATT_WARPS; w++) if (sl[w] > 0.f) lall += sl[w] * expf(sm[w] - mall);
+    if (part) {
+        float* ph = part + (((u64)t * n_heads + h) * gridDim.z + blockIdx.z) * (head_dim + 2);
+        if (threadIdx.x == 0) { ph[0] = mall; ph[1] = lall; }
+        for (u32 i = threadIdx.x; i < head_dim; i += blockDim.x) {
+            float s = 0.f;
+            for (int w = 0; w < ATT_WARPS; w++) if (sl[w] > 0.f) s += sacc[w][i] * expf(sm[w] - mall);
+            ph[2 + i] = s;
+        }
+        return;
+    }
     float* oh = out + ((u64)t * n_heads + h) * head_dim;
     for (u32 i = threadIdx.x; i < head_dim; i += blockDim.x) {
         float s = 0.f;
         for (int w = 0; w < ATT_WARPS; w++) if (sl[w] > 0.f) s += sacc[w][i] * expf(sm[w] - mall);
         oh[i] = s / lall;
+    }
+}
+
+// Merges the `splits` partial results of split attention: one block per (token, head).
+extern "C" __global__ void attention_combine(const float* part, float* out, u32 splits,
+                                             u32 head_dim) {
+    u64 th = blockIdx.x;
+    const float* ph = part + th * splits * (head_dim + 2);
+    float mall = __int_as_float(0xff800000);
+    for (u32 z = 0; z < splits; z++)
+        if (ph[z * (head_dim + 2) + 1] > 0.f) mall = fmaxf(mall, ph[z * (head_dim + 2)]);
+    float lall = 0.f;
+    for (u32 z = 0; z < splits; z++) {
+        const float* pz = ph + z * (head_dim + 2);
+        if (pz[1] > 0.f) lall += pz[1] * expf(pz[0] - mall);
+    }
+    for (u32 i = threadIdx.x; i < head_dim; i += blockDim.x) {
+        float s = 0.f;
+        for (u32 z = 0; z < splits; z++) {
+            const float* pz = ph + z * (head_dim + 2);
+            if (pz[1] > 0.f) s += pz[2 + i] * expf(pz[0] - mall);
+        }
+        out[th * head_dim + i] = s / lall;
     }
 }
 
@@ -660,13 +831,16 @@ extern "C" __global__ void head_norm_rope(float* x, u32 n_heads, u32 head_dim, c
     }
 }
 
-// out[rows[j]] += weight[j] · y[j] for the tokens that chose one expert (prefill).
-extern "C" __global__ void scatter_add(const float* y, const u32* rows, const float* weights,
-                                       float* out, u32 count, u32 h) {
+// out[t] (+)= Σ_j weights[t·k + j] · y[at[t·k + j]] for the k experts of each token of a prompt
+// (rows of width h; `at` lists each token's rows in y in ascending expert order).
+extern "C" __global__ void combine_rows(const float* y, const u32* at, const float* weights,
+                                        float* out, u32 k, u32 h, u32 n, u32 accumulate) {
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (u64)count * h) return;
-    u64 j = i / h, c = i % h;
-    out[(u64)rows[j] * h + c] += weights[j] * y[i];
+    if (i >= (u64)n * h) return;
+    u64 t = i / h, c = i % h;
+    float s = 0.f;
+    for (u32 j = 0; j < k; j++) s += weights[t * k + j] * y[(u64)at[t * k + j] * h + c];
+    out[i] = accumulate ? out[i] + s : s;
 }
 
 // dst[j] = src[rows[j]] (rows of width h).

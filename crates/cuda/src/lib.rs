@@ -7,12 +7,15 @@
 //! on disk ([`device`]). Weights stay in their checkpoint's formats (floats, MLX group-affine
 //! codes, llama.cpp blocks) and are dequantized inside the products ([`matrix`]), as on the CPU.
 //!
+//! Prompts multiply their dense matrices through cuBLAS ([`gemm`]).
+//!
 //! [`CudaModel`] implements the engine's `Accelerator`: `model.set_accelerator(...)` and every
 //! forward pass (generation, scoring, serving) runs on the GPU.
 #![deny(missing_docs)]
 
 pub mod device;
 pub mod experts;
+pub mod gemm;
 pub mod matrix;
 pub mod model;
 pub mod ops;

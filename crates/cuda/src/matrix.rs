@@ -5,6 +5,7 @@
 //! contiguous slot of the expert cache, copied with one transfer. The same [`MatrixLayout`]
 //! describes a matrix in its own buffer and in every expert slot of a layer.
 use crate::device::{DeviceBuffer, Gpu, GpuError};
+use crate::gemm::Gemm;
 use moestream_kernels::ggml::BlockFormat;
 use moestream_kernels::{FloatKind, Matrix, Weights};
 use std::ffi::c_void;
@@ -27,13 +28,30 @@ pub(crate) struct MatArgs {
 }
 
 const ALIGN: usize = 256;
+/// Output rows per thread block of the product kernels (kernels.cu `ROWS_PER_BLOCK`).
+const ROWS_PER_BLOCK: usize = 4;
 
-/// A product kernel's name and its one-token variant's.
-type Kernel = (&'static str, &'static str);
+/// The kernels of one weight format (kernels.cu `MATVEC`).
+#[derive(Clone, Copy, Debug)]
+struct Kernel {
+    /// Tokens in tiles of 8.
+    tiled: &'static str,
+    /// One token.
+    one: &'static str,
+    /// A prompt's experts, each over its own rows.
+    spans: &'static str,
+    /// Rows dequantized to f32 (for cuBLAS).
+    dequant: &'static str,
+}
 
 macro_rules! k {
     ($name:literal) => {
-        ($name, concat!($name, "_1"))
+        Kernel {
+            tiled: $name,
+            one: concat!($name, "_1"),
+            spans: concat!($name, "_spans"),
+            dequant: concat!($name, "_dequant"),
+        }
     };
 }
 
@@ -52,6 +70,8 @@ pub struct MatrixLayout {
     pub rows: usize,
     /// Input features.
     pub cols: usize,
+    /// Plain f32 rows, which cuBLAS reads as they are.
+    plain_f32: bool,
 }
 
 fn scale_kind(k: FloatKind) -> u32 {
@@ -141,6 +161,13 @@ impl MatrixLayout {
                 bytes: at,
                 rows: m.rows,
                 cols: m.cols,
+                plain_f32: matches!(
+                    m.weights,
+                    Weights::Float {
+                        kind: FloatKind::F32,
+                        ..
+                    }
+                ),
             },
             parts,
         ))
@@ -163,7 +190,7 @@ impl MatrixLayout {
     /// Whether `other` is multiplied by the same kernel with the same quantization parameters
     /// and shape (so both can share one grouped launch).
     pub fn same_kind(&self, other: &MatrixLayout) -> bool {
-        self.kernel.0 == other.kernel.0
+        self.kernel.tiled == other.kernel.tiled
             && self.rows == other.rows
             && self.cols == other.cols
             && self.args.scale_kind == other.args.scale_kind
@@ -216,6 +243,40 @@ impl MatrixLayout {
         self.launch_with(gpu, bases, groups, a, x, y)
     }
 
+    /// The grouped product of a prompt's experts: group g (the slot at the g-th u64 of device
+    /// address `bases`) multiplies the rows `spans[g] .. spans[g+1]` of `x` into the same rows
+    /// of `y` (`spans`: `groups + 1` u32 at a device address).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn launch_spans(
+        &self,
+        gpu: &Gpu,
+        bases: u64,
+        spans: u64,
+        groups: usize,
+        x: u64,
+        y: u64,
+    ) -> Result<(), GpuError> {
+        if groups == 0 {
+            return Ok(());
+        }
+        let mut a = self.args;
+        a.n = 1;
+        let (mut bases, mut spans, mut x, mut y) = (bases, spans, x, y);
+        let blocks = self.rows.div_ceil(ROWS_PER_BLOCK) as u32;
+        gpu.launch(
+            self.kernel.spans,
+            (blocks, groups as u32, 1),
+            (ROWS_PER_BLOCK * 32) as u32,
+            &mut [
+                &mut bases as *mut u64 as *mut c_void,
+                &mut spans as *mut u64 as *mut c_void,
+                &mut a as *mut MatArgs as *mut c_void,
+                &mut x as *mut u64 as *mut c_void,
+                &mut y as *mut u64 as *mut c_void,
+            ],
+        )
+    }
+
     fn launch_with(
         &self,
         gpu: &Gpu,
@@ -229,13 +290,12 @@ impl MatrixLayout {
             return Ok(());
         }
         let mut bases = bases;
-        const ROWS_PER_BLOCK: usize = 4;
         let blocks = self.rows.div_ceil(ROWS_PER_BLOCK) as u32;
         gpu.launch(
             if a.n == 1 {
-                self.kernel.1
+                self.kernel.one
             } else {
-                self.kernel.0
+                self.kernel.tiled
             },
             (blocks, groups as u32, 1),
             (ROWS_PER_BLOCK * 32) as u32,
@@ -268,12 +328,66 @@ impl GpuMatrix {
 
     /// `y = W x` for `n` rows (device addresses).
     pub fn forward(&self, gpu: &Gpu, x: u64, n: usize, y: u64) -> Result<(), GpuError> {
-        self.layout.launch(gpu, self.buf.ptr, x, n, y, false)
+        self.product(gpu, x, n, y, false)
     }
 
     /// `y += W x` for `n` rows (a residual connection).
     pub fn forward_add(&self, gpu: &Gpu, x: u64, n: usize, y: u64) -> Result<(), GpuError> {
-        self.layout.launch(gpu, self.buf.ptr, x, n, y, true)
+        self.product(gpu, x, n, y, true)
+    }
+
+    fn product(
+        &self,
+        gpu: &Gpu,
+        x: u64,
+        n: usize,
+        y: u64,
+        accumulate: bool,
+    ) -> Result<(), GpuError> {
+        match gpu.gemm(n) {
+            Some(gemm) => self.product_gemm(gpu, gemm, x, n, y, accumulate),
+            None => self.layout.launch(gpu, self.buf.ptr, x, n, y, accumulate),
+        }
+    }
+
+    /// The product by cuBLAS: slices of rows dequantized to f32 into the scratch (f32 weights
+    /// are read in place), each multiplied into its columns of `y`.
+    fn product_gemm(
+        &self,
+        gpu: &Gpu,
+        gemm: &Gemm,
+        x: u64,
+        n: usize,
+        y: u64,
+        accumulate: bool,
+    ) -> Result<(), GpuError> {
+        let (rows, cols) = (self.layout.rows, self.layout.cols);
+        let slice = (gemm.scratch_floats() / cols).clamp(1, rows);
+        let mut args = self.layout.args;
+        args.data += self.buf.ptr;
+        args.scales += self.buf.ptr;
+        args.biases += self.buf.ptr;
+        for row0 in (0..rows).step_by(slice) {
+            let m = slice.min(rows - row0);
+            let w = if self.layout.plain_f32 {
+                args.data + (4 * row0 * cols) as u64
+            } else {
+                let (mut a, mut r0, mut r, mut out) = (args, row0 as u32, m as u32, gemm.scratch());
+                gpu.launch_elements(
+                    self.layout.kernel.dequant,
+                    m * (cols / 32),
+                    &mut [
+                        &mut a as *mut MatArgs as *mut c_void,
+                        &mut r0 as *mut u32 as *mut c_void,
+                        &mut r as *mut u32 as *mut c_void,
+                        &mut out as *mut u64 as *mut c_void,
+                    ],
+                )?;
+                gemm.scratch()
+            };
+            gemm.rows_times(w, m, cols, x, n, y + (4 * row0) as u64, rows, accumulate)?;
+        }
+        Ok(())
     }
 
     /// Output features.

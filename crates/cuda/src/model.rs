@@ -522,6 +522,8 @@ pub struct CudaModel {
     norm: Norm,
     lm_head: GpuMatrix,
     inv_freq: DeviceBuffer,
+    /// Partial results of decode attention split over positions ([`ATTENTION_SPLITS`] a head).
+    attention_part: DeviceBuffer,
     rot: usize,
     widths: Widths,
     hidden: usize,
@@ -542,6 +544,10 @@ pub enum ExpertBudget {
     /// At most this many bytes.
     Bytes(usize),
 }
+
+/// Blocks per head of a decode step's attention, each over an equal share of the positions: 32
+/// heads alone would leave most of a large GPU's SMs idle while one block walks the whole cache.
+const ATTENTION_SPLITS: usize = 16;
 
 /// Device memory kept free for KV caches and activations when the expert cache is sized
 /// automatically.
@@ -615,6 +621,18 @@ impl CudaModel {
         let norm = Norm::upload(&gpu, &model.norm)?;
         let rope = model.rope();
         let inv_freq = gpu.upload(rope.inv_freq())?;
+        let attention_part = {
+            let floats = layers
+                .iter()
+                .filter_map(|l| match &l.mixer {
+                    GpuMixer::Attention(a) => Some(a.heads * (a.head_dim + 2)),
+                    _ => None,
+                })
+                .max()
+                .unwrap_or(0)
+                * ATTENTION_SPLITS;
+            gpu.alloc_f32(floats.max(1))?
+        };
         gpu.synchronize()?;
 
         let weight_bytes = lm_head.size_bytes()
@@ -706,6 +724,8 @@ impl CudaModel {
             widths[Buf::Gate as usize] = widths[Buf::Gate as usize].max(2 * k * fe).max(fe);
             widths[Buf::Up as usize] = widths[Buf::Gate as usize];
             widths[Buf::ExpertOut as usize] = widths[Buf::ExpertOut as usize].max(k * h);
+            // A prompt's rows gathered per expert: k per token.
+            widths[Buf::Gathered as usize] = widths[Buf::Gathered as usize].max(k * h);
             Some(cache)
         } else {
             None
@@ -734,6 +754,7 @@ impl CudaModel {
             norm,
             lm_head,
             inv_freq,
+            attention_part,
             rot: rope.rotary_dim(),
             widths: Widths(widths),
             hidden: h,
@@ -1057,6 +1078,11 @@ impl CudaModel {
             a.kv_heads,
             d,
             at,
+            Some(ops::AttentionSplit {
+                part: self.attention_part.ptr,
+                splits: ATTENTION_SPLITS,
+                floats: self.attention_part.bytes / 4,
+            }),
         )?;
         if a.output_gate {
             ops::mul_sigmoid(gpu, b(Buf::Attn), b(Buf::Gate), n * a.heads * d)?;
@@ -1153,55 +1179,82 @@ impl CudaModel {
                 .map_err(dev)?;
             return Ok(());
         }
-        // A prompt: each chosen expert over the rows that chose it, in ascending expert order.
+        // A prompt: the rows that chose each expert gathered one expert after the other (experts
+        // in ascending order, tokens in order), each projection one launch over every expert of
+        // a chunk of the cache, then each token's k outputs combined in ascending expert order.
         let mut logits = vec![0f32; n * e];
         gpu.read(b(Buf::Router), &mut logits).map_err(dev)?;
-        let routing = moe.choose(&mut logits, k);
-        let mut users: Vec<Vec<(u32, f32)>> = vec![Vec::new(); e];
-        for (t, r) in routing.iter().enumerate() {
-            for &(ex, w) in r {
-                users[ex].push((t as u32, w));
+        let mut routing = moe.choose(&mut logits, k);
+        let mut count = vec![0u32; e];
+        for r in &mut routing {
+            r.sort_unstable_by_key(|c| c.0);
+            for &(ex, _) in r.iter() {
+                count[ex] += 1;
             }
         }
-        let active: Vec<usize> = (0..e).filter(|&x| !users[x].is_empty()).collect();
-        // One upload of every expert's rows and weights: [rows: u32...][weights: f32...].
-        let total: usize = active.iter().map(|&x| users[x].len()).sum();
-        let mut table = Vec::with_capacity(8 * total);
-        table.extend(
-            active
-                .iter()
-                .flat_map(|&x| users[x].iter().flat_map(|u| u.0.to_le_bytes())),
-        );
-        table.extend(
-            active
-                .iter()
-                .flat_map(|&x| users[x].iter().flat_map(|u| u.1.to_le_bytes())),
-        );
-        let idx = gpu.upload(&table).map_err(dev)?;
-        if !routed.accumulate {
-            gpu.zero(routed.out, n * h).map_err(dev)?;
+        let active: Vec<usize> = (0..e).filter(|&x| count[x] > 0).collect();
+        let mut first = vec![0u32; e + 1];
+        for x in 0..e {
+            first[x + 1] = first[x] + count[x];
         }
-        let mut at = 0usize;
+        let total = first[e] as usize;
+        // [rows of the gathered order: u32...][per (token, j): its row there, u32...][weights]
+        let mut rows = vec![0u32; total];
+        let mut at = vec![0u32; n * k];
+        let mut weights = vec![0f32; n * k];
+        let mut filled = first.clone();
+        for (t, r) in routing.iter().enumerate() {
+            for (j, &(ex, w)) in r.iter().take(k).enumerate() {
+                let row = filled[ex];
+                filled[ex] += 1;
+                rows[row as usize] = t as u32;
+                at[t * k + j] = row;
+                weights[t * k + j] = w;
+            }
+        }
+        let mut table = Vec::with_capacity(4 * (total + 2 * n * k));
+        table.extend(rows.iter().flat_map(|r| r.to_le_bytes()));
+        table.extend(at.iter().flat_map(|r| r.to_le_bytes()));
+        table.extend(weights.iter().flat_map(|w| w.to_le_bytes()));
+        let idx = gpu.upload(&table).map_err(dev)?;
+        let (xs, g, u, y) = (
+            b(Buf::Gathered),
+            b(Buf::Gate),
+            b(Buf::Up),
+            b(Buf::ExpertOut),
+        );
+        ops::gather_rows(gpu, b(Buf::Normed), idx.ptr, xs, total, h).map_err(dev)?;
         for chunk in active.chunks(cache.capacity()) {
             let bases = cache.ensure(gpu, &model.experts, l, chunk)?;
-            for (&ex, &base) in chunk.iter().zip(&bases) {
-                let m = users[ex].len();
-                let rows_p = idx.ptr + 4 * at as u64;
-                let w_p = idx.ptr + 4 * (total + at) as u64;
-                at += m;
-                let xs = b(Buf::Gathered);
-                ops::gather_rows(gpu, b(Buf::Normed), rows_p, xs, m, h).map_err(dev)?;
-                let (g, u, y) = (b(Buf::Gate), b(Buf::Up), b(Buf::ExpertOut));
-                layout
-                    .gate
-                    .launch(gpu, base, xs, m, g, false)
-                    .map_err(dev)?;
-                layout.up.launch(gpu, base, xs, m, u, false).map_err(dev)?;
-                ops::silu_mul(gpu, g, u, g, m * f).map_err(dev)?;
-                layout.down.launch(gpu, base, g, m, y, false).map_err(dev)?;
-                ops::scatter_add(gpu, y, rows_p, w_p, routed.out, m, h).map_err(dev)?;
-            }
+            let start = first[chunk[0]];
+            let end = first[chunk[chunk.len() - 1] + 1];
+            let mut spans_table = Vec::with_capacity(12 * chunk.len() + 4);
+            spans_table.extend(bases.iter().flat_map(|b| b.to_le_bytes()));
+            spans_table.extend(chunk.iter().flat_map(|&x| (first[x] - start).to_le_bytes()));
+            spans_table.extend((end - start).to_le_bytes());
+            let spans = gpu.upload(&spans_table).map_err(dev)?;
+            let (bp, sp) = (spans.ptr, spans.ptr + 8 * chunk.len() as u64);
+            let rows_in = |buf: u64, width: usize| buf + 4 * (start as usize * width) as u64;
+            let c = chunk.len();
+            let (xs, g, u, y) = (rows_in(xs, h), rows_in(g, f), rows_in(u, f), rows_in(y, h));
+            layout
+                .gate
+                .launch_spans(gpu, bp, sp, c, xs, g)
+                .map_err(dev)?;
+            layout.up.launch_spans(gpu, bp, sp, c, xs, u).map_err(dev)?;
+            ops::silu_mul(gpu, g, u, g, (end - start) as usize * f).map_err(dev)?;
+            layout
+                .down
+                .launch_spans(gpu, bp, sp, c, g, y)
+                .map_err(dev)?;
+            keep_alive.push(spans);
         }
+        let (at_p, w_p) = (
+            idx.ptr + 4 * total as u64,
+            idx.ptr + 4 * (total + n * k) as u64,
+        );
+        ops::combine_rows(gpu, y, at_p, w_p, routed.out, k, h, n, routed.accumulate)
+            .map_err(dev)?;
         keep_alive.push(idx);
         Ok(())
     }

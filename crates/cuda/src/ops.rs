@@ -70,14 +70,17 @@ pub fn attention(
     n_kv: usize,
     head_dim: usize,
     start_at: u64,
+    split: Option<AttentionSplit>,
 ) -> Result<(), GpuError> {
     if !head_dim.is_multiple_of(32) || head_dim > 256 || !n_heads.is_multiple_of(n_kv) {
         return Err(GpuError(format!(
             "attention with {n_heads} heads of {head_dim} over {n_kv} kv heads is not supported on the GPU (head_dim must be a multiple of 32 up to 256)"
         )));
     }
+    let split = split.filter(|s| n == 1 && s.splits > 1 && s.fits(n_heads, head_dim));
     let scale = 1.0 / (head_dim as f32).sqrt();
     let mut at = start_at;
+    let mut part = split.map_or(0, |s| s.part);
     let (mut q, mut k, mut v, mut out, mut start, mut nh, mut nkv, mut hd, mut scale) = (
         q,
         k,
@@ -89,12 +92,41 @@ pub fn attention(
         head_dim as u32,
         scale,
     );
+    let splits = split.map_or(1, |s| s.splits as u32);
     gpu.launch(
         "attention",
-        (n_heads as u32, n as u32, 1),
+        (n_heads as u32, n as u32, splits),
         512, // ATT_WARPS warps
-        args!(q, k, v, out, start, nh, nkv, hd, scale, at),
-    )
+        args!(q, k, v, out, start, nh, nkv, hd, scale, at, part),
+    )?;
+    if split.is_some() {
+        let mut sp = splits;
+        gpu.launch(
+            "attention_combine",
+            (n_heads as u32, 1, 1),
+            128,
+            args!(part, out, sp, hd),
+        )?;
+    }
+    Ok(())
+}
+
+/// Decode attention split over the positions: `splits` blocks per head, each writing a partial
+/// softmax into `part` (`heads · splits · (head_dim + 2)` floats), merged by a second kernel.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionSplit {
+    /// Device address of the partial results.
+    pub part: u64,
+    /// Blocks per head.
+    pub splits: usize,
+    /// Floats at `part`.
+    pub floats: usize,
+}
+
+impl AttentionSplit {
+    fn fits(&self, heads: usize, head_dim: usize) -> bool {
+        heads * self.splits * (head_dim + 2) <= self.floats
+    }
 }
 
 /// `out = silu(g) · u` over `n` floats.
@@ -226,19 +258,31 @@ pub fn head_norm_rope(
     )
 }
 
-/// `out[rows[j]] += weights[j] · y[j]`.
-pub fn scatter_add(
+/// `out[t] (+)= Σ_j weights[t·k+j] · y[at[t·k+j]]` for `n` tokens and their `k` experts (rows of
+/// `h`), each token's experts in ascending order.
+#[allow(clippy::too_many_arguments)]
+pub fn combine_rows(
     gpu: &Gpu,
     y: u64,
-    rows: u64,
+    at: u64,
     weights: u64,
     out: u64,
-    count: usize,
+    k: usize,
     h: usize,
+    n: usize,
+    accumulate: bool,
 ) -> Result<(), GpuError> {
-    let (mut y, mut r, mut w, mut out, mut c, mut hh) =
-        (y, rows, weights, out, count as u32, h as u32);
-    gpu.launch_elements("scatter_add", count * h, args!(y, r, w, out, c, hh))
+    let (mut y, mut at, mut w, mut out, mut kk, mut hh, mut nn, mut acc) = (
+        y,
+        at,
+        weights,
+        out,
+        k as u32,
+        h as u32,
+        n as u32,
+        accumulate as u32,
+    );
+    gpu.launch_elements("combine_rows", n * h, args!(y, at, w, out, kk, hh, nn, acc))
 }
 
 /// `dst[j] = src[rows[j]]`.

@@ -62,15 +62,16 @@ fn ggml_blocks(rng: &mut Rng, format: BlockFormat, blocks: usize) -> Vec<u8> {
     data
 }
 
-/// Checks `W x` on the GPU against f64 sums of the CPU's dequantized rows, for 1, 3 and 11
-/// tokens (inside one token tile and across two), within 1e-5 of Σ|w·x| per output.
+/// Checks `W x` on the GPU against f64 sums of the CPU's dequantized rows, for 1, 3, 11 and 20
+/// tokens (the decode kernel, inside one token tile and across two, and cuBLAS on dequantized
+/// rows), within 1e-5 of Σ|w·x| per output; then `y += W x` doubles y.
 fn check_matrix(gpu: &Gpu, m: &Matrix, what: &str, rng: &mut Rng) {
     let w = moestream_cuda::matrix::GpuMatrix::upload(gpu, m).expect("upload");
     let mut rows = vec![vec![0f32; m.cols]; m.rows];
     for (r, row) in rows.iter_mut().enumerate() {
         dequantize_row(m, r, row);
     }
-    for n in [1usize, 3, 11] {
+    for n in [1usize, 3, 11, 20] {
         let x = rng.floats(n * m.cols);
         let xd = gpu.upload(&x).unwrap();
         let y = gpu.alloc_f32(n * m.rows).unwrap();
@@ -99,6 +100,16 @@ fn check_matrix(gpu: &Gpu, m: &Matrix, what: &str, rng: &mut Rng) {
             }
         }
         eprintln!("{what} n={n}: worst error {worst:.2e} of Σ|w·x|");
+        w.forward_add(gpu, xd.ptr, n, y.ptr).unwrap();
+        let mut twice = vec![0f32; n * m.rows];
+        gpu.read(y.ptr, &mut twice).unwrap();
+        for (i, (a, b)) in twice.iter().zip(&got).enumerate() {
+            assert!(
+                (a - 2.0 * b).abs() <= 1e-5 * b.abs().max(1e-3),
+                "{what} n={n}: y += W x gave {a} at {i}, want {}",
+                2.0 * b
+            );
+        }
     }
 }
 
@@ -253,7 +264,12 @@ fn norm_rope_attention_and_element_wise_match_the_cpu() {
     }
 
     // Causal grouped-query attention: a prompt after a cached prefix, and one decode step.
-    for (n, start, head_dim) in [(7usize, 50usize, 128usize), (1, 300, 64), (4, 0, 256)] {
+    for (n, start, head_dim) in [
+        (7usize, 50usize, 128usize),
+        (1, 300, 64),
+        (1, 5, 128),
+        (4, 0, 256),
+    ] {
         let shape = AttentionShape {
             n_heads: 8,
             n_kv_heads: 2,
@@ -271,15 +287,24 @@ fn norm_rope_attention_and_element_wise_match_the_cpu() {
             gpu.upload(&v).unwrap(),
         );
         let od = gpu.alloc_f32(want.len()).unwrap();
-        ops::attention(
-            &gpu, qd.ptr, kd.ptr, vd.ptr, od.ptr, n, start, 8, 2, head_dim, 0,
-        )
-        .unwrap();
-        let mut got = vec![0f32; want.len()];
-        gpu.read(od.ptr, &mut got).unwrap();
-        let e = max_rel(&got, &want);
-        eprintln!("attention n={n} start={start} d={head_dim}: {e:.2e}");
-        assert!(e < 1e-5, "attention off by {e}");
+        // Whole, and (one token) split over 16 blocks a head: more blocks than positions too.
+        let part = gpu.alloc_f32(8 * 16 * (head_dim + 2)).unwrap();
+        for splits in [None, Some(16)] {
+            let split = splits.map(|splits| ops::AttentionSplit {
+                part: part.ptr,
+                splits,
+                floats: 8 * 16 * (head_dim + 2),
+            });
+            ops::attention(
+                &gpu, qd.ptr, kd.ptr, vd.ptr, od.ptr, n, start, 8, 2, head_dim, 0, split,
+            )
+            .unwrap();
+            let mut got = vec![0f32; want.len()];
+            gpu.read(od.ptr, &mut got).unwrap();
+            let e = max_rel(&got, &want);
+            eprintln!("attention n={n} start={start} d={head_dim} split {splits:?}: {e:.2e}");
+            assert!(e < 1e-5, "attention off by {e}");
+        }
     }
 
     // silu(g)·u.
