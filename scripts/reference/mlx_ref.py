@@ -28,6 +28,7 @@ import mlx.nn as nn
 import mlx_lm
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx.utils import tree_flatten, tree_map
 from mlx_lm.utils import load_model, quantize_model, save_config, save_model
 
 # Router logits captured during a forward pass, in call order: list of (layer_index, array [..., E]).
@@ -178,6 +179,30 @@ def score(model, tokens):
     return lp, float(margins.min())
 
 
+def score_f64(model, tokens):
+    """score() with every float32 parameter cast to float64 (mlx computes float64 on the CPU): the precise reference
+    for float32 checkpoints, whose float32 forward in mlx-lm can itself drift by ~1e-4 in log-prob on a random model
+    (seed 312599, qwen3_5: 1.06e-4 at one position, where moestream is within 1.1e-5 of float64). None for quantized
+    models or when an op has no float64 kernel."""
+    params = model.parameters()
+    flat = tree_flatten(params)
+    if any(a.dtype != mx.float32 for _, a in flat):
+        return None
+    try:
+        model.update(tree_map(lambda a: a.astype(mx.float64), params))
+        with mx.stream(mx.cpu):
+            logits = model(mx.array(np.asarray([tokens], dtype=np.int32)))
+            mx.eval(logits)
+        lsm = log_softmax(np.array(logits.astype(mx.float64))[0])
+        return [float(lsm[i, tokens[i + 1]]) for i in range(len(tokens) - 1)]
+    except Exception as e:  # an op without a float64 kernel: keep the float32 reference
+        print(f"  (no float64 reference: {e})")
+        return None
+    finally:
+        model.update(params)
+        _ROUTER_SINK.clear()
+
+
 def greedy(model, prompt, n=16):
     """mlx-lm's own generate_step with an argmax sampler (what mlx_lm.generate does at temp 0), no EOS stop.
     Returns (generated, min router margin, min best-vs-second log-prob gap, [log-prob of each generated token from
@@ -230,12 +255,14 @@ def make_reference(model, top_k, vocab, seed, n_tokens=None, n_prompt=None, n_ge
     if best is None:
         raise RuntimeError("greedy prompt: margin checks failed repeatedly")
     prompt, gen, m_gen, g_gap, g_lps = best
+    lp64 = score_f64(model, tokens) if dtype == "float32" else None
     lp_np = np.array(lp)
     ref = {
         "source": source or f"mlx-lm {mlx_lm.__version__} (mlx {mx.__version__})",
         "dtype": dtype,
         "tokens": tokens,
         "logprobs": lp,
+        **({"logprobs_f64": lp64} if lp64 is not None else {}),
         "greedy": {"prompt": prompt, "generated": gen, **({"decode_logprobs": g_lps} if hybrid else {})},
         "router_margin_min": (min(m_score, m_gen) if is_moe else None),
         "greedy_logprob_margin_min": g_gap,
