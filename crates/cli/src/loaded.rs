@@ -44,6 +44,11 @@ pub struct SpeculationArgs {
     /// the last few tokens): free, pays on repetitive text.
     #[arg(long, conflicts_with = "draft_model")]
     pub prompt_lookup: bool,
+    /// Draft with the model's own multi-token-prediction head (Qwen3-Next and Qwen3.5
+    /// checkpoints from the Hub ship one; MLX conversions drop it): one extra decoder layer a
+    /// draft token, no second model. CPU only for now.
+    #[arg(long, conflicts_with_all = ["draft_model", "prompt_lookup"])]
+    pub mtp: bool,
     /// Most tokens proposed per round; the number used adapts to the measured acceptance and
     /// costs (0 turns speculation off).
     #[arg(long, default_value_t = 4, value_name = "N")]
@@ -107,6 +112,20 @@ impl SpeculationArgs {
         }
         if self.prompt_lookup {
             return Ok(Some(Proposer::PromptLookup));
+        }
+        if self.mtp {
+            let model = &target.model;
+            if model.mtp.is_none() {
+                anyhow::bail!(
+                    "--mtp: {} has no MTP head (mtp.* tensors; mlx-lm drops them on conversion)",
+                    target.dir.display()
+                );
+            }
+            if model.accelerator().is_some() {
+                anyhow::bail!("--mtp runs on the CPU only for now: add --device cpu");
+            }
+            model.set_keep_hidden(true);
+            return Ok(Some(Proposer::Mtp));
         }
         let Some(draft) = draft else {
             return Ok(None);

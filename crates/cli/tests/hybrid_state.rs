@@ -240,3 +240,109 @@ fn mtp_head_is_loaded_when_present_and_never_touches_the_trunk() {
         assert_clean_error(&o, &["mtp.layers.0.self_attn.k_proj"]);
     }
 }
+
+/// `run --mtp ...` on `model`: the generated tokens and (proposed, accepted) drafts.
+fn mtp_run(model: &std::path::Path, extra: &[&str]) -> (String, u64, u64) {
+    let mut args = vec![
+        "run",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt-tokens",
+        "5 9 44 3 17 250 8 1 99 31",
+        "--max-tokens",
+        "40",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let o = moestream(&args);
+    assert!(o.status.success(), "run failed: {}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    let s = &v["speculation"];
+    (
+        v["generated_tokens"].to_string(),
+        s["proposed"].as_u64().unwrap_or(0),
+        s["accepted"].as_u64().unwrap_or(0),
+    )
+}
+
+#[test]
+fn mtp_self_speculation_gives_the_tokens_of_plain_decoding() {
+    let t = tempfile::tempdir().unwrap();
+    for arch in ["qwen3_5", "qwen3_5_moe"] {
+        let m = synth(t.path(), arch, "hf-f32");
+        let plain = mtp_run(&m, &[]).0;
+        // The random head: nearly every draft rejected, its cache cut back every round.
+        for k in ["1", "3"] {
+            let (tokens, proposed, _) = mtp_run(
+                &m,
+                &["--mtp", "--fixed-draft-length", "--num-draft-tokens", k],
+            );
+            assert_eq!(
+                tokens, plain,
+                "{arch}: --mtp with {k} drafts changed the tokens"
+            );
+            assert!(proposed > 0, "{arch}: the MTP head proposed nothing");
+        }
+        // Streamed experts: the same.
+        let (tokens, _, _) = mtp_run(&m, &["--mtp", "--stream-experts", "on"]);
+        assert_eq!(
+            tokens, plain,
+            "{arch}: --mtp while streaming changed the tokens"
+        );
+    }
+
+    // A head that agrees: with tied embeddings a random trunk repeats its input token; a head
+    // whose fc passes the token's embedding through (fc = [I | 0], its layer's outputs zeroed,
+    // unit norms) predicts that same token again, so most drafts are accepted and the accepted
+    // path (the trunk's states of kept drafts, the head's cache cut after them) is exercised.
+    let tied = t.path().join("tied");
+    std::fs::create_dir(&tied).unwrap();
+    let m = synth(&tied, "qwen3_5", "hf-f32");
+    let config = m.join("config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let mut c: serde_json::Value = serde_json::from_str(&text).unwrap();
+    c["tie_word_embeddings"] = serde_json::json!(true);
+    if c.get("text_config").is_some() {
+        c["text_config"]["tie_word_embeddings"] = serde_json::json!(true);
+    }
+    std::fs::write(&config, c.to_string()).unwrap();
+    rewrite_safetensors(&m.join("model.safetensors"), |name, d, s, b| {
+        let f32s = |v: Vec<f32>| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        match name {
+            "lm_head.weight" => None,
+            "mtp.fc.weight" => {
+                let (rows, cols) = (s[0], s[1]);
+                let mut w = vec![0f32; rows * cols];
+                for i in 0..rows {
+                    w[i * cols + i] = 1.0;
+                }
+                Some((d, s, f32s(w)))
+            }
+            "mtp.pre_fc_norm_embedding.weight" | "mtp.norm.weight" => {
+                let n = b.len() / 4;
+                Some((d, s, f32s(vec![0.0; n]))) // stored as w in 1 + w
+            }
+            n if n.starts_with("mtp.layers.0.self_attn.o_proj")
+                || n.starts_with("mtp.layers.0.mlp.down_proj") =>
+            {
+                let n = b.len() / 4;
+                Some((d, s, f32s(vec![0.0; n])))
+            }
+            _ => Some((d, s, b)),
+        }
+    });
+    let plain = mtp_run(&m, &[]).0;
+    let (tokens, proposed, accepted) = mtp_run(
+        &m,
+        &["--mtp", "--fixed-draft-length", "--num-draft-tokens", "3"],
+    );
+    assert_eq!(tokens, plain, "a copying MTP head changed the tokens");
+    assert!(
+        accepted * 2 > proposed,
+        "a copying head on a tied model should be accepted mostly: {accepted} of {proposed}"
+    );
+    eprintln!("copying head: {accepted} of {proposed} drafts accepted; tokens {tokens}");
+}

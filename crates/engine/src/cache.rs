@@ -208,6 +208,12 @@ pub struct SequenceCache {
     /// The state an [`crate::accelerator::Accelerator`] keeps on its device for this sequence
     /// (keys and values in device memory); its length is this cache's `len`.
     pub device: Option<Box<dyn crate::accelerator::DeviceState>>,
+    /// The last pass's final hidden states (after the model's last norm), one row per token,
+    /// when the model keeps them ([`crate::models::Model::set_keep_hidden`]): what its MTP head
+    /// drafts from.
+    pub hidden: Vec<f32>,
+    /// The position of `hidden`'s first row.
+    pub hidden_start: usize,
 }
 
 /// A copy of a sequence's state at some length, to go back to with
@@ -254,6 +260,8 @@ impl SequenceCache {
             len: 0,
             trail_start: None,
             device: None,
+            hidden: Vec::new(),
+            hidden_start: 0,
         }
     }
 

@@ -41,6 +41,10 @@ pub enum Proposer {
     /// last n-gram (n from 3 down to 1). Costs nothing; pays on repetitive text (code, quoting,
     /// extraction).
     PromptLookup,
+    /// The target's own multi-token-prediction head (Qwen3-Next, Qwen3.5 checkpoints): one
+    /// decoder layer a draft token from the trunk's last hidden state, no second model. The
+    /// target must keep its hidden states ([`Model::set_keep_hidden`]).
+    Mtp,
 }
 
 /// Counters of one sequence's speculation.
@@ -263,6 +267,11 @@ pub struct Speculation {
     /// A hybrid draft's state after the history of the current round (it cannot be cut).
     draft_checkpoint: Option<Checkpoint>,
     draft_sampler: Sampler,
+    /// The MTP head's keys and values ([`Proposer::Mtp`]), made at the first proposal.
+    mtp_cache: Option<SequenceCache>,
+    /// The position of the MTP cache's first entry: it restarts where the trunk's recorded
+    /// hidden states begin when it missed some (plain steps, a prompt run in several passes).
+    mtp_base: usize,
     /// How many tokens to draft.
     pub length: DraftLength,
     /// Counters.
@@ -281,7 +290,7 @@ impl Speculation {
     ) -> Speculation {
         let draft_cache = match &proposer {
             Proposer::Draft(m) => Some(m.new_cache(256)),
-            Proposer::PromptLookup => None,
+            Proposer::PromptLookup | Proposer::Mtp => None,
         };
         let draft_params = SamplingParams {
             seed: sampling.seed ^ 0xD1CE_5EED,
@@ -293,6 +302,8 @@ impl Speculation {
             draft_base: 0,
             draft_checkpoint: None,
             draft_sampler: Sampler::new(draft_params),
+            mtp_cache: None,
+            mtp_base: 0,
             length: if fixed {
                 DraftLength::fixed(max_draft)
             } else {
@@ -338,7 +349,7 @@ impl Speculation {
         let k = self.length.choose().min(limit.saturating_sub(1)).min(room);
         let t0 = Instant::now();
         let (drafts, dists, catch_up_seconds) = if k > 0 {
-            self.propose(history, k, vocab, adjust)?
+            self.propose(target, cache, history, k, vocab, adjust)?
         } else {
             (Vec::new(), Vec::new(), 0.0)
         };
@@ -381,6 +392,10 @@ impl Speculation {
         let kept = tokens.len() - 1;
         target.take_back(cache, start + 1 + kept)?;
         let pass_seconds = t1.elapsed().as_secs_f64();
+        if let Some(mtp) = self.mtp_cache.as_mut() {
+            // Keep the pairs of the trunk's own states; drop the chained drafts' entries.
+            let _ = mtp.truncate(start.saturating_sub(self.mtp_base)); // attention only: always cuts
+        }
         self.sync_draft(history.len(), &drafts, kept)?;
         // The draft's steady cost: without catching up on a prompt or on plain steps' tokens,
         // which speculating every round does not pay.
@@ -406,8 +421,11 @@ impl Speculation {
     /// and the seconds the draft spent catching up on more than the two tokens a round leaves
     /// it (the prompt, or tokens of plain steps).
     #[allow(clippy::type_complexity)]
+    #[allow(clippy::too_many_arguments)]
     fn propose(
         &mut self,
+        target: &Model,
+        cache: &SequenceCache,
         history: &[u32],
         k: usize,
         target_vocab: usize,
@@ -419,6 +437,7 @@ impl Speculation {
                 let dists = drafts.iter().map(|&t| Distribution::certain(t)).collect();
                 Ok((drafts, dists, 0.0))
             }
+            Proposer::Mtp => self.propose_mtp(target, cache, history, k, target_vocab, adjust),
             Proposer::Draft(model) => {
                 let model = Arc::clone(model);
                 let cache = self.draft_cache.as_mut().ok_or("draft cache missing")?;
@@ -467,6 +486,69 @@ impl Speculation {
                 Ok((drafts, dists, catch_up))
             }
         }
+    }
+
+    /// [`Speculation::propose`] with the target's MTP head: it first catches up on the pairs
+    /// (token p+1, trunk state p) it has not seen, p up to the last position the target ran,
+    /// whose output drafts the token after `history`'s last; each further draft chains the
+    /// head's own output state.
+    #[allow(clippy::type_complexity)]
+    fn propose_mtp(
+        &mut self,
+        target: &Model,
+        cache: &SequenceCache,
+        history: &[u32],
+        k: usize,
+        target_vocab: usize,
+        adjust: &mut AdjustLogits,
+    ) -> Result<(Vec<u32>, Vec<Distribution>, f64), String> {
+        let h = target.config.hidden_size;
+        let len = cache.len();
+        let (first, rows) = (cache.hidden_start, cache.hidden.len() / h);
+        if rows == 0 || first + rows < len || history.len() != len + 1 {
+            // No hidden states of the last pass (kept off, or run by an accelerator).
+            return Ok((Vec::new(), Vec::new(), 0.0));
+        }
+        if self.mtp_cache.is_none() {
+            self.mtp_cache = Some(target.mtp_cache().ok_or("the model has no MTP head")?);
+            self.mtp_base = first;
+        }
+        let mtp = self.mtp_cache.as_mut().ok_or("MTP cache missing")?;
+        if self.mtp_base + mtp.len() < first {
+            // It missed states the trunk no longer holds: restart at the first it holds.
+            let _ = mtp.truncate(0);
+            self.mtp_base = first;
+        }
+        let from = self.mtp_base + mtp.len();
+        if from >= len {
+            return Ok((Vec::new(), Vec::new(), 0.0));
+        }
+        let t = Instant::now();
+        let pairs = &history[from + 1..=len];
+        let states = &cache.hidden[(from - first) * h..(len - first) * h];
+        let (mut logits, mut state) = target.mtp_forward(pairs, states, mtp)?;
+        let catch_up = if pairs.len() > 2 {
+            t.elapsed().as_secs_f64()
+        } else {
+            0.0
+        };
+        let mut seen = history.to_vec();
+        let (mut drafts, mut dists) = (Vec::with_capacity(k), Vec::with_capacity(k));
+        for i in 0..k {
+            adjust(&mut logits, &seen);
+            let q = self.draft_sampler.distribution(&mut logits, &seen);
+            let x = self.draft_sampler.draw(&q);
+            if x as usize >= target_vocab {
+                break;
+            }
+            drafts.push(x);
+            dists.push(q);
+            seen.push(x);
+            if i + 1 < k {
+                (logits, state) = target.mtp_forward(&[x], &state, mtp)?;
+            }
+        }
+        Ok((drafts, dists, catch_up))
     }
 
     /// Brings the draft's cache to the tokens kept: it ran `history` and `drafts[..k-1]`; it must

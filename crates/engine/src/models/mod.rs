@@ -10,6 +10,7 @@
 pub mod blocks;
 mod loading;
 pub mod mixtral;
+mod mtp;
 pub mod qwen3_moe;
 pub mod qwen3_next;
 
@@ -21,7 +22,7 @@ use crate::weights::Linear;
 use blocks::{Attention, FeedForward, GatedDeltaNet, RmsNorm};
 use moestream_kernels::features::ProductMode;
 use moestream_kernels::ops::Rope;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// The token mixer of a layer.
 pub enum Mixer {
@@ -157,6 +158,20 @@ impl MtpHead {
     }
 }
 
+/// What a decoder layer's pass runs over, besides its input.
+#[derive(Clone, Copy)]
+pub(crate) struct LayerStep<'a> {
+    pub mode: ProductMode,
+    /// Tokens.
+    pub n: usize,
+    /// Position of the first (keys and values held before it).
+    pub start: usize,
+    /// Where the layer's routed experts come from.
+    pub experts: &'a ExpertStore,
+    /// Whether to start reading the next sparse layer's likely experts (the trunk, streamed).
+    pub prefetch: bool,
+}
+
 /// Which positions need logits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Logits {
@@ -189,6 +204,8 @@ pub struct Model {
     prefetch: Prefetch,
     /// Distinct (layer, expert) pairs the last forward pass applied.
     pass_experts: AtomicUsize,
+    /// Whether passes keep their final hidden states in the cache (for the MTP head).
+    keep_hidden: AtomicBool,
     /// The device that runs the forward passes instead of the CPU kernels, if any.
     accelerator: Option<Box<dyn Accelerator>>,
 }
@@ -217,6 +234,7 @@ impl Model {
             top_k,
             prefetch: Prefetch::default(),
             pass_experts: AtomicUsize::new(0),
+            keep_hidden: AtomicBool::new(false),
             accelerator: None,
         }
     }
@@ -409,6 +427,12 @@ impl Model {
         Ok(())
     }
 
+    /// Makes every CPU forward pass keep all its tokens' final hidden states (after the last
+    /// norm) in [`SequenceCache::hidden`], which self-speculation with the MTP head reads.
+    pub fn set_keep_hidden(&self, keep: bool) {
+        self.keep_hidden.store(keep, Ordering::Relaxed);
+    }
+
     /// Distinct (layer, expert) pairs the last forward pass applied.
     pub fn last_pass_experts(&self) -> usize {
         self.pass_experts.load(Ordering::Relaxed)
@@ -441,59 +465,88 @@ impl Model {
         let mut normed = vec![0f32; n * h];
         let mut delta = vec![0f32; n * h];
         for (l, (layer, state)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
-            // h = x + Mixer(RMSNorm(x))
-            layer.input_layernorm.forward(&x, &mut normed);
-            match (&layer.mixer, state) {
-                (Mixer::Attention(a), LayerState::Attention(kv)) => {
-                    a.forward(mode, &normed, n, start, &self.rope, kv, &mut delta)
-                }
-                (Mixer::Linear(d), LayerState::Linear(s)) => {
-                    d.forward(mode, &normed, n, s, &mut delta)
-                }
-                _ => unreachable!("caches come from Model::new_cache"),
-            }
-            add_into(&mut x, &delta);
-            // out = h + FeedForward(RMSNorm(h))
-            layer.post_attention_layernorm.forward(&x, &mut normed);
-            match &layer.mlp {
-                FeedForward::Dense(m) => m.forward(mode, &normed, n, &mut delta),
-                FeedForward::Sparse(moe) => {
-                    let routing = moe.route(mode, &normed, n, self.top_k);
-                    let prediction = self.predict_next(mode, l, &x, n);
-                    let prefetch = prediction.as_ref().map(|(l, e)| (*l, e.as_slice()));
-                    match moe.forward(
-                        mode,
-                        l,
-                        &self.experts,
-                        &normed,
-                        n,
-                        &routing,
-                        prefetch,
-                        &mut delta,
-                    ) {
-                        Ok(used) => experts_used += used,
-                        Err(e) => {
-                            cache.drop_uncommitted();
-                            return Err(e);
-                        }
-                    }
+            let step = LayerStep {
+                mode,
+                n,
+                start,
+                experts: &self.experts,
+                prefetch: true,
+            };
+            match self.layer_forward(layer, l, state, step, &mut x, &mut normed, &mut delta) {
+                Ok(used) => experts_used += used,
+                Err(e) => {
+                    cache.drop_uncommitted();
+                    return Err(e);
                 }
             }
-            add_into(&mut x, &delta);
         }
         cache.advance(n);
         self.pass_experts.store(experts_used, Ordering::Relaxed);
+        let keep = self.keep_hidden.load(Ordering::Relaxed);
         let rows: &[f32] = match want {
-            Logits::All => &x,
-            Logits::Last => &x[(n - 1) * h..],
+            Logits::Last if !keep => &x[(n - 1) * h..],
+            _ => &x,
         };
-        let m = rows.len() / h;
         let mut normed = vec![0f32; rows.len()];
         self.norm.forward(rows, &mut normed);
+        if keep {
+            cache.hidden_start = start;
+            cache.hidden = normed;
+            normed = match want {
+                Logits::All => cache.hidden.clone(),
+                Logits::Last => cache.hidden[(n - 1) * h..].to_vec(),
+            };
+        }
+        let m = normed.len() / h;
         let mut logits = vec![0f32; m * self.config.vocab_size];
         // The last-token logits of a prefill are part of the prefill (f32 activations).
         self.lm_head.forward(mode, &normed, m, &mut logits);
         Ok(logits)
+    }
+
+    /// One decoder layer over `n` rows of the residual stream `x` (in place):
+    /// `h = x + Mixer(RMSNorm(x))`, `out = h + FeedForward(RMSNorm(h))`. Returns the distinct
+    /// experts it applied. On error the caller drops the pass's uncommitted state.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn layer_forward(
+        &self,
+        layer: &DecoderLayer,
+        l: usize,
+        state: &mut LayerState,
+        step: LayerStep,
+        x: &mut [f32],
+        normed: &mut [f32],
+        delta: &mut [f32],
+    ) -> Result<usize, StoreError> {
+        let LayerStep { mode, n, start, .. } = step;
+        layer.input_layernorm.forward(x, normed);
+        match (&layer.mixer, state) {
+            (Mixer::Attention(a), LayerState::Attention(kv)) => {
+                a.forward(mode, normed, n, start, &self.rope, kv, delta)
+            }
+            (Mixer::Linear(d), LayerState::Linear(s)) => d.forward(mode, normed, n, s, delta),
+            _ => unreachable!("caches come from Model::new_cache"),
+        }
+        add_into(x, delta);
+        layer.post_attention_layernorm.forward(x, normed);
+        let used = match &layer.mlp {
+            FeedForward::Dense(m) => {
+                m.forward(mode, normed, n, delta);
+                0
+            }
+            FeedForward::Sparse(moe) => {
+                let routing = moe.route(mode, normed, n, self.top_k);
+                let prediction = if step.prefetch {
+                    self.predict_next(mode, l, x, n)
+                } else {
+                    None
+                };
+                let prefetch = prediction.as_ref().map(|(l, e)| (*l, e.as_slice()));
+                moe.forward(mode, l, step.experts, normed, n, &routing, prefetch, delta)?
+            }
+        };
+        add_into(x, delta);
+        Ok(used)
     }
 
     /// The next sparse layer after `layer` and the experts it is expected to use, for the expert
