@@ -139,14 +139,20 @@ fn text_fixture_incremental_decode_matches_hf() {
 /// llama.cpp's `models/ggml-vocab-qwen2.gguf.{inp,out}`: strings separated by `\n__ggml_vocab_test__\n` (with a
 /// trailing separator), one line of ids per string, as llama.cpp's tokenizer gives them.
 fn check_llama_cpp_qwen2_cases(tokenizer: &Tokenizer, what: &str) {
-    let dir = fixtures_dir().join("qwen3");
-    let inp = std::fs::read_to_string(dir.join("ggml-vocab-qwen2.gguf.inp")).unwrap();
-    let out = std::fs::read_to_string(dir.join("ggml-vocab-qwen2.gguf.out")).unwrap();
+    check_llama_cpp_cases(tokenizer, "qwen3", "ggml-vocab-qwen2.gguf", 46, what);
+}
+
+/// llama.cpp's vocabulary test `{dir}/{name}.{inp,out}` (`count` strings) through `tokenizer`,
+/// without special tokens, and each back to its text.
+fn check_llama_cpp_cases(tokenizer: &Tokenizer, dir: &str, name: &str, count: usize, what: &str) {
+    let dir = fixtures_dir().join(dir);
+    let inp = std::fs::read_to_string(dir.join(format!("{name}.inp"))).unwrap();
+    let out = std::fs::read_to_string(dir.join(format!("{name}.out"))).unwrap();
     let mut texts: Vec<&str> = inp.split("\n__ggml_vocab_test__\n").collect();
     assert_eq!(texts.pop(), Some(""), "the .inp file ends with a separator");
-    let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(texts.len(), lines.len());
-    assert_eq!(texts.len(), 46);
+    let lines: Vec<&str> = out.split('\n').collect();
+    assert!(lines.len() >= texts.len());
+    assert_eq!(texts.len(), count);
     let mut failures = Vec::new();
     for (text, line) in texts.iter().zip(&lines) {
         let want: Vec<u32> = line
@@ -255,6 +261,32 @@ fn text_fixture_llama_cpp_qwen2_vocab_from_gguf_metadata() {
         &source.tokenizer().unwrap(),
         "ggml-vocab-qwen2 via GGUF metadata",
     );
+}
+
+/// llama.cpp's SentencePiece test vocabulary (`ggml-vocab-llama-spm.gguf`, as its converter
+/// writes Llama and Mixtral files: `tokenizer.ggml.model` `llama`, tokens, scores, types): the
+/// tokenizer moestream builds from the metadata gives llama.cpp's ids for its test strings.
+#[test]
+fn text_fixture_llama_cpp_sentencepiece_vocab_from_gguf_metadata() {
+    use crate::gguf::GgufSource;
+    let path = fixtures_dir()
+        .join("llama-spm")
+        .join("ggml-vocab-llama-spm.gguf");
+    let source = GgufSource::open(&path, false).unwrap();
+    let tokenizer = source.tokenizer().unwrap();
+    let n = std::fs::read_to_string(path.with_extension("gguf.inp"))
+        .unwrap()
+        .matches("\n__ggml_vocab_test__\n")
+        .count();
+    check_llama_cpp_cases(
+        &tokenizer,
+        "llama-spm",
+        "ggml-vocab-llama-spm.gguf",
+        n,
+        "ggml-vocab-llama-spm via GGUF metadata",
+    );
+    // With the file's add_bos_token, a BOS first.
+    assert_eq!(tokenizer.encode("Hello", true).unwrap()[0], 1);
 }
 
 /// Every template case of expected.json: same output byte for byte, or an error where Python raised; for
