@@ -434,7 +434,7 @@ impl Speculation {
                 let mode = if unseen.len() <= 8 {
                     ProductMode::decode()
                 } else {
-                    ProductMode::Prefill
+                    ProductMode::prefill()
                 };
                 let t = Instant::now();
                 let mut logits = model

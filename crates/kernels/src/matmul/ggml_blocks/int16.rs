@@ -61,7 +61,7 @@
 #[cfg(target_arch = "x86_64")]
 pub(in crate::matmul) mod avx2;
 #[cfg(test)]
-mod tests;
+pub(super) mod tests;
 
 use std::ops::Range;
 
@@ -98,7 +98,7 @@ pub(in crate::matmul) fn quantize_activations(x: &[f32], format: BlockFormat) ->
 
 /// Writes the integer codes of one `format` block (module docs: `q` with `w = a·q − m`) into
 /// `out` (`format.block_elements()` values), in column order.
-fn block_codes(format: BlockFormat, block: &[u8], out: &mut [i8]) {
+pub(super) fn block_codes(format: BlockFormat, block: &[u8], out: &mut [i8]) {
     match format {
         BlockFormat::Q8_0 => {
             for (q, &b) in out.iter_mut().zip(&block[2..34]) {
@@ -163,7 +163,7 @@ fn block_codes(format: BlockFormat, block: &[u8], out: &mut [i8]) {
 }
 
 #[inline]
-fn f16_at(b: &[u8], at: usize) -> f32 {
+pub(super) fn f16_at(b: &[u8], at: usize) -> f32 {
     half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
