@@ -8,26 +8,33 @@
 //!   affine; other formats use `avx2` on such CPUs), chosen at run time;
 //! - [`int16`]: decode products of affine weights with int16 activations, its scalar twin and its
 //!   AVX2 and AVX-512 kernels (see "Activation precision");
-//! - `ggml_blocks`: llama.cpp block formats, f32 activations (decode each row, then FMAs) and, in
-//!   `ggml_blocks/int16`, int16 decode products (integer dot products per 32 columns).
+//! - `ggml_blocks`: llama.cpp block formats, f32 activations (decode each row, then FMAs); in
+//!   `ggml_blocks/int16`, int16 decode products (integer dot products per 32 columns); in
+//!   `ggml_blocks/int8`, int8 products of any token count (llama.cpp's method).
 //!
 //! # Activation precision
 //! A decode product (one token) with affine weights rounds the activation row to int16, with one
 //! step per span of 32 to 128 columns, and multiplies the integer codes with the integer
 //! activations, exactly, in i32 ([`ActivationPrecision::Int16`]; the method and its error bound
 //! are in [`int16`]); with llama.cpp blocks likewise, with spans of 32 columns
-//! (`ggml_blocks/int16.rs`). That is the default. Prefill (several tokens), float weights, and every
-//! product when `MOESTREAM_EXACT_MATMUL=1` ([`activation_precision`], read once) use f32
-//! activations, as do [`matmul_scalar`] and [`matmul_with_precision`] with
-//! [`ActivationPrecision::F32`]. "One token" means the forward pass, not the product: model code
-//! calls [`matmul_at`] with [`ProductMode::for_pass`], so a one-row product inside a
-//! prefill (an expert one token chose, the last-token logits) stays f32 and a prompt's
-//! log-probabilities do not depend on its routing.
+//! (`ggml_blocks/int16.rs`). The block formats with an int8 kernel (Q4_K, Q5_K, Q6_K, Q8_0, Q4_0)
+//! go further at [`ActivationPrecision::Int8`], the default: every token's row is rounded to int8
+//! per 32 columns and multiplied as llama.cpp does, in decode and in prefill
+//! (`ggml_blocks/int8.rs`); its kernels give each token the bits of its one-token product
+//! whatever the tokens beside it, which is what makes it usable in a prefill. Prefill of other
+//! weights, float weights, and every product when `MOESTREAM_EXACT_MATMUL=1`
+//! ([`activation_precision`], read once) use f32 activations, as do [`matmul_scalar`] and
+//! [`matmul_with_precision`] with [`ActivationPrecision::F32`]. "One token" means the forward
+//! pass, not the product: model code calls [`matmul_at`] with [`ProductMode::for_pass`], so a
+//! one-row product inside a prefill (an expert one token chose, the last-token logits) stays f32
+//! (or int8, with the bits of that token's decode product) and a prompt's log-probabilities do
+//! not depend on its routing.
 //!
 //! # Token-wise decode products
 //! [`ProductMode::Decode`] over several tokens (speculative verification) computes every token
 //! with the one-token kernels, so each token's result has the same bits as if it had been alone:
-//! every one-token kernel computes each row on its own, whatever block of rows it was given.
+//! every one-token kernel computes each row on its own, whatever block of rows it was given (the
+//! int8 block kernels take several tokens per pass over a row, each with its own bits).
 //! The rows are cut into blocks of [`TOKENWISE_BLOCK_BYTES`] of weights and every token passes
 //! over a block while it is in L2, so the weights are read from memory once per pass, not once
 //! per token.

@@ -52,8 +52,9 @@
 //!
 //! The int16 path reads 42-80% of the memory bandwidth (the f32 path 13-32%): it is still bound
 //! by its instructions more than by memory, most for Q4_K/Q5_K (bytes widened to i16 before
-//! `vpmaddwd`; int8 activations with `vpmaddubsw`, as llama.cpp does, would halve that work at
-//! 256 times the activation rounding error). The scalar twin is slower than the scalar f32 path
+//! `vpmaddwd`). The int8 path (`int8.rs`, `vpmaddubsw` as llama.cpp does, at 258 times the
+//! activation rounding error) is the default now; this path stays selectable with
+//! `--decode-activations int16` and serves Q4_1 and Q5_0. The scalar twin is slower than the scalar f32 path
 //! (1.13 against 0.74 ms for Q4_K 768x2048): it is the reference, not a fallback worth tuning.
 //!
 //! The scalar twin here ([`matvec_block`]) and the AVX2 kernels ([`avx2`]) compute the same
