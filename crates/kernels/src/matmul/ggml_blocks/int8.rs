@@ -49,6 +49,29 @@
 //! fixtures (`crates/cli/tests/gguf.rs`, 80 tokens): log-probabilities within 2.5e-2 to 0.24 of
 //! f32 (mean 6.8e-3 to 7.0e-2), against 8.5e-4 for int16 decode.
 //!
+//! # Speed
+//! `examples/matmul_speed.rs --ggml --quick --rounds 2` (log: `scripts/bench/last_ggml_matmul_speed.log`;
+//! AMD EPYC VM, 2 vCPUs, AVX2 kernels, weights streamed from memory, 22.8-23.5 GB/s one thread;
+//! commit db37369; another engineer's build ran during the later two-thread rows, which are left
+//! out), milliseconds per product, f32 path → int16 decode → int8, one thread:
+//!
+//! | format | 768x2048, 1 token | 2048x768, 1 token | 768x2048, 3 tokens | 768x2048, 128 tokens |
+//! |---|---|---|---|---|
+//! | Q4_K | 0.230 → 0.071 → 0.058 | 0.216 → 0.072 → 0.054 | 0.339 → 0.114 (3.0x) | 10.7 → 5.12 (2.1x) |
+//! | Q5_K | 0.249 → 0.081 → 0.072 | 0.235 → 0.084 → 0.071 | 0.348 → 0.139 (2.5x) | 9.82 → 5.29 (1.9x) |
+//! | Q6_K | 0.216 → 0.090 → 0.068 | 0.208 → 0.094 → 0.068 | 0.369 → 0.125 (3.0x) | 10.1 → 4.47 (2.3x) |
+//! | Q8_0 | 0.227 → 0.088 → 0.081 | 0.209 → 0.085 → 0.082 | 0.445 → 0.143 (3.1x) | 10.3 → 5.55 (1.9x) |
+//!
+//! Decode: int8 is 1.04-1.38x int16 and 2.5-4.0x f32, at 64-88% of the one-thread bandwidth
+//! (Q6_K, Q8_0: 80-88%; Q4_K, Q5_K 64-70%: still bound by instructions, ~27 cycles per super-block,
+//! the same with the weights in cache). With the weights in cache (`--hot`) Q4_K decode took
+//! 0.055 ms with the `vphaddd` reduction of the int16 kernels and 0.047-0.052 ms with the
+//! unpack-and-add one used here. Several tokens: a token costs 0.038-0.048 ms at 3 tokens and
+//! 0.035-0.043 ms at 128 (Q4_K 768x2048: 0.038 and 0.040), against 0.054-0.082 ms alone: each
+//! row's unpacked codes and scales serve every token, the integer products and the f32 epilogue
+//! stay per token. End to end this brought GGUF prefill from 0.45-0.55x llama.cpp to 0.81-0.95x
+//! and decode from 0.81-0.92x to 0.93-1.03x (`BENCHMARKS.md`).
+//!
 //! # Formats
 //! Q4_K, Q5_K, Q6_K, Q8_0 and Q4_0 ([`supports`]); Q4_1 and Q5_0, the fallbacks of a few tensors
 //! per file, keep the int16 decode path and f32 prefill.
