@@ -193,7 +193,10 @@ fn int16_decode_stays_close_to_f32_decode() {
 /// models and to 2.5e-2 on the hybrids (the chunked and the step-wise Gated DeltaNet differ in
 /// f32, and a difference can move an activation across a rounding boundary). llama.cpp rounds
 /// activations likewise (to 8 bits per 256 columns for the K-quants: coarser), and differs from
-/// f32 by ~1e-2 to 0.3 on these models (`scripts/reference/llamacpp_agreement.py`).
+/// f32 by ~1e-2 to 0.3 on these models (`scripts/reference/llamacpp_agreement.py`); on `synth
+/// --preset tiny-gguf --format gguf-q4km --seed 1` files (80 tokens) our f32 and int8 scores are
+/// as far from llama.cpp's as from each other (dense qwen3: max 0.30 / mean 0.089 for f32, 0.34 /
+/// 0.11 for int8; Mixtral: 0.12 / 0.0092 and 0.032 / 0.0091): the two roundings are independent.
 #[test]
 fn int8_scores_stay_close_to_f32() {
     for name in FIXTURES {
