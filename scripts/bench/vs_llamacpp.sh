@@ -5,14 +5,14 @@
 # Usage: scripts/bench/vs_llamacpp.sh [FILE.gguf] [CAPS]
 #   FILE defaults to /work/bench/q3-30b-q4km.gguf, written first if missing with
 #   moestream synth --arch qwen3_moe --preset qwen3-30b-a3b --format gguf-q4km --seed 0 FILE (~17 GB)
-#   CAPS defaults to "8G 4G". Environment: BIN (moestream binary), THREADS (2), P (32), N (32),
+#   CAPS defaults to "8G 4G"; "" runs in memory only. Environment: BIN (moestream binary), THREADS (2), P (32), N (32),
 #   R (2), LLAMA_TIMEOUT (seconds per capped llama.cpp run, 600), MOE_TIMEOUT (600),
 #   LLAMA_CAPPED_N (decode steps of the capped --no-repack llama.cpp runs, 8).
 # Needs: pip install llama-cpp-python==0.3.36; root, for ../shared/tools/with-memory-limit.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 model=${1:-/work/bench/q3-30b-q4km.gguf}
-caps=${2:-8G 4G}
+caps=${2-8G 4G}
 bin=${BIN:-target/release/moestream}
 t=${THREADS:-2}
 p=${P:-32}
@@ -37,10 +37,10 @@ lcpp() { python3 "$here/llamacpp_timing.py" "$model" -t "$t" -p "$p" -n "$n" -r 
 
 echo "== in memory: page cache warmed by reading the file once"
 cat "$model" >/dev/null
-echo "-- moestream (memory-mapped, int16 decode activations: the default)"
+echo "-- moestream (memory-mapped, int8 activations: the default)"
 moe --stream-experts off
-echo "-- moestream, f32 decode activations"
-moe --stream-experts off --decode-activations f32
+echo "-- moestream, int16 decode activations (f32 prefill: the default before int8)"
+moe --stream-experts off --decode-activations int16
 echo "-- llama.cpp (memory-mapped)"
 lcpp
 echo "-- moestream again (alternating, for the noise)"

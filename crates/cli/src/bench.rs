@@ -55,8 +55,9 @@ pub struct BenchArgs {
     stream: StreamArgs,
     #[command(flatten)]
     device: crate::device::DeviceArgs,
-    /// Decode activations, as for `run` (int16 or f32; MOESTREAM_EXACT_MATMUL=1 forces f32).
-    #[arg(long, value_name = "int16|f32")]
+    /// Activations of quantized products, as for `run` (int8, int16 or f32; MOESTREAM_EXACT_MATMUL=1
+    /// forces f32).
+    #[arg(long, value_name = "int8|int16|f32")]
     decode_activations: Option<moestream_kernels::features::ActivationPrecision>,
     /// With a draft model or prompt lookup, each decode test runs from the same prompt without
     /// and with speculation, taking turns (greedy: the same tokens), as rows `tgN` and

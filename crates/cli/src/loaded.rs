@@ -21,11 +21,13 @@ pub struct EngineArgs {
     /// MOESTREAM_TOP_K.
     #[arg(long = "top-k", env = "MOESTREAM_TOP_K", value_name = "N")]
     pub top_k: Option<usize>,
-    /// Activations of decode-step products with quantized weights: int16 (rounded per group,
-    /// ~1.2-1.4x faster; log-probabilities within ~1e-2 of f32, greedy tokens the same in every
-    /// test) or f32 (exact up to summation order). Default: int16 to generate (run, bench,
+    /// Activations of products with quantized weights: int8 (llama.cpp block formats, GGUF:
+    /// every token rounded to int8 per 32 columns, in decode steps and prompts, as llama.cpp
+    /// does; other weights as int16), int16 (decode steps only, rounded per group; ~1.2-1.4x
+    /// faster than f32; log-probabilities within ~1e-2 of f32, greedy tokens the same in every
+    /// test) or f32 (exact up to summation order). Default: int8 to generate (run, bench,
     /// serve), f32 to measure (score, perplexity). MOESTREAM_EXACT_MATMUL=1 forces f32.
-    #[arg(long, value_name = "int16|f32")]
+    #[arg(long, value_name = "int8|int16|f32")]
     pub decode_activations: Option<ActivationPrecision>,
     #[command(flatten)]
     pub device: crate::device::DeviceArgs,
@@ -303,7 +305,7 @@ impl Loaded {
         moestream_kernels::features::set_activation_precision(
             engine
                 .decode_activations
-                .unwrap_or(ActivationPrecision::Int16),
+                .unwrap_or(ActivationPrecision::Int8),
         );
         let mut model = Model::load_with(dir, &engine.stream.store_options()?)?;
         if let Some(k) = engine.top_k {

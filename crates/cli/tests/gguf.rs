@@ -177,6 +177,54 @@ fn int16_decode_stays_close_to_f32_decode() {
     }
 }
 
+/// int8 activations (the default of `run`, `bench`, `serve`: prompts and decode steps of the
+/// block formats), as a prefill and as decode steps, against f32 decode steps.
+///
+/// The bounds come from the int16 path's, scaled by the ratio of the rounding steps: both paths
+/// round each span to a step of `max|x| / N` (N = 32767 for int16, 127 for int8), so every
+/// product's rounding error, and to first order every log-probability's, is 32767 / 127 = 258
+/// times larger with int8. The int16 test above measures at most 8.5e-4 (the dense model, logits
+/// of spread ~29): 258 times that is 0.22, and the tested maximum is 0.5 for the spread of the
+/// maximum over other rounding patterns (and for MoE routing, where a perturbed hidden state can
+/// flip a near-tie between experts: a step, not a linear response). The mean error of int16
+/// decode on the small reference models is ~2.5e-4 (`matmul` module docs): 258 times that is
+/// 0.065, tested at 0.1. Measured (80 tokens): max 2.5e-2 (qwen3_moe) to 0.24 (dense qwen3),
+/// mean 6.8e-3 to 7.0e-2; prefill and decode steps agree to 5e-7 or better on the attention-only
+/// models and to 2.5e-2 on the hybrids (the chunked and the step-wise Gated DeltaNet differ in
+/// f32, and a difference can move an activation across a rounding boundary). llama.cpp rounds
+/// activations likewise (to 8 bits per 256 columns for the K-quants: coarser), and differs from
+/// f32 by ~1e-2 to 0.3 on these models (`scripts/reference/llamacpp_agreement.py`); on `synth
+/// --preset tiny-gguf --format gguf-q4km --seed 1` files (80 tokens) our f32 and int8 scores are
+/// as far from llama.cpp's as from each other (dense qwen3: max 0.30 / mean 0.089 for f32, 0.34 /
+/// 0.11 for int8; Mixtral: 0.12 / 0.0092 and 0.032 / 0.0091): the two roundings are independent.
+#[test]
+fn int8_scores_stay_close_to_f32() {
+    for name in FIXTURES {
+        let (model, reference) = fixture_named(name);
+        let tokens = ids(&reference["tokens"]).join(" ");
+        let f32_steps = score_with(&model, &tokens, &["--ubatch", "1"]);
+        let int8_prefill = score_with(&model, &tokens, &["--decode-activations", "int8"]);
+        let int8_steps = score_with(
+            &model,
+            &tokens,
+            &["--ubatch", "1", "--decode-activations", "int8"],
+        );
+        let mean = |a: &[f64]| {
+            a.iter()
+                .zip(&f32_steps)
+                .map(|(x, y)| (x - y).abs())
+                .sum::<f64>()
+                / a.len() as f64
+        };
+        for (what, int8) in [("prefill", &int8_prefill), ("decode", &int8_steps)] {
+            let (w, m) = (worst(int8, &f32_steps), mean(int8));
+            eprintln!("{name}: int8 {what} vs f32: max |Δ logprob| = {w:e}, mean {m:e}");
+            assert!(w <= 0.5, "{name}: int8 {what}: max |Δ logprob| = {w:e}");
+            assert!(m <= 0.1, "{name}: int8 {what}: mean |Δ logprob| = {m:e}");
+        }
+    }
+}
+
 #[test]
 fn text_goes_through_the_gguf_tokenizer_and_chat_template() {
     let (model, _) = fixture();

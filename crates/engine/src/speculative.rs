@@ -453,7 +453,7 @@ impl Speculation {
                 let mode = if unseen.len() <= 8 {
                     ProductMode::decode()
                 } else {
-                    ProductMode::Prefill
+                    ProductMode::prefill()
                 };
                 let t = Instant::now();
                 let mut logits = model

@@ -13,8 +13,9 @@
 //! measures everything N times, round after round, and keeps the fastest of each (the memory
 //! bandwidth likewise), so that a burst of other work on a shared machine spoils one round of a
 //! measurement, not all of them. `--ggml` times llama.cpp block formats (Q4_K, Q5_K, Q6_K, Q8_0,
-//! random blocks with finite scales) instead of the MLX and bf16 ones, decode at both activation
-//! precisions (the scalar level only on the expert shapes).
+//! random blocks with finite scales) instead of the MLX and bf16 ones, decode at the three
+//! activation precisions (f32, int16, int8), and 3 and 128 tokens at f32 and int8 (the scalar
+//! level only on the expert shapes).
 //!
 //! The expert matrices are far smaller than the last-level cache, but during MoE decoding experts
 //! arrive from RAM; each measurement therefore cycles through enough copies of the matrix to fill
@@ -25,8 +26,8 @@
 //! Columns: `GB/s` is weight bytes (codes + scales + biases) read per call divided by the time of
 //! a call; for prefill each call reads the weights once for all tokens, so compare its `ms/token`
 //! with decode's `ms/call`. `GFLOP/s` counts 2 flops per weight per token. `% bw` compares `GB/s`
-//! with the memory bandwidth measured with the same number of threads. A last table sets int16
-//! decode beside f32 decode at the best SIMD level.
+//! with the memory bandwidth measured with the same number of threads. A last table sets the
+//! integer paths beside f32 at the best SIMD level.
 
 use std::time::{Duration, Instant};
 
@@ -106,7 +107,14 @@ fn main() {
     if !quick {
         shapes.push((151_936, 2048));
     }
-    let token_counts: &[usize] = if decode_only { &[1] } else { &[1, 128] };
+    let ggml = args.iter().any(|a| a == "--ggml");
+    // Block formats also at 3 tokens: the typical count per expert of a MoE prompt (top-8 of 128
+    // experts, 32-64 tokens).
+    let token_counts: &[usize] = match (decode_only, ggml) {
+        (true, _) => &[1],
+        (false, true) => &[1, 3, 128],
+        (false, false) => &[1, 128],
+    };
 
     let (mut bw_all, mut bw_one) = (0f64, 0f64);
     let mut table: Vec<Measurement> = Vec::new();
@@ -126,7 +134,13 @@ fn main() {
                         .collect();
                     let mut y = vec![0f32; n_tokens * rows];
                     let precisions: &[ActivationPrecision] = match format {
-                        Format::Affine(_) | Format::Ggml(_) if n_tokens == 1 => {
+                        Format::Ggml(_) if n_tokens == 1 => &[
+                            ActivationPrecision::F32,
+                            ActivationPrecision::Int16,
+                            ActivationPrecision::Int8,
+                        ],
+                        Format::Ggml(_) => &[ActivationPrecision::F32, ActivationPrecision::Int8],
+                        Format::Affine(_) if n_tokens == 1 => {
                             &[ActivationPrecision::F32, ActivationPrecision::Int16]
                         }
                         _ => &[ActivationPrecision::F32],
@@ -178,7 +192,7 @@ fn main() {
     println!();
     print_table(&table, bw_one, bw_all);
     println!();
-    print_int16_summary(&table, bw_one, bw_all);
+    print_integer_summary(&table, bw_one, bw_all);
 }
 
 fn print_table(table: &[Measurement], bw_one: f64, bw_all: f64) {
@@ -223,47 +237,48 @@ fn print_table(table: &[Measurement], bw_one: f64, bw_all: f64) {
     }
 }
 
-/// int16 against f32 decode at the best SIMD level, with the bandwidth-bound time per call.
-fn print_int16_summary(table: &[Measurement], bw_one: f64, bw_all: f64) {
+/// The integer paths (int16 decode, int8 decode and prefill) against f32 at the best SIMD
+/// level, with the bandwidth-bound time per call.
+fn print_integer_summary(table: &[Measurement], bw_one: f64, bw_all: f64) {
     let best = table
         .iter()
         .map(|m| m.level)
         .max()
         .unwrap_or_else(cpu_level);
     println!(
-        "| {:<9} | {:<13} | {:>7} | {:>11} | {:>13} | {:>7} | {:>10} | {:>10} |",
+        "| {:<9} | {:<13} | {:>6} | {:>7} | {:>5} | {:>11} | {:>11} | {:>7} | {:>7} | {:>10} |",
         "format",
         "shape",
+        "tokens",
         "threads",
+        "acts",
         "f32 ms/call",
-        "int16 ms/call",
+        "int ms/call",
         "speedup",
-        "int16 % bw",
+        "% bw",
         "bw-bound ms"
     );
     println!(
         "|{}|",
-        [11, 15, 9, 13, 15, 9, 12, 12]
+        [11, 15, 8, 9, 7, 13, 13, 9, 9, 12]
             .map(|n| "-".repeat(n))
             .join("|")
     );
-    let decode = |m: &&Measurement| m.n_tokens == 1 && m.level == best;
+    let at_best = |m: &&Measurement| m.level == best;
     for f32_line in table
         .iter()
-        .filter(decode)
+        .filter(at_best)
         .filter(|m| m.precision == ActivationPrecision::F32)
     {
-        let Some(int16_line) = table.iter().filter(decode).find(|m| {
-            m.precision == ActivationPrecision::Int16
-                && (m.format.name(), m.rows, m.cols, m.threads)
-                    == (
-                        f32_line.format.name(),
-                        f32_line.rows,
-                        f32_line.cols,
-                        f32_line.threads,
-                    )
-        }) else {
-            continue;
+        let same = |m: &&Measurement| {
+            (m.format.name(), m.rows, m.cols, m.threads, m.n_tokens)
+                == (
+                    f32_line.format.name(),
+                    f32_line.rows,
+                    f32_line.cols,
+                    f32_line.threads,
+                    f32_line.n_tokens,
+                )
         };
         let bw = if f32_line.threads == 1 {
             bw_one
@@ -271,17 +286,26 @@ fn print_int16_summary(table: &[Measurement], bw_one: f64, bw_all: f64) {
             bw_all
         };
         let floor = f32_line.matrix_bytes as f64 / (bw * 1e9);
-        println!(
-            "| {:<9} | {:<13} | {:>7} | {:>11.3} | {:>13.3} | {:>6.2}x | {:>9.0}% | {:>10.3} |",
-            f32_line.format.name(),
-            format!("{}x{}", f32_line.rows, f32_line.cols),
-            f32_line.threads,
-            f32_line.seconds * 1e3,
-            int16_line.seconds * 1e3,
-            f32_line.seconds / int16_line.seconds,
-            100.0 * floor / int16_line.seconds,
-            floor * 1e3
-        );
+        for int_line in table
+            .iter()
+            .filter(at_best)
+            .filter(same)
+            .filter(|m| m.precision != ActivationPrecision::F32)
+        {
+            println!(
+                "| {:<9} | {:<13} | {:>6} | {:>7} | {:>5} | {:>11.3} | {:>11.3} | {:>6.2}x | {:>6.0}% | {:>10.3} |",
+                f32_line.format.name(),
+                format!("{}x{}", f32_line.rows, f32_line.cols),
+                f32_line.n_tokens,
+                f32_line.threads,
+                precision_name(int_line.precision),
+                f32_line.seconds * 1e3,
+                int_line.seconds * 1e3,
+                f32_line.seconds / int_line.seconds,
+                100.0 * floor / int_line.seconds,
+                floor * 1e3
+            );
+        }
     }
 }
 
@@ -289,6 +313,7 @@ fn precision_name(p: ActivationPrecision) -> &'static str {
     match p {
         ActivationPrecision::F32 => "f32",
         ActivationPrecision::Int16 => "int16",
+        ActivationPrecision::Int8 => "int8",
     }
 }
 

@@ -1,5 +1,5 @@
 //! Run-time choices of the kernels, made once and cached: the SIMD level the CPU supports
-//! ([`simd_level`]) and the precision of the activations in decode products
+//! ([`simd_level`]) and the precision of the activations in products with quantized weights
 //! ([`activation_precision`]).
 //!
 //! Binaries are built for baseline x86-64 (no `target-cpu=native`); the SIMD kernels are
@@ -54,8 +54,13 @@ fn detect() -> SimdLevel {
     SimdLevel::Scalar
 }
 
-/// How a matrix product treats the activation row of a decode step (one token) with affine
-/// (quantized) weights; prefill (several tokens) and float weights always use [`Self::F32`].
+/// How matrix products with quantized weights treat their activations.
+///
+/// [`Self::Int16`] applies to decode steps (one token) only; [`Self::Int8`] applies to decode
+/// steps and prefills of llama.cpp block formats with an int8 kernel (Q4_K, Q5_K, Q6_K, Q8_0,
+/// Q4_0), because their int8 kernels give each token the bits of its own one-token product
+/// whatever the tokens beside it, and is [`Self::Int16`] for every other weight format. Float
+/// weights always use f32 activations.
 ///
 /// What counts as a decode step is the forward pass, not the product: inside a prefill pass an
 /// expert chosen by a single token, or the last-token `lm_head`, is a one-row product too, and
@@ -71,21 +76,28 @@ pub enum ActivationPrecision {
     /// an error of ~2e-6 of `Σ|w·x|` (up to ~5e-5 where activations have outliers); see the
     /// `matmul` module docs.
     Int16,
+    /// llama.cpp block formats: every token's activations rounded to int8 per 32 columns, in
+    /// decode and prefill (`matmul/ggml_blocks/int8.rs`: the method of llama.cpp's q8
+    /// activations, an error 258 times that of int16); other weights as [`Self::Int16`].
+    Int8,
 }
 
 /// How the products of one forward pass treat their tokens.
 ///
 /// A decode step (one token) and a prefill (many) compute differently: a prefill multiplies
-/// tiles of tokens at once with f32 activations, a decode step uses the one-token kernels with
-/// the decode [`ActivationPrecision`]. Speculative verification is a pass of several tokens
-/// whose logits must equal, bit for bit, those of decoding the tokens one at a time (so that
-/// greedy output with a draft is the output without); it uses [`ProductMode::Decode`] for all
-/// its tokens, which runs every token through the one-token kernels while each block of weights
-/// is reused by all tokens from cache.
+/// tiles of tokens at once with f32 activations (int8 for block formats at
+/// [`ActivationPrecision::Int8`]), a decode step uses the one-token kernels with the decode
+/// [`ActivationPrecision`]. Speculative verification is a pass of several tokens whose logits
+/// must equal, bit for bit, those of decoding the tokens one at a time (so that greedy output
+/// with a draft is the output without); it uses [`ProductMode::Decode`] for all its tokens,
+/// which runs every token through the one-token kernels while each block of weights is reused
+/// by all tokens from cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProductMode {
-    /// Tiles of tokens at once, f32 activations: prompt processing and scoring.
-    Prefill,
+    /// Tiles of tokens at once: f32 activations, except that at [`ActivationPrecision::Int8`]
+    /// products of block formats with an int8 kernel round every token's row to int8, with the
+    /// bits of that token's decode product. Prompt processing and scoring.
+    Prefill(ActivationPrecision),
     /// Every token as a one-token product with this activation precision: the same bits for
     /// a token whether it is alone in the pass or not.
     Decode(ActivationPrecision),
@@ -93,7 +105,8 @@ pub enum ProductMode {
 
 impl ProductMode {
     /// The mode for products inside a forward pass over `pass_tokens` tokens: decode with
-    /// [`activation_precision`] for one token, prefill for several.
+    /// [`activation_precision`] for one token, prefill (with the same precision, which matters
+    /// for int8 only) for several.
     ///
     /// What counts is the forward pass, not the product: inside a prefill an expert chosen by a
     /// single token, or the last-token `lm_head`, is a one-row product too, and computing it as
@@ -103,13 +116,18 @@ impl ProductMode {
         if pass_tokens == 1 {
             ProductMode::decode()
         } else {
-            ProductMode::Prefill
+            ProductMode::prefill()
         }
     }
 
-    /// Decode products at the process's decode precision ([`activation_precision`]).
+    /// Decode products at the process's precision ([`activation_precision`]).
     pub fn decode() -> ProductMode {
         ProductMode::Decode(activation_precision())
+    }
+
+    /// Prefill products at the process's precision ([`activation_precision`]).
+    pub fn prefill() -> ProductMode {
+        ProductMode::Prefill(activation_precision())
     }
 }
 
@@ -117,9 +135,10 @@ impl std::str::FromStr for ActivationPrecision {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
+            "int8" => Ok(ActivationPrecision::Int8),
             "int16" => Ok(ActivationPrecision::Int16),
             "f32" => Ok(ActivationPrecision::F32),
-            _ => Err(format!("expected int16 or f32, not {s:?}")),
+            _ => Err(format!("expected int8, int16 or f32, not {s:?}")),
         }
     }
 }
@@ -148,9 +167,9 @@ pub fn set_activation_precision(wanted: ActivationPrecision) -> ActivationPrecis
     })
 }
 
-/// The precision of decode products with affine weights: what [`set_activation_precision`]
-/// chose, else [`ActivationPrecision::Int16`]; [`ActivationPrecision::F32`] whenever the
-/// environment sets `MOESTREAM_EXACT_MATMUL` to anything but `0` or the empty string.
+/// The precision of products with quantized weights: what [`set_activation_precision`] chose,
+/// else [`ActivationPrecision::Int8`]; [`ActivationPrecision::F32`] whenever the environment
+/// sets `MOESTREAM_EXACT_MATMUL` to anything but `0` or the empty string.
 pub fn activation_precision() -> ActivationPrecision {
-    set_activation_precision(ActivationPrecision::Int16)
+    set_activation_precision(ActivationPrecision::Int8)
 }

@@ -7,9 +7,10 @@
 //! ([`features::simd_level`]); every one has a scalar twin ([`matmul_scalar`]) it is tested against.
 //!
 //! Decode products (one token) of quantized weights round the activations to int16 by default,
-//! which makes them about 1.4 times faster on AVX2 at a relative error of ~1e-5
-//! ([`features::ActivationPrecision`]); `MOESTREAM_EXACT_MATMUL=1` keeps f32 activations
-//! everywhere.
+//! which makes them about 1.4 times faster on AVX2 at a relative error of ~1e-5; llama.cpp block
+//! formats round them to int8 instead, in decode and prefill (~3-4 times the f32 path per decode
+//! product, relative error ~5e-4) ([`features::ActivationPrecision`]);
+//! `MOESTREAM_EXACT_MATMUL=1` keeps f32 activations everywhere.
 //!
 //! Weight bytes are taken as `&[u8]` in little-endian order with no alignment promise: memory-mapped
 //! safetensors place tensors at arbitrary offsets, so all loads are unaligned.

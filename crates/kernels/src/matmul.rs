@@ -8,26 +8,33 @@
 //!   affine; other formats use `avx2` on such CPUs), chosen at run time;
 //! - [`int16`]: decode products of affine weights with int16 activations, its scalar twin and its
 //!   AVX2 and AVX-512 kernels (see "Activation precision");
-//! - `ggml_blocks`: llama.cpp block formats, f32 activations (decode each row, then FMAs) and, in
-//!   `ggml_blocks/int16`, int16 decode products (integer dot products per 32 columns).
+//! - `ggml_blocks`: llama.cpp block formats, f32 activations (decode each row, then FMAs); in
+//!   `ggml_blocks/int16`, int16 decode products (integer dot products per 32 columns); in
+//!   `ggml_blocks/int8`, int8 products of any token count (llama.cpp's method).
 //!
 //! # Activation precision
 //! A decode product (one token) with affine weights rounds the activation row to int16, with one
 //! step per span of 32 to 128 columns, and multiplies the integer codes with the integer
 //! activations, exactly, in i32 ([`ActivationPrecision::Int16`]; the method and its error bound
 //! are in [`int16`]); with llama.cpp blocks likewise, with spans of 32 columns
-//! (`ggml_blocks/int16.rs`). That is the default. Prefill (several tokens), float weights, and every
-//! product when `MOESTREAM_EXACT_MATMUL=1` ([`activation_precision`], read once) use f32
-//! activations, as do [`matmul_scalar`] and [`matmul_with_precision`] with
-//! [`ActivationPrecision::F32`]. "One token" means the forward pass, not the product: model code
-//! calls [`matmul_at`] with [`ProductMode::for_pass`], so a one-row product inside a
-//! prefill (an expert one token chose, the last-token logits) stays f32 and a prompt's
-//! log-probabilities do not depend on its routing.
+//! (`ggml_blocks/int16.rs`). The block formats with an int8 kernel (Q4_K, Q5_K, Q6_K, Q8_0, Q4_0)
+//! go further at [`ActivationPrecision::Int8`], the default: every token's row is rounded to int8
+//! per 32 columns and multiplied as llama.cpp does, in decode and in prefill
+//! (`ggml_blocks/int8.rs`); its kernels give each token the bits of its one-token product
+//! whatever the tokens beside it, which is what makes it usable in a prefill. Prefill of other
+//! weights, float weights, and every product when `MOESTREAM_EXACT_MATMUL=1`
+//! ([`activation_precision`], read once) use f32 activations, as do [`matmul_scalar`] and
+//! [`matmul_with_precision`] with [`ActivationPrecision::F32`]. "One token" means the forward
+//! pass, not the product: model code calls [`matmul_at`] with [`ProductMode::for_pass`], so a
+//! one-row product inside a prefill (an expert one token chose, the last-token logits) stays f32
+//! (or int8, with the bits of that token's decode product) and a prompt's log-probabilities do
+//! not depend on its routing.
 //!
 //! # Token-wise decode products
 //! [`ProductMode::Decode`] over several tokens (speculative verification) computes every token
 //! with the one-token kernels, so each token's result has the same bits as if it had been alone:
-//! every one-token kernel computes each row on its own, whatever block of rows it was given.
+//! every one-token kernel computes each row on its own, whatever block of rows it was given (the
+//! int8 block kernels take several tokens per pass over a row, each with its own bits).
 //! The rows are cut into blocks of [`TOKENWISE_BLOCK_BYTES`] of weights and every token passes
 //! over a block while it is in L2, so the weights are read from memory once per pass, not once
 //! per token.
@@ -142,8 +149,15 @@ pub fn matmul_in_mode(
     y: &mut [f32],
 ) {
     match mode {
-        ProductMode::Prefill => {
-            matmul_with_precision(level, ActivationPrecision::F32, m, x, n_tokens, y)
+        ProductMode::Prefill(p) => {
+            // Only the int8 block kernels give a token the bits of its decode product in a
+            // prefill; everything else stays f32 there (module docs).
+            let p = if p == ActivationPrecision::Int8 && has_int8_kernel(m) {
+                ActivationPrecision::Int8
+            } else {
+                ActivationPrecision::F32
+            };
+            matmul_with_precision(level, p, m, x, n_tokens, y)
         }
         ProductMode::Decode(p) if n_tokens <= 1 => {
             matmul_with_precision(level, p, m, x, n_tokens, y)
@@ -172,11 +186,12 @@ fn matmul_token_wise(
         return;
     }
     let backend = Backend::select(level, m);
-    let int16 = (precision == ActivationPrecision::Int16 && has_int16_kernel(m))
+    let int8 = precision == ActivationPrecision::Int8 && has_int8_kernel(m);
+    let int16 = (!int8 && precision != ActivationPrecision::F32 && has_int16_kernel(m))
         .then(|| int16::ValueOrder::of(backend, m));
     let acts: Vec<Activations> = x
         .chunks_exact(cols)
-        .map(|xt| Activations::new(m, xt, 1, backend.column_order(m), int16))
+        .map(|xt| Activations::new(m, xt, 1, backend.column_order(m), int16, int8))
         .collect();
     let bytes = m.size_bytes();
     let block_rows = (TOKENWISE_BLOCK_BYTES / (bytes / rows).max(1)).clamp(1, rows);
@@ -234,8 +249,11 @@ pub fn matmul_with(level: SimdLevel, m: &Matrix, x: &[f32], n_tokens: usize, y: 
 }
 
 /// [`matmul_with`] with an explicit activation precision. [`ActivationPrecision::Int16`] applies
-/// to decode products (`n_tokens == 1`) with affine weights, at every level (the scalar level
-/// runs the int16 kernels' scalar twin); other products use f32 activations.
+/// to decode products (`n_tokens == 1`) with affine weights and block formats, at every level
+/// (the scalar level runs the int16 kernels' scalar twin); [`ActivationPrecision::Int8`] to
+/// products of any token count with the block formats that have an int8 kernel, and as
+/// [`ActivationPrecision::Int16`] to other quantized weights; other products use f32
+/// activations.
 ///
 /// # Panics
 /// As [`matmul`].
@@ -256,9 +274,11 @@ pub fn matmul_with_precision(
         return;
     }
     let backend = Backend::select(level, m);
-    let int16 = (precision == ActivationPrecision::Int16 && n_tokens == 1 && has_int16_kernel(m))
-        .then(|| int16::ValueOrder::of(backend, m));
-    let act = Activations::new(m, x, n_tokens, backend.column_order(m), int16);
+    let int8 = precision == ActivationPrecision::Int8 && has_int8_kernel(m);
+    let int16 =
+        (!int8 && precision != ActivationPrecision::F32 && n_tokens == 1 && has_int16_kernel(m))
+            .then(|| int16::ValueOrder::of(backend, m));
+    let act = Activations::new(m, x, n_tokens, backend.column_order(m), int16, int8);
     run_tasks(m, n_tokens, y, &|rows, tokens, out| {
         backend.run(m, &act, rows, tokens, out)
     });
@@ -267,6 +287,12 @@ pub fn matmul_with_precision(
 /// Whether decode products of `m` have an int16 kernel: affine weights and llama.cpp blocks.
 fn has_int16_kernel(m: &Matrix) -> bool {
     matches!(m.weights, Weights::Affine { .. } | Weights::Ggml { .. })
+}
+
+/// Whether products of `m` have an int8 kernel: the block formats of
+/// [`ggml_blocks::int8::supports`].
+fn has_int8_kernel(m: &Matrix) -> bool {
+    matches!(m.weights, Weights::Ggml { format, .. } if ggml_blocks::int8::supports(format))
 }
 
 /// The value `bits`-bit affine codes are centred on in the f32 kernels (module docs).
@@ -370,6 +396,23 @@ impl Backend {
         out: &mut [f32],
     ) -> bool {
         debug_assert_eq!(out.len(), rows.len() * acts.len());
+        if let (Weights::Ggml { format, data }, Some(first)) = (m.weights, acts.first()) {
+            if !first.int8.is_empty() {
+                // The int8 kernels give every token the bits of its one-token product; they
+                // write token after token within each row, `out` wants row after row per token.
+                let xs: Vec<&ggml_blocks::int8::Int8Row> =
+                    acts.iter().map(|a| &a.int8[0]).collect();
+                let mut by_row = vec![0f32; out.len()];
+                self.run_int8(format, data, m.cols, &xs, rows.clone(), &mut by_row);
+                let nt = acts.len();
+                for (t, o) in out.chunks_exact_mut(rows.len()).enumerate() {
+                    for (r, v) in o.iter_mut().enumerate() {
+                        *v = by_row[r * nt + t];
+                    }
+                }
+                return true;
+            }
+        }
         match (self, m.weights) {
             #[cfg(target_arch = "x86_64")]
             (Backend::Avx2, Weights::Float { .. }) => {
@@ -383,6 +426,29 @@ impl Backend {
         }
     }
 
+    /// The int8 block product of `rows` for the quantized tokens `xs`, into
+    /// `out[(o - rows.start) * xs.len() + t]`.
+    fn run_int8(
+        self,
+        format: crate::ggml::BlockFormat,
+        data: &[u8],
+        cols: usize,
+        xs: &[&ggml_blocks::int8::Int8Row],
+        rows: Range<usize>,
+        out: &mut [f32],
+    ) {
+        match self {
+            Backend::Scalar => ggml_blocks::int8::matmul_block(format, data, cols, xs, rows, out),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `select` returns Avx2 or Avx512 only on an AVX2+FMA+F16C CPU; the matrix
+            // was validated, `rows` lies inside it, and `Activations::new` quantized every token
+            // from `cols` values for `format`, which has an int8 kernel (`has_int8_kernel`).
+            Backend::Avx2 | Backend::Avx512 => unsafe {
+                ggml_blocks::int8::avx2::matmul_block(format, data, cols, xs, rows, out)
+            },
+        }
+    }
+
     fn run(
         self,
         m: &Matrix,
@@ -392,6 +458,11 @@ impl Backend {
         out: &mut [f32],
     ) {
         debug_assert_eq!(out.len(), rows.len() * tokens.len());
+        if let (Weights::Ggml { format, data }, false) = (m.weights, act.int8.is_empty()) {
+            let xs: Vec<&ggml_blocks::int8::Int8Row> = act.int8[tokens].iter().collect();
+            self.run_int8(format, data, m.cols, &xs, rows, out);
+            return;
+        }
         if let Some(xq) = &act.int16 {
             debug_assert_eq!(tokens, 0..1);
             let sums = act.group_sums(0..1);
@@ -463,6 +534,8 @@ struct Activations<'a> {
     /// The single token's row rounded to int16, in the backend's order, when the call is an
     /// int16 decode product.
     int16: Option<int16::QuantizedRow>,
+    /// Every token's row rounded to int8 when the call is an int8 block product; else empty.
+    int8: Vec<ggml_blocks::int8::Int8Row>,
 }
 
 impl<'a> Activations<'a> {
@@ -472,8 +545,22 @@ impl<'a> Activations<'a> {
         n_tokens: usize,
         order: ColumnOrder,
         int16: Option<int16::ValueOrder>,
+        int8: bool,
     ) -> Self {
         let cols = m.cols;
+        if let (Weights::Ggml { format, .. }, true) = (m.weights, int8) {
+            return Activations {
+                x: Cow::Borrowed(x),
+                cols,
+                group_sums: Vec::new(),
+                groups: 0,
+                int16: None,
+                int8: x
+                    .chunks_exact(cols)
+                    .map(|xt| ggml_blocks::int8::Int8Row::new(xt, format))
+                    .collect(),
+            };
+        }
         let (group_sums, groups) = match m.weights {
             Weights::Affine { group_size, .. } => {
                 let sums: Vec<f32> = x.chunks_exact(group_size).map(scalar::sum).collect();
@@ -525,6 +612,7 @@ impl<'a> Activations<'a> {
             group_sums,
             groups,
             int16,
+            int8: Vec::new(),
         }
     }
 

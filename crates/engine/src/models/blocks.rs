@@ -366,7 +366,7 @@ impl GatedDeltaNet {
                     )
                 });
             }
-            ProductMode::Prefill => {
+            ProductMode::Prefill(_) => {
                 deltanet::gated_delta_chunked(self.shape, n, inputs, s, next_s, &mut o)
             }
         }

@@ -6,9 +6,13 @@
 //! the decode is paid once per row and task whatever the number of tokens, and the dot products
 //! are plain f32 FMAs. A row of the largest matrices (`cols` ≤ a few tens of thousands) fits in
 //! L2. The two paths differ only in the order of the f32 additions of the dot products.
+//!
+//! Integer paths: [`int16`] (decode products with int16 activations) and [`int8`] (decode and
+//! prefill products with int8 activations, llama.cpp's method, the default).
 #[cfg(target_arch = "x86_64")]
 pub(super) mod avx2;
 pub(super) mod int16;
+pub(super) mod int8;
 #[cfg(test)]
 pub(super) mod tests;
 

@@ -258,6 +258,14 @@ fn nibble_split(q: &mut [i16], x: &[f32], inverse: f32) {
 /// with a NaN or an infinity.
 #[inline(always)]
 fn span_step(x: &[f32]) -> f32 {
+    span_step_to(x, XQ_MAX)
+}
+
+/// The step that takes the largest `|x|` of the span `x` to the integer `top_code` (32767 here, 127
+/// for the int8 block path): 0 for a span whose step would be below `f32::MIN_POSITIVE` (it
+/// rounds to zero), NaN for a span with a NaN or an infinity.
+#[inline(always)]
+pub(super) fn span_step_to(x: &[f32], top_code: f32) -> f32 {
     // The largest |x| through the bit patterns: an integer maximum vectorises, and the patterns of
     // NaN and ±inf exceed those of every finite value.
     let top = x.iter().fold(0u32, |m, v| m.max(v.to_bits() & 0x7fff_ffff));
@@ -265,7 +273,7 @@ fn span_step(x: &[f32]) -> f32 {
     if !largest.is_finite() {
         return f32::NAN;
     }
-    let step = largest / XQ_MAX;
+    let step = largest / top_code;
     if step < f32::MIN_POSITIVE {
         return 0.0;
     }
@@ -277,7 +285,7 @@ fn span_step(x: &[f32]) -> f32 {
 /// 1.5·2^23 plus n. Integer operations, which vectorise, where a float-to-int conversion would
 /// not on baseline x86-64.
 #[inline(always)]
-fn round(v: f32, inverse: f32) -> i16 {
+pub(super) fn round(v: f32, inverse: f32) -> i16 {
     const ROUND: f32 = 12_582_912.0;
     const ROUND_BITS: i32 = 0x4B40_0000;
     ((v * inverse + ROUND).to_bits() as i32 - ROUND_BITS) as i16

@@ -741,7 +741,7 @@ fn matmul_rejects_invalid_matrix() {
 }
 
 /// A token-wise decode product ([`ProductMode::Decode`] over several tokens) gives every token
-/// the same bits as a product of that token alone, at both precisions and every level, on small
+/// the same bits as a product of that token alone, at every precision and level, on small
 /// shapes (one block, serial) and large ones (many blocks, in parallel).
 #[test]
 fn token_wise_decode_equals_one_token_products() {
@@ -785,7 +785,11 @@ fn token_wise_decode_equals_one_token_products() {
         for n in [2, 5, 9] {
             let x = rng.floats(n * m.cols);
             for level in levels.into_iter().filter(|&l| l <= cpu_level()) {
-                for precision in [ActivationPrecision::F32, ActivationPrecision::Int16] {
+                for precision in [
+                    ActivationPrecision::F32,
+                    ActivationPrecision::Int16,
+                    ActivationPrecision::Int8,
+                ] {
                     let mode = ProductMode::Decode(precision);
                     let mut together = vec![f32::NAN; n * m.rows];
                     matmul_in_mode(level, mode, &m, &x, n, &mut together);
@@ -802,6 +806,64 @@ fn token_wise_decode_equals_one_token_products() {
                              token alone (seed {seed})",
                             m.rows,
                             m.cols
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A prefill at [`ActivationPrecision::Int8`] gives every token of a block-format product the
+/// bits of its decode product alone (so a prompt's log-probabilities do not depend on routing,
+/// and prefill equals decoding); at the other precisions a prefill is the f32 product, and a
+/// one-token prefill product stays f32 too.
+#[test]
+fn int8_prefill_equals_one_token_decode_products() {
+    let seed = fresh_seed();
+    let mut rng = Rng::new(seed);
+    let levels = [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512];
+    for format in BlockFormat::ALL {
+        for (rows, cols) in [(3, 256), (700, 2048)] {
+            let tm = TestMatrix::ggml(&mut rng, format, rows, cols);
+            let m = tm.matrix();
+            for n in [1, 2, 7, 33] {
+                let x = rng.floats(n * cols);
+                for level in levels.into_iter().filter(|&l| l <= cpu_level()) {
+                    let mut prefill = vec![f32::NAN; n * rows];
+                    let mode = ProductMode::Prefill(ActivationPrecision::Int8);
+                    matmul_in_mode(level, mode, &m, &x, n, &mut prefill);
+                    let mut exact = vec![f32::NAN; n * rows];
+                    let f32_mode = ProductMode::Prefill(ActivationPrecision::Int16);
+                    matmul_in_mode(level, f32_mode, &m, &x, n, &mut exact);
+                    let mut want = vec![f32::NAN; n * rows];
+                    matmul_with_precision(level, ActivationPrecision::F32, &m, &x, n, &mut want);
+                    assert!(
+                        exact
+                            .iter()
+                            .zip(&want)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{level:?} {} prefill at int16 is the f32 product (seed {seed})",
+                        format.name()
+                    );
+                    let int8 = super::ggml_blocks::int8::supports(format);
+                    for t in 0..n {
+                        let xt = &x[t * cols..(t + 1) * cols];
+                        let mut alone = vec![f32::NAN; rows];
+                        let decode = if int8 {
+                            ProductMode::Decode(ActivationPrecision::Int8)
+                        } else {
+                            ProductMode::Prefill(ActivationPrecision::F32)
+                        };
+                        matmul_in_mode(level, decode, &m, xt, 1, &mut alone);
+                        let got = &prefill[t * rows..(t + 1) * rows];
+                        assert!(
+                            got.iter()
+                                .zip(&alone)
+                                .all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{level:?} {} {rows}x{cols} token {t} of {n}: prefill differs from \
+                             its decode product (seed {seed})",
+                            format.name()
                         );
                     }
                 }

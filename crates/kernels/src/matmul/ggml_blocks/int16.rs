@@ -52,8 +52,9 @@
 //!
 //! The int16 path reads 42-80% of the memory bandwidth (the f32 path 13-32%): it is still bound
 //! by its instructions more than by memory, most for Q4_K/Q5_K (bytes widened to i16 before
-//! `vpmaddwd`; int8 activations with `vpmaddubsw`, as llama.cpp does, would halve that work at
-//! 256 times the activation rounding error). The scalar twin is slower than the scalar f32 path
+//! `vpmaddwd`). The int8 path (`int8.rs`, `vpmaddubsw` as llama.cpp does, at 258 times the
+//! activation rounding error) is the default now; this path stays selectable with
+//! `--decode-activations int16` and serves Q4_1 and Q5_0. The scalar twin is slower than the scalar f32 path
 //! (1.13 against 0.74 ms for Q4_K 768x2048): it is the reference, not a fallback worth tuning.
 //!
 //! The scalar twin here ([`matvec_block`]) and the AVX2 kernels ([`avx2`]) compute the same
@@ -61,7 +62,7 @@
 #[cfg(target_arch = "x86_64")]
 pub(in crate::matmul) mod avx2;
 #[cfg(test)]
-mod tests;
+pub(super) mod tests;
 
 use std::ops::Range;
 
@@ -98,7 +99,7 @@ pub(in crate::matmul) fn quantize_activations(x: &[f32], format: BlockFormat) ->
 
 /// Writes the integer codes of one `format` block (module docs: `q` with `w = a·q − m`) into
 /// `out` (`format.block_elements()` values), in column order.
-fn block_codes(format: BlockFormat, block: &[u8], out: &mut [i8]) {
+pub(super) fn block_codes(format: BlockFormat, block: &[u8], out: &mut [i8]) {
     match format {
         BlockFormat::Q8_0 => {
             for (q, &b) in out.iter_mut().zip(&block[2..34]) {
@@ -163,7 +164,7 @@ fn block_codes(format: BlockFormat, block: &[u8], out: &mut [i8]) {
 }
 
 #[inline]
-fn f16_at(b: &[u8], at: usize) -> f32 {
+pub(super) fn f16_at(b: &[u8], at: usize) -> f32 {
     half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 

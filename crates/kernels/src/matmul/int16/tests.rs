@@ -348,6 +348,7 @@ fn small_products_match_scalar_at_both_precisions() {
                                 .into_iter()
                                 .map(|a| 1e-5 * a + 1e-6)
                                 .collect(),
+                            ActivationPrecision::Int8 => unreachable!("not tested here"),
                         })
                         .collect();
                     for ((g, e), bound) in got.iter().zip(&want).zip(bounds) {

@@ -68,7 +68,7 @@ pub(in crate::matmul) unsafe fn matvec_block(
 /// AVX2.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn lane_sums(v: &[__m256i; 8]) -> __m256i {
+pub(in crate::matmul::ggml_blocks) unsafe fn lane_sums(v: &[__m256i; 8]) -> __m256i {
     // hadd(a, b) = [a0+a1, a2+a3, b0+b1, b2+b3 | a4+a5, a6+a7, b4+b5, b6+b7]: two levels leave,
     // in each 128-bit half, the half sums of four vectors; adding the halves finishes them.
     let h01 = _mm256_hadd_epi32(v[0], v[1]);
@@ -89,7 +89,7 @@ unsafe fn lane_sums(v: &[__m256i; 8]) -> __m256i {
 /// AVX2.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn hsum_i32(v: __m256i) -> i32 {
+pub(in crate::matmul::ggml_blocks) unsafe fn hsum_i32(v: __m256i) -> i32 {
     let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
     _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01)))
@@ -139,7 +139,7 @@ unsafe fn madd32<const SIGNED: bool>(bytes: __m256i, x: *const i16) -> __m256i {
 /// F16C; `p` readable for 2 bytes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn f16_at(p: *const u8) -> f32 {
+pub(in crate::matmul::ggml_blocks) unsafe fn f16_at(p: *const u8) -> f32 {
     let bits = p.cast::<u16>().read_unaligned();
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
 }
@@ -151,7 +151,7 @@ unsafe fn f16_at(p: *const u8) -> f32 {
 /// AVX2; `p` readable for one block (34 or 18 bytes).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn codes_q8_0<const Q4: bool>(p: *const u8) -> __m256i {
+pub(in crate::matmul::ggml_blocks) unsafe fn codes_q8_0<const Q4: bool>(p: *const u8) -> __m256i {
     if Q4 {
         let qs = _mm_loadu_si128(p.add(2).cast());
         let m = _mm_set1_epi8(15);
@@ -209,7 +209,7 @@ unsafe fn row_dot_q8_0<const Q4: bool>(row: &[u8], xq: &QuantizedRow, _sums: &[f
 /// AVX2; `q` readable for 12 bytes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn scales_mins(q: *const u8) -> (__m256, __m256) {
+pub(in crate::matmul::ggml_blocks) unsafe fn scales_mins(q: *const u8) -> (__m256, __m256) {
     let word = |i: usize| q.add(4 * i).cast::<u32>().read_unaligned();
     let (a, b, c) = (word(0), word(1), word(2));
     let sc = u64::from(a & 0x3f3f_3f3f)
@@ -335,7 +335,11 @@ unsafe fn row_dot_q6_k(row: &[u8], xq: &QuantizedRow, _sums: &[f32]) -> f32 {
 /// AVX2.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn high_bits(hh: __m256i, shift: i32, m2: __m256i) -> __m256i {
+pub(in crate::matmul::ggml_blocks) unsafe fn high_bits(
+    hh: __m256i,
+    shift: i32,
+    m2: __m256i,
+) -> __m256i {
     let s = _mm256_srl_epi16(hh, _mm_cvtsi32_si128(shift));
     _mm256_slli_epi16(_mm256_and_si256(s, m2), 4)
 }

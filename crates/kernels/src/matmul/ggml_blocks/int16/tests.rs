@@ -24,7 +24,10 @@ fn f16(b: &[u8]) -> f64 {
 
 /// `(a_i, q_i, m_i)` for every weight of the `rows × cols` matrix `data`, and the centre `z` the
 /// path uses for the format's codes.
-fn decompose(format: BlockFormat, data: &[u8]) -> (Vec<(f64, f64, f64)>, f64) {
+pub(in crate::matmul::ggml_blocks) fn decompose(
+    format: BlockFormat,
+    data: &[u8],
+) -> (Vec<(f64, f64, f64)>, f64) {
     let mut w = Vec::new();
     for b in data.chunks_exact(format.block_bytes()) {
         match format {
@@ -133,7 +136,7 @@ fn magnitudes(m: &Matrix, data: &[u8], format: BlockFormat, x: &[f32]) -> Vec<(f
         .collect()
 }
 
-fn data_of<'a>(m: &Matrix<'a>) -> (BlockFormat, &'a [u8]) {
+pub(in crate::matmul::ggml_blocks) fn data_of<'a>(m: &Matrix<'a>) -> (BlockFormat, &'a [u8]) {
     match m.weights {
         crate::Weights::Ggml { format, data } => (format, data),
         _ => unreachable!("block matrices only"),
@@ -187,7 +190,12 @@ fn int16_blocks_avx2_match_scalar_twin() {
 }
 
 /// Activations of a few tenths with `outliers` values `scale` times larger.
-fn activations_with_outliers(rng: &mut Rng, cols: usize, outliers: usize, scale: f32) -> Vec<f32> {
+pub(in crate::matmul::ggml_blocks) fn activations_with_outliers(
+    rng: &mut Rng,
+    cols: usize,
+    outliers: usize,
+    scale: f32,
+) -> Vec<f32> {
     let mut x: Vec<f32> = (0..cols).map(|_| 0.3 * rng.signed()).collect();
     for _ in 0..outliers {
         let i = (rng.next_u64() % cols as u64) as usize;
