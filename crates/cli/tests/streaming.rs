@@ -68,6 +68,8 @@ const VARIANTS: &[&[&str]] = &[
         "lru",
     ],
     &["--expert-cache", "1G", "--queue-depth", "1"],
+    // The router prefetch with an expert cache (the default, auto, turns it off there).
+    &["--expert-cache", "64K", "--prefetch", "router"],
     &[
         "--prefetch",
         "none",

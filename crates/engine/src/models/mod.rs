@@ -261,7 +261,13 @@ impl Model {
         self.layers = self.layers.iter().map(DecoderLayer::to_resident).collect();
         let store = std::mem::replace(&mut self.experts, ExpertStore::resident(Vec::new()));
         self.experts = store.into_streamed(self.config.num_experts_per_tok, options)?;
-        self.prefetch = options.prefetch;
+        self.prefetch = match options.prefetch {
+            Prefetch::Auto if self.experts.caches_experts(self.config.num_experts_per_tok) => {
+                Prefetch::None
+            }
+            Prefetch::Auto => Prefetch::Router,
+            p => p,
+        };
         Ok(self)
     }
 
@@ -585,7 +591,7 @@ impl Model {
                     .collect()
             }
             Prefetch::Previous => self.experts.previous_choice(next),
-            Prefetch::None => Vec::new(),
+            Prefetch::None | Prefetch::Auto => Vec::new(),
         };
         ids.sort_unstable();
         ids.dedup();

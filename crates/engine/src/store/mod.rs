@@ -58,10 +58,17 @@ impl std::str::FromStr for StreamMode {
 /// How the next layer's experts are predicted for prefetching.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Prefetch {
+    /// `Router` when there is no in-process expert cache (reads through the page cache), `None`
+    /// with one. Measured (BENCHMARKS.md, streaming; 30B-A3B Q4_K_M): with the cache each
+    /// prediction of an expert the cache lacks evicts a cached one, and few of those predictions
+    /// are used (2% of needed experts), so the router prefetch read 2.5x (8 GiB cap) and 1.8x
+    /// (4 GiB) the disk bytes per decode token of no prefetch, and decoded 1.3x slower under
+    /// 4 GiB (level under 8 GiB, within the noise); without the cache it hits ~78%.
+    #[default]
+    Auto,
     /// No prefetch.
     None,
     /// Apply the next layer's router to the hidden state after this layer's attention.
-    #[default]
     Router,
     /// The experts the next layer chose for the previous token.
     Previous,
@@ -71,6 +78,7 @@ impl std::str::FromStr for Prefetch {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
+            "auto" => Ok(Prefetch::Auto),
             "none" | "off" => Ok(Prefetch::None),
             "router" => Ok(Prefetch::Router),
             "previous" => Ok(Prefetch::Previous),
@@ -337,6 +345,13 @@ pub struct StoreMemory {
     pub slots: usize,
 }
 
+/// The smallest slot pool: a layer's experts plus the next layer's predictions, with room to
+/// spare so that prefill waves keep reads in flight while earlier experts compute. More slots
+/// than this are the in-process expert cache.
+fn minimum_slots(top_k: usize) -> usize {
+    (2 * top_k + 4).max(8)
+}
+
 /// Where expert weights come from: see the module docs.
 pub struct ExpertStore {
     /// `experts[layer]` (empty for dense layers).
@@ -398,9 +413,7 @@ impl ExpertStore {
                     .into(),
             ));
         }
-        // The minimum pool: this layer's experts plus the next layer's predictions, with room
-        // to spare so that prefill waves keep reads in flight while earlier experts compute.
-        let minimum = (2 * top_k + 4).max(8);
+        let minimum = minimum_slots(top_k);
         let total: usize = experts.iter().map(Vec::len).sum();
         // The expert cache is sized first: whether there is one decides automatic O_DIRECT.
         // Map mode computes on the page cache and has no use for one.
@@ -511,6 +524,12 @@ impl ExpertStore {
             }))),
             stats: Mutex::default(),
         })
+    }
+
+    /// Whether a streamed store keeps an in-process expert cache (more slots than one layer's
+    /// experts and predictions need).
+    pub fn caches_experts(&self, top_k: usize) -> bool {
+        self.memory().slots > minimum_slots(top_k)
     }
 
     /// Whether experts stream from disk.
