@@ -31,6 +31,23 @@ pub fn simd_level() -> SimdLevel {
     })
 }
 
+/// Whether the AVX-512 level is in use ([`simd_level`]) and the CPU also has AVX-512 VNNI and VL,
+/// which the int8 block kernels use for `vpdpbusd` (`matmul/ggml_blocks/int8/avx2.rs`, `vnni`).
+pub fn avx512_vnni() -> bool {
+    static VNNI: OnceLock<bool> = OnceLock::new();
+    *VNNI.get_or_init(|| simd_level() >= SimdLevel::Avx512 && vnni_detected())
+}
+
+#[cfg(target_arch = "x86_64")]
+fn vnni_detected() -> bool {
+    is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn vnni_detected() -> bool {
+    false
+}
+
 /// The best level this CPU supports, ignoring `MOESTREAM_SIMD`. Every kernel of a level needs all
 /// the features checked here: a result of [`SimdLevel::Avx512`] implies the AVX2 set as well.
 pub fn cpu_level() -> SimdLevel {

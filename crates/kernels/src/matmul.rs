@@ -444,7 +444,12 @@ impl Backend {
             // was validated, `rows` lies inside it, and `Activations::new` quantized every token
             // from `cols` values for `format`, which has an int8 kernel (`has_int8_kernel`).
             Backend::Avx2 | Backend::Avx512 => unsafe {
-                ggml_blocks::int8::avx2::matmul_block(format, data, cols, xs, rows, out)
+                if crate::features::avx512_vnni() {
+                    // The same bits with `vpdpbusd` (AVX-512 VNNI + VL, checked).
+                    ggml_blocks::int8::avx2::vnni::matmul_block(format, data, cols, xs, rows, out)
+                } else {
+                    ggml_blocks::int8::avx2::matmul_block(format, data, cols, xs, rows, out)
+                }
             },
         }
     }

@@ -303,3 +303,44 @@ fn int8_blocks_zero_and_nonfinite_spans() {
         }
     }
 }
+
+/// The AVX-512 VNNI kernels (`vpdpbusd`) give the AVX2 kernels' bits: the same exact integer
+/// sums, then the same f32 operations. Every format, 1 to 9 tokens, two shapes.
+#[test]
+fn int8_blocks_vnni_give_the_avx2_bits() {
+    if !crate::features::avx512_vnni() {
+        report("SKIPPED int8_blocks_vnni_give_the_avx2_bits: no AVX-512 VNNI");
+        return;
+    }
+    let seed = fresh_seed();
+    let mut rng = Rng::new(seed);
+    for format in formats() {
+        for (rows, cols) in [(3, 256), (19, 2048)] {
+            let tm = TestMatrix::ggml(&mut rng, format, rows, cols);
+            let m = tm.matrix();
+            let (format, data) = data_of(&m);
+            let quantized: Vec<Int8Row> = (0..9)
+                .map(|_| Int8Row::new(&rng.floats(cols), format))
+                .collect();
+            for nt in 1..=9 {
+                let xs: Vec<&Int8Row> = quantized[..nt].iter().collect();
+                let avx2 = product(format, data, cols, &xs, true);
+                let mut vnni = vec![f32::NAN; rows * nt];
+                // SAFETY: AVX-512 VNNI + VL checked above (with AVX2, FMA, F16C: avx512_vnni
+                // requires the AVX-512 level); `data` holds whole rows of `format` blocks and
+                // every token was quantized from `cols` values for `format`.
+                unsafe {
+                    super::avx2::vnni::matmul_block(format, data, cols, &xs, 0..rows, &mut vnni)
+                };
+                for (i, (a, v)) in avx2.iter().zip(&vnni).enumerate() {
+                    assert_eq!(
+                        a.to_bits(),
+                        v.to_bits(),
+                        "{} {rows}x{cols}, {nt} tokens, output {i}: AVX2 {a} vs VNNI {v} (seed {seed})",
+                        format.name()
+                    );
+                }
+            }
+        }
+    }
+}
