@@ -128,6 +128,13 @@ pub fn copy_files(from: &Path, to: &Path) {
 
 /// The token ids of 24 greedy tokens after a fixed prompt (as JSON text), with `extra` options.
 pub fn greedy_ids(model: &Path, extra: &[&str]) -> String {
+    run_json(model, 24, extra)["generated_tokens"].to_string()
+}
+
+/// `run --json` on `model` after the prompt `5 9 44 3 17 250 8 1 99 31`, `max_tokens` tokens
+/// without stopping at EOS, plus `extra`: its JSON object.
+pub fn run_json(model: &Path, max_tokens: usize, extra: &[&str]) -> serde_json::Value {
+    let max = max_tokens.to_string();
     let mut args = vec![
         "run",
         "--model",
@@ -135,16 +142,14 @@ pub fn greedy_ids(model: &Path, extra: &[&str]) -> String {
         "--prompt-tokens",
         "5 9 44 3 17 250 8 1 99 31",
         "--max-tokens",
-        "24",
+        &max,
         "--ignore-eos",
         "--json",
     ];
     args.extend_from_slice(extra);
     let o = moestream(&args);
     assert!(o.status.success(), "run failed: {}", stderr(&o));
-    let v: serde_json::Value =
-        serde_json::from_str(stdout(&o).trim()).expect("run --json prints one object");
-    v["generated_tokens"].to_string()
+    serde_json::from_str(stdout(&o).trim()).expect("run --json prints one object")
 }
 
 /// The `logprobs` of `score`'s JSON output.

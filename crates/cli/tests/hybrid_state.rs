@@ -243,23 +243,9 @@ fn mtp_head_is_loaded_when_present_and_never_touches_the_trunk() {
 
 /// `run --mtp ...` on `model`: the generated tokens and (proposed, accepted) drafts.
 fn mtp_run(model: &std::path::Path, extra: &[&str]) -> (String, u64, u64) {
-    let mut args = vec![
-        "run",
-        "--model",
-        model.to_str().unwrap(),
-        "--prompt-tokens",
-        "5 9 44 3 17 250 8 1 99 31",
-        "--max-tokens",
-        "40",
-        "--temperature",
-        "0",
-        "--ignore-eos",
-        "--json",
-    ];
+    let mut args = vec!["--temperature", "0"];
     args.extend_from_slice(extra);
-    let o = moestream(&args);
-    assert!(o.status.success(), "run failed: {}", stderr(&o));
-    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    let v = run_json(model, 40, &args);
     let s = &v["speculation"];
     (
         v["generated_tokens"].to_string(),
