@@ -127,6 +127,14 @@ const FUNCTIONS: &[&str] = &[
     "gated_delta",
     "gated_rms_norm",
     "unfuse_qkvz",
+    "quantize_q8",
+    "rms_norm_q8",
+    "silu_mul_q8",
+    "matvec_q4_k_q8",
+    "matvec_q6_k_q8",
+    "matvec_q4_k_q8_combine",
+    "matvec_q6_k_q8_combine",
+    "qk_norm_rope_append",
 ];
 
 impl Gpu {
@@ -596,6 +604,20 @@ mod tests {
                     ptx.contains(&format!(".entry {f}(")),
                     "no kernel {f} in the PTX"
                 );
+            }
+            // And every kernel in the PTX is loaded (a launch of one that is not fails at run
+            // time, on the GPU only).
+            for line in ptx.lines() {
+                if let Some(rest) = line.split(".entry ").nth(1) {
+                    let name = rest.split('(').next().unwrap_or(rest).trim();
+                    assert!(
+                        super::PRODUCTS
+                            .iter()
+                            .chain(super::FUNCTIONS)
+                            .any(|f| *f == name),
+                        "kernel {name} is not in device.rs's lists"
+                    );
+                }
             }
         }
     }

@@ -400,7 +400,7 @@ __device__ void dequantize(MatArgs a, u32 row0, u32 rows, float* out) {
     extern "C" __global__ void __launch_bounds__(ROWS_PER_BLOCK * WARP) \
     name##_1(const u64* bases, MatArgs a, const float* x, float* y) { matvec<W, 1>(bases, nullptr, a, x, y); }
 
-MATVEC(matvec_f32, F32W)
+MATVEC_PROMPT(matvec_f32, F32W)
 MATVEC(matvec_f16, HalfW<1>)
 MATVEC(matvec_bf16, HalfW<2>)
 MATVEC(matvec_affine2, AffineW<2>)
@@ -438,6 +438,29 @@ __device__ __forceinline__ const u8* decode_row(const u64* bases, const MatArgs&
 __device__ __forceinline__ void decode_store(const MatArgs& a, float* y, u32 row, float acc) {
     float s = warp_sum(acc);
     if (threadIdx.x % WARP == 0) y[row] = a.accumulate ? y[row] + s : s;
+}
+
+// f32 (a router, mostly): lane l reads float4 l, l + 32, ... of the row and of x.
+extern "C" __global__ void __launch_bounds__(ROWS_PER_BLOCK * WARP)
+matvec_f32_1(const u64* bases, MatArgs a, const float* x, float* y) {
+    u32 row = blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / WARP;
+    int lane = threadIdx.x % WARP;
+    if (row >= a.rows) return;
+    u64 g = blockIdx.y;
+    u64 base = bases ? bases[g] : 0;
+    const float4* xv = (const float4*)(x + g * a.x_group_stride);
+    y += g * a.y_group_stride;
+    const float4* w = (const float4*)(base + a.data) + (u64)row * (a.cols / 4);
+    float acc = 0.f;
+#pragma unroll 4
+    for (u32 i = lane; i < a.cols / 4; i += WARP) {
+        float4 wv = w[i], v = xv[i];
+        acc = fmaf(wv.x, v.x, acc);
+        acc = fmaf(wv.y, v.y, acc);
+        acc = fmaf(wv.z, v.z, acc);
+        acc = fmaf(wv.w, v.w, acc);
+    }
+    decode_store(a, y, row, acc);
 }
 
 // Q4_K: lane l reads code bytes 4l .. 4l+3 of a super-block: sub-block 2j (low nibbles, columns
@@ -508,10 +531,235 @@ matvec_q6_k_1(const u64* bases, MatArgs a, const float* x, float* y) {
     decode_store(a, y, row, acc);
 }
 
+// ---- decode products with int8 activations (ActivationPrecision::Int8) ----
+//
+// The f32 one-token kernels above spend most of their time in instructions, not memory: every
+// lane converts and multiplies 8 codes per 144-byte super-block and unpacks two scales for them.
+// With the token's activations rounded to int8 once per 32 columns (the CPU's int8 method,
+// `matmul/ggml_blocks/int8.rs`: step = max|x| / 127 per span, plus the span's exact f32 sum and
+// rounding residual), a lane takes 32 weights at a time: 16 bytes of codes, 8 `dp4a`, one scale
+// unpack, and the warp walks 4 super-blocks at once (8 lanes each).
+
+// A token's activations in int8: q[i] for element i, and per span of 32 (element i's span is
+// i / 32) the step, the f32 sum of the exact values and the sum of the rounding residuals.
+struct Q8 {
+    u64 q;
+    u64 step;
+    u64 sum;
+    u64 res;
+};
+
+// Lane (i % 32) of a full warp quantizes element i (value v); the warp covers one span.
+__device__ __forceinline__ void q8_store(Q8 o, u64 i, float v) {
+    // The largest |v| through the bit patterns (NaN's exceed every finite value's), as the CPU.
+    u32 top = __float_as_uint(v) & 0x7fffffffu;
+#pragma unroll
+    for (int k = 16; k > 0; k >>= 1) top = max(top, __shfl_xor_sync(0xffffffffu, top, k));
+    float largest = __uint_as_float(top);
+    float step = isfinite(largest) ? largest / 127.0f : __int_as_float(0x7fc00000);
+    if (step < 1.17549435e-38f) step = 0.f;  // also false for NaN
+    float inverse = step > 0.f ? 1.0f / step : 0.f;
+    int q = __float2int_rn(v * inverse);
+    ((i8*)o.q)[i] = (i8)q;
+    float sum = warp_sum(v), res = warp_sum(v - step * (float)q);
+    if (i % WARP == 0) {
+        u64 s = i / WARP;
+        ((float*)o.step)[s] = step;
+        ((float*)o.sum)[s] = sum;
+        ((float*)o.res)[s] = res;
+    }
+}
+
+// o = int8(x) for n elements (a multiple of 32).
+extern "C" __global__ void quantize_q8(const float* x, Q8 o, u64 n) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) q8_store(o, i, x[i]);
+}
+
+// x moved to a group's input, `e` activations on.
+__device__ __forceinline__ Q8 q8_at(Q8 x, u64 e) {
+    x.q += e;
+    x.step += 4 * (e / WARP);
+    x.sum += 4 * (e / WARP);
+    x.res += 4 * (e / WARP);
+    return x;
+}
+
+// Q4_K, per sub-block j: y += d·sc_j·(step_j·Σq·xq + 7.5·res_j) − dmin·m_j·sum_j (the CPU's
+// formula). Lane l takes super-block 4i + l/8 and its code bytes 16p .. 16p+15 (p = l % 8):
+// sub-blocks 2(p/2) (low nibbles) and 2(p/2)+1 (high), 16 columns of each; the even lane of
+// each pair adds the pair's residual and minimum terms. Returns the lane's share of the row.
+struct Q4_KQ8 {
+    static constexpr u32 BLOCK = 144;
+    static __device__ __forceinline__ float lane_dot(const u8* rowp, const Q8& x, u32 nb, int lane) {
+        const i8* xq = (const i8*)x.q;
+        const float *step = (const float*)x.step, *sum = (const float*)x.sum,
+                    *res = (const float*)x.res;
+        int p = lane % 8, j = p / 2, half = p % 2;
+        float acc = 0.f;
+        for (u32 b = lane / 8; b < nb; b += 4) {
+            const u8* blk = rowp + (u64)b * 144;
+            uint4 head = *(const uint4*)blk;
+            uint4 c = *(const uint4*)(blk + 16 + 32 * j + 16 * half);
+            u32 c0 = b * 256 + 64 * j + 16 * half;
+            int4 xl = *(const int4*)(xq + c0), xh = *(const int4*)(xq + c0 + 32);
+            int dl = 0, dh = 0;
+            dl = __dp4a((int)(c.x & 0x0f0f0f0fu), xl.x, dl);
+            dl = __dp4a((int)(c.y & 0x0f0f0f0fu), xl.y, dl);
+            dl = __dp4a((int)(c.z & 0x0f0f0f0fu), xl.z, dl);
+            dl = __dp4a((int)(c.w & 0x0f0f0f0fu), xl.w, dl);
+            dh = __dp4a((int)((c.x >> 4) & 0x0f0f0f0fu), xh.x, dh);
+            dh = __dp4a((int)((c.y >> 4) & 0x0f0f0f0fu), xh.y, dh);
+            dh = __dp4a((int)((c.z >> 4) & 0x0f0f0f0fu), xh.z, dh);
+            dh = __dp4a((int)((c.w >> 4) & 0x0f0f0f0fu), xh.w, dh);
+            float d = half_to_float(head.x & 0xffff), dmin = half_to_float(head.x >> 16);
+            u32 sw[3] = {head.y, head.z, head.w};
+            float sc0, m0, sc1, m1;
+            scale_min_k4_words(2 * j, sw, &sc0, &m0);
+            scale_min_k4_words(2 * j + 1, sw, &sc1, &m1);
+            u32 s0 = b * 8 + 2 * j, s1 = s0 + 1;
+            float v = sc0 * (step[s0] * (float)dl) + sc1 * (step[s1] * (float)dh);
+            if (half == 0) v += 7.5f * (sc0 * res[s0] + sc1 * res[s1]);
+            acc += d * v;
+            if (half == 0) acc -= dmin * (m0 * sum[s0] + m1 * sum[s1]);
+        }
+        return acc;
+    }
+};
+
+// 8 bytes at a 2-byte aligned address (Q6_K's 210-byte blocks): three aligned words, shifted.
+__device__ __forceinline__ uint2 load8_a2(const u8* p) {
+    const u32* w = (const u32*)((u64)p & ~3ull);
+    u32 sh = ((u32)(u64)p & 3u) * 8;
+    u32 w0 = w[0], w1 = w[1], w2 = w[2];
+    return make_uint2(__funnelshift_r(w0, w1, sh), __funnelshift_r(w1, w2, sh));
+}
+
+// Codes 0..63 of 4 columns from their low-nibble word and high-bit word (already shifted to
+// bits 4-5 of each byte), minus 32 per byte.
+__device__ __forceinline__ int q6_codes(u32 low, u32 high) {
+    return (int)__vsub4((low & 0x0f0f0f0fu) | (high & 0x30303030u), 0x20202020u);
+}
+
+// Q6_K, per group g of 16: y += d·sc_g·step·Σ(q−32)·xq. Lane l takes super-block 4i + l/8 and,
+// with p = l % 8, half n = p/4 and columns 128n + 32i + l0 .. +8 (l0 = 8(p%4), i < 4): 8 bytes
+// each of ql[64n + l0], ql[64n + 32 + l0] and qh[32n + l0].
+struct Q6_KQ8 {
+    static constexpr u32 BLOCK = 210;
+    static __device__ __forceinline__ float lane_dot(const u8* rowp, const Q8& x, u32 nb, int lane) {
+        const i8* xq = (const i8*)x.q;
+        const float* step = (const float*)x.step;
+        int p = lane % 8, n = p / 4, l0 = 8 * (p % 4);
+        float acc = 0.f;
+        for (u32 b = lane / 8; b < nb; b += 4) {
+            const u8* blk = rowp + (u64)b * 210;
+            uint2 la = load8_a2(blk + 64 * n + l0), lb = load8_a2(blk + 64 * n + 32 + l0);
+            uint2 h = load8_a2(blk + 128 + 32 * n + l0);
+            float d = half_to_float(load_u16(blk + 208));
+            const i8* sc = (const i8*)(blk + 192 + 8 * n + l0 / 16);
+            u32 c0 = b * 256 + 128 * n + l0;
+            int words[4][2] = {
+                {q6_codes(la.x, h.x << 4), q6_codes(la.y, h.y << 4)},
+                {q6_codes(lb.x, h.x << 2), q6_codes(lb.y, h.y << 2)},
+                {q6_codes(la.x >> 4, h.x), q6_codes(la.y >> 4, h.y)},
+                {q6_codes(lb.x >> 4, h.x >> 2), q6_codes(lb.y >> 4, h.y >> 2)},
+            };
+            float v = 0.f;
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                int2 xv = *(const int2*)(xq + c0 + 32 * i);
+                int s = __dp4a(words[i][1], xv.y, __dp4a(words[i][0], xv.x, 0));
+                v += (float)sc[2 * i] * (step[b * 8 + 4 * n + i] * (float)s);
+            }
+            acc += d * v;
+        }
+        return acc;
+    }
+};
+
+// y = W x for row `row` of group g = blockIdx.y (a slot at bases[g], or the plain matrix), its
+// activations x_group_stride · g on.
+template <class K>
+__device__ __forceinline__ void matvec_q8(const u64* bases, const MatArgs& a, Q8 x, float* y) {
+    u32 row = blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / WARP;
+    if (row >= a.rows) return;
+    u64 g = blockIdx.y;
+    u64 base = bases ? bases[g] : 0;
+    u32 nb = a.cols / 256;
+    const u8* rowp = (const u8*)(base + a.data) + (u64)row * nb * K::BLOCK;
+    float acc = K::lane_dot(rowp, q8_at(x, g * a.x_group_stride), nb, threadIdx.x % WARP);
+    decode_store(a, y + g * a.y_group_stride, row, acc);
+}
+
+// One token's experts and their weighted sum in one launch: y (+)= Σ_g weights[g] · W_g x_g in
+// ascending g, as combine_experts adds the separate products.
+template <class K>
+__device__ __forceinline__ void matvec_q8_combine(const u64* bases, const MatArgs& a, Q8 x,
+                                                  const float* weights, u32 groups, float* y) {
+    u32 row = blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / WARP;
+    if (row >= a.rows) return;
+    u32 nb = a.cols / 256;
+    float total = 0.f;
+    for (u32 g = 0; g < groups; g++) {
+        const u8* rowp = (const u8*)(bases[g] + a.data) + (u64)row * nb * K::BLOCK;
+        float s = warp_sum(K::lane_dot(rowp, q8_at(x, g * a.x_group_stride), nb, threadIdx.x % WARP));
+        total += weights[g] * s;
+    }
+    if (threadIdx.x % WARP == 0) y[row] = a.accumulate ? y[row] + total : total;
+}
+
+#define MATVEC_Q8(name, K) \
+    extern "C" __global__ void __launch_bounds__(ROWS_PER_BLOCK * WARP) \
+    name##_q8(const u64* bases, MatArgs a, Q8 x, float* y) { matvec_q8<K>(bases, a, x, y); } \
+    extern "C" __global__ void __launch_bounds__(ROWS_PER_BLOCK * WARP) \
+    name##_q8_combine(const u64* bases, MatArgs a, Q8 x, const float* weights, u32 groups, float* y) { \
+        matvec_q8_combine<K>(bases, a, x, weights, groups, y); \
+    }
+MATVEC_Q8(matvec_q4_k, Q4_KQ8)
+MATVEC_Q8(matvec_q6_k, Q6_KQ8)
+
+// As rms_norm, and the output also rounded to int8 into `q` (one row: a decode step).
+// Launched with 1024 threads: a decode step's norm is one block, whose loop iterations each
+// wait for their loads.
+extern "C" __global__ void rms_norm_q8(const float* __restrict__ x, const float* __restrict__ w,
+                                       float* __restrict__ out, u32 width, float eps, Q8 q) {
+    __shared__ float part[32];
+    float s = 0.f;
+    for (u32 i = threadIdx.x; i < width; i += blockDim.x) s += x[i] * x[i];
+    s = warp_sum(s);
+    if (threadIdx.x % WARP == 0) part[threadIdx.x / WARP] = s;
+    __syncthreads();
+    if (threadIdx.x < WARP) {
+        float v = threadIdx.x < blockDim.x / WARP ? part[threadIdx.x] : 0.f;
+        v = warp_sum(v);
+        if (threadIdx.x == 0) part[0] = v;
+    }
+    __syncthreads();
+    float r = 1.0f / sqrtf(part[0] / (float)width + eps);
+    // width is a multiple of 32 and so is blockDim.x: a warp's lanes stay together.
+    for (u32 i = threadIdx.x; i < width; i += blockDim.x) {
+        float v = w[i] * (x[i] * r);
+        out[i] = v;
+        q8_store(q, i, v);
+    }
+}
+
+// As silu_mul, and the output also rounded to int8 into `q` (n a multiple of 32).
+extern "C" __global__ void silu_mul_q8(const float* g, const float* u, float* out, u64 n, Q8 q) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) {
+        float x = g[i];
+        float v = x / (1.0f + expf(-x)) * u[i];
+        out[i] = v;
+        q8_store(q, i, v);
+    }
+}
+
 // ---- element-wise and normalisation ----
 
 // out[r] = w · x[r] / rms(x[r]) for rows of `width`; one block per row.
-extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, u32 width, float eps) {
+extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w,
+                                    float* __restrict__ out, u32 width, float eps) {
     __shared__ float part[32];
     const float* xr = x + (u64)blockIdx.x * width;
     float* orow = out + (u64)blockIdx.x * width;
@@ -777,36 +1025,29 @@ extern "C" __global__ void route_top_k(const float* logits, u32 E, u32 k, u32 re
         }
         __syncwarp();
     }
-    if (lane == 0) {
-        if (renormalize) {
-            float t = 0.f;
-            for (u32 j = 0; j < k; j++) t += cw[j];
-            for (u32 j = 0; j < k; j++) cw[j] /= t;
-        }
-        for (u32 a = 1; a < k; a++)  // ascending expert id
-            for (u32 b = a; b > 0 && ci[b] < ci[b - 1]; b--) {
-                int ti = ci[b]; ci[b] = ci[b - 1]; ci[b - 1] = ti;
-                float tw = cw[b]; cw[b] = cw[b - 1]; cw[b - 1] = tw;
-            }
-        float* weights = (float*)(table + 2 * k);
-        for (u32 j = 0; j < k; j++) {
-            table[j] = slot_bases[ci[j]];
-            table[k + j] = slot_bases[ci[j]] + up_delta;
-            weights[j] = cw[j];
-        }
+    // Lane j writes choice j at its rank in ascending expert id, all lanes at once (one
+    // lane's dependent loads of slot_bases were most of this kernel's time).
+    float t = 0.f;
+    if (renormalize)
+        for (u32 j = 0; j < k; j++) t += cw[j];  // in the order chosen, as the CPU
+    float* weights = (float*)(table + 2 * k);
+    for (u32 j = lane; j < k; j += WARP) {
+        int id = ci[j];
+        u32 rank = 0;
+        for (u32 i = 0; i < k; i++) rank += ci[i] < id;
+        u64 base = slot_bases[id];
+        table[rank] = base;
+        table[k + rank] = base + up_delta;
+        weights[rank] = renormalize ? cw[j] / t : cw[j];
     }
 }
 
-// Per-head RMSNorm (when w is given) then NeoX RoPE on the first `rot` dims, in place, for the
-// heads of n tokens (token t at position start + t). One block per (head, token).
-extern "C" __global__ void head_norm_rope(float* x, u32 n_heads, u32 head_dim, const float* w,
-                                          float eps, u32 rot, const float* inv_freq, u32 start,
-                                          const u32* start_at) {
+// Per-head RMSNorm (when w is given) then NeoX RoPE on the first `rot` dims of head xh at
+// position pos, in place; with `copy`, the result also goes there. One block per head.
+__device__ __forceinline__ void norm_rope_head(float* xh, float* copy, u32 head_dim, const float* w,
+                                               float eps, u32 rot, const float* inv_freq, u32 pos) {
     __shared__ float v[256];
-    if (start_at) start = *start_at;
     __shared__ float red[32];
-    u32 h = blockIdx.x, t = blockIdx.y;
-    float* xh = x + ((u64)t * n_heads + h) * head_dim;
     float ss = 0.f;
     for (u32 i = threadIdx.x; i < head_dim; i += blockDim.x) {
         v[i] = xh[i];
@@ -823,12 +1064,46 @@ extern "C" __global__ void head_norm_rope(float* x, u32 n_heads, u32 head_dim, c
         float o = v[i];
         if (i < rot) {
             u32 k = i < half ? i : i - half;
-            float f = (float)(start + t) * inv_freq[k];
+            float f = (float)pos * inv_freq[k];
             float c = cosf(f), s = sinf(f);
             o = i < half ? v[i] * c - v[i + half] * s : v[i] * c + v[i - half] * s;
         }
         xh[i] = o;
+        if (copy) copy[i] = o;
     }
+}
+
+// Per-head RMSNorm then RoPE, in place, for the heads of n tokens (token t at position
+// start + t). One block per (head, token).
+extern "C" __global__ void head_norm_rope(float* x, u32 n_heads, u32 head_dim, const float* w,
+                                          float eps, u32 rot, const float* inv_freq, u32 start,
+                                          const u32* start_at) {
+    if (start_at) start = *start_at;
+    u32 h = blockIdx.x, t = blockIdx.y;
+    norm_rope_head(x + ((u64)t * n_heads + h) * head_dim, nullptr, head_dim, w, eps, rot,
+                   inv_freq, start + t);
+}
+
+// head_norm_rope of the queries and the keys, and append_kv, in one launch: blocks
+// 0 .. n_heads−1 take the query heads, the next n_kv the key heads, whose results (and the
+// values' heads) also go to the caches at position start + t.
+extern "C" __global__ void qk_norm_rope_append(float* q, float* k, const float* v, u32 n_heads,
+                                               u32 n_kv, u32 head_dim, const float* qw, float qe,
+                                               const float* kw, float ke, u32 rot,
+                                               const float* inv_freq, u32 start,
+                                               const u32* start_at, float* k_cache,
+                                               float* v_cache) {
+    if (start_at) start = *start_at;
+    u32 h = blockIdx.x, t = blockIdx.y, pos = start + t;
+    if (h < n_heads) {
+        norm_rope_head(q + ((u64)t * n_heads + h) * head_dim, nullptr, head_dim, qw, qe, rot,
+                       inv_freq, pos);
+        return;
+    }
+    u64 head = ((u64)t * n_kv + (h - n_heads)) * head_dim;
+    u64 at = (u64)pos * n_kv * head_dim + (h - n_heads) * head_dim;
+    norm_rope_head(k + head, k_cache + at, head_dim, kw, ke, rot, inv_freq, pos);
+    for (u32 i = threadIdx.x; i < head_dim; i += blockDim.x) v_cache[at + i] = v[head + i];
 }
 
 // out[t] (+)= Σ_j weights[t·k + j] · y[at[t·k + j]] for the k experts of each token of a prompt

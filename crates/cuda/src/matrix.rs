@@ -6,6 +6,7 @@
 //! describes a matrix in its own buffer and in every expert slot of a layer.
 use crate::device::{DeviceBuffer, Gpu, GpuError};
 use crate::gemm::Gemm;
+use crate::ops::Q8View;
 use moestream_kernels::ggml::BlockFormat;
 use moestream_kernels::{FloatKind, Matrix, Weights};
 use std::ffi::c_void;
@@ -42,6 +43,10 @@ struct Kernel {
     spans: &'static str,
     /// Rows dequantized to f32 (for cuBLAS).
     dequant: &'static str,
+    /// One token with its activations in int8 ([`Q8View`]), for the formats that have it.
+    int8: Option<&'static str>,
+    /// The same over a token's experts, with their weighted sum.
+    int8_combine: Option<&'static str>,
 }
 
 macro_rules! k {
@@ -51,6 +56,15 @@ macro_rules! k {
             one: concat!($name, "_1"),
             spans: concat!($name, "_spans"),
             dequant: concat!($name, "_dequant"),
+            int8: None,
+            int8_combine: None,
+        }
+    };
+    ($name:literal, int8) => {
+        Kernel {
+            int8: Some(concat!($name, "_q8")),
+            int8_combine: Some(concat!($name, "_q8_combine")),
+            ..k!($name)
         }
     };
 }
@@ -138,9 +152,9 @@ impl MatrixLayout {
                     BlockFormat::Q4_1 => k!("matvec_q4_1"),
                     BlockFormat::Q5_0 => k!("matvec_q5_0"),
                     BlockFormat::Q8_0 => k!("matvec_q8_0"),
-                    BlockFormat::Q4_K => k!("matvec_q4_k"),
+                    BlockFormat::Q4_K => k!("matvec_q4_k", int8),
                     BlockFormat::Q5_K => k!("matvec_q5_k"),
-                    BlockFormat::Q6_K => k!("matvec_q6_k"),
+                    BlockFormat::Q6_K => k!("matvec_q6_k", int8),
                 },
                 vec![data],
             ),
@@ -201,13 +215,21 @@ impl MatrixLayout {
                 == other.args.biases.wrapping_sub(other.args.data)
     }
 
+    /// Whether one-token products can take their activations in int8 ([`Q8View`]).
+    pub fn has_int8(&self) -> bool {
+        self.kernel.int8.is_some()
+    }
+
     /// `y[t] (+)= W x[t]` for `n` rows of `x` (device addresses), this layout's offsets taken as
     /// absolute addresses after adding `base`; `accumulate` adds to `y` instead of writing it.
+    /// `xq`, the one token of `x` in int8, is used where the format has an int8 kernel.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn launch(
         &self,
         gpu: &Gpu,
         base: u64,
         x: u64,
+        xq: Option<Q8View>,
         n: usize,
         y: u64,
         accumulate: bool,
@@ -218,12 +240,13 @@ impl MatrixLayout {
         a.biases += base;
         a.n = n as u32;
         a.accumulate = accumulate as u32;
-        self.launch_with(gpu, 0, 1, a, x, y)
+        self.launch_with(gpu, 0, 1, a, x, xq, y)
     }
 
     /// The grouped product over the `groups` slots whose base addresses are the u64 array at
     /// device address `bases`: group g reads `n` inputs at `x + g·x_stride` floats and writes
-    /// `y + g·y_stride` floats.
+    /// `y + g·y_stride` floats. `xq`: as for [`MatrixLayout::launch`], group g's at
+    /// `g·x_stride` activations on.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn launch_grouped(
         &self,
@@ -231,6 +254,7 @@ impl MatrixLayout {
         bases: u64,
         groups: usize,
         x: u64,
+        xq: Option<Q8View>,
         x_stride: usize,
         n: usize,
         y: u64,
@@ -240,7 +264,48 @@ impl MatrixLayout {
         a.n = n as u32;
         a.x_group_stride = x_stride as u64;
         a.y_group_stride = y_stride as u64;
-        self.launch_with(gpu, bases, groups, a, x, y)
+        self.launch_with(gpu, bases, groups, a, x, xq, y)
+    }
+
+    /// `y (+)= Σ_g weights[g] · W_g x_g` over one token's `groups` experts (slots at the u64
+    /// array `bases`; f32 `weights` at a device address) in one launch, each `x_g` the int8
+    /// activations `g·x_stride` on in `xq`. `Ok(false)`, doing nothing, for a format without an
+    /// int8 kernel.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn launch_combined(
+        &self,
+        gpu: &Gpu,
+        bases: u64,
+        groups: usize,
+        xq: Q8View,
+        x_stride: usize,
+        weights: u64,
+        y: u64,
+        accumulate: bool,
+    ) -> Result<bool, GpuError> {
+        let Some(kernel) = self.kernel.int8_combine else {
+            return Ok(false);
+        };
+        let mut a = self.args;
+        a.n = 1;
+        a.accumulate = accumulate as u32;
+        a.x_group_stride = x_stride as u64;
+        let (mut bases, mut xq, mut weights, mut groups, mut y) =
+            (bases, xq, weights, groups as u32, y);
+        gpu.launch(
+            kernel,
+            (self.rows.div_ceil(ROWS_PER_BLOCK) as u32, 1, 1),
+            (ROWS_PER_BLOCK * 32) as u32,
+            &mut [
+                &mut bases as *mut u64 as *mut c_void,
+                &mut a as *mut MatArgs as *mut c_void,
+                &mut xq as *mut Q8View as *mut c_void,
+                &mut weights as *mut u64 as *mut c_void,
+                &mut groups as *mut u32 as *mut c_void,
+                &mut y as *mut u64 as *mut c_void,
+            ],
+        )?;
+        Ok(true)
     }
 
     /// The grouped product of a prompt's experts: group g (the slot at the g-th u64 of device
@@ -277,6 +342,7 @@ impl MatrixLayout {
         )
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn launch_with(
         &self,
         gpu: &Gpu,
@@ -284,6 +350,7 @@ impl MatrixLayout {
         groups: usize,
         mut a: MatArgs,
         mut x: u64,
+        xq: Option<Q8View>,
         mut y: u64,
     ) -> Result<(), GpuError> {
         if a.n == 0 || groups == 0 {
@@ -291,6 +358,19 @@ impl MatrixLayout {
         }
         let mut bases = bases;
         let blocks = self.rows.div_ceil(ROWS_PER_BLOCK) as u32;
+        if let (1, Some(kernel), Some(mut xq)) = (a.n, self.kernel.int8, xq) {
+            return gpu.launch(
+                kernel,
+                (blocks, groups as u32, 1),
+                (ROWS_PER_BLOCK * 32) as u32,
+                &mut [
+                    &mut bases as *mut u64 as *mut c_void,
+                    &mut a as *mut MatArgs as *mut c_void,
+                    &mut xq as *mut Q8View as *mut c_void,
+                    &mut y as *mut u64 as *mut c_void,
+                ],
+            );
+        }
         gpu.launch(
             if a.n == 1 {
                 self.kernel.one
@@ -328,25 +408,30 @@ impl GpuMatrix {
 
     /// `y = W x` for `n` rows (device addresses).
     pub fn forward(&self, gpu: &Gpu, x: u64, n: usize, y: u64) -> Result<(), GpuError> {
-        self.product(gpu, x, n, y, false)
+        self.product(gpu, x, None, n, y, false)
     }
 
     /// `y += W x` for `n` rows (a residual connection).
     pub fn forward_add(&self, gpu: &Gpu, x: u64, n: usize, y: u64) -> Result<(), GpuError> {
-        self.product(gpu, x, n, y, true)
+        self.product(gpu, x, None, n, y, true)
     }
 
-    fn product(
+    /// `y (+)= W x` where `xq`, if given, is the one token of `x` rounded to int8: formats with
+    /// an int8 kernel multiply that instead (a decode step at `ActivationPrecision::Int8`).
+    pub fn product(
         &self,
         gpu: &Gpu,
         x: u64,
+        xq: Option<Q8View>,
         n: usize,
         y: u64,
         accumulate: bool,
     ) -> Result<(), GpuError> {
         match gpu.gemm(n) {
             Some(gemm) => self.product_gemm(gpu, gemm, x, n, y, accumulate),
-            None => self.layout.launch(gpu, self.buf.ptr, x, n, y, accumulate),
+            None => self
+                .layout
+                .launch(gpu, self.buf.ptr, x, xq, n, y, accumulate),
         }
     }
 

@@ -16,7 +16,7 @@
 use crate::device::{DeviceBuffer, Gpu, GpuError};
 use crate::experts::{Eviction, ExpertCache};
 use crate::matrix::GpuMatrix;
-use crate::ops;
+use crate::ops::{self, Q8Buffer, Q8View};
 use cudarc::driver::CudaGraph;
 use moestream_engine::accelerator::{Accelerator, DeviceState};
 use moestream_engine::cache::SequenceCache;
@@ -26,7 +26,7 @@ use moestream_engine::models::blocks::{
 use moestream_engine::models::{Logits, Mixer, Model};
 use moestream_engine::store::StoreError;
 use moestream_kernels::deltanet::ValueHeadOrder;
-use moestream_kernels::features::ProductMode;
+use moestream_kernels::features::{ActivationPrecision, ProductMode};
 use std::any::Any;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -46,8 +46,21 @@ impl Norm {
         })
     }
 
-    fn forward(&self, gpu: &Gpu, x: u64, out: u64, rows: usize) -> Result<(), GpuError> {
-        ops::rms_norm(gpu, x, self.w.ptr, out, rows, self.width, self.eps)
+    /// `out = RMSNorm(x)` over `rows` rows; with `q8` (one row), `out` also in int8 there.
+    fn forward(
+        &self,
+        gpu: &Gpu,
+        x: u64,
+        out: u64,
+        rows: usize,
+        q8: Option<&Q8Buffer>,
+    ) -> Result<(), GpuError> {
+        match q8 {
+            Some(q) if rows == 1 => {
+                ops::rms_norm_q8(gpu, x, self.w.ptr, out, self.width, self.eps, q)
+            }
+            _ => ops::rms_norm(gpu, x, self.w.ptr, out, rows, self.width, self.eps),
+        }
     }
 }
 
@@ -147,12 +160,14 @@ impl GpuDelta {
     }
 
     /// `x += out_proj(GatedDeltaNet(Normed))`, the layer's states advanced in place.
+    /// `xq`: `Normed` in int8 for a decode step ([`Q8View`]).
     fn forward(
         &self,
         gpu: &Gpu,
         state: &(DeviceBuffer, DeviceBuffer),
         b: &impl Fn(Buf) -> u64,
         n: usize,
+        xq: Option<Q8View>,
     ) -> Result<(), GpuError> {
         let (nk, nv, dk, dv) = self.shape;
         let x = b(Buf::Normed);
@@ -164,14 +179,14 @@ impl GpuDelta {
                 b: wb,
                 a: wa,
             } => {
-                qkv.forward(gpu, x, n, mixed)?;
-                wz.forward(gpu, x, n, z)?;
-                wb.forward(gpu, x, n, bb)?;
-                wa.forward(gpu, x, n, ab)?;
+                qkv.product(gpu, x, xq, n, mixed, false)?;
+                wz.product(gpu, x, xq, n, z, false)?;
+                wb.product(gpu, x, xq, n, bb, false)?;
+                wa.product(gpu, x, xq, n, ab, false)?;
             }
             GpuDeltaProjections::Fused { qkvz, ba } => {
-                qkvz.forward(gpu, x, n, b(Buf::Raw))?;
-                ba.forward(gpu, x, n, b(Buf::RawBa))?;
+                qkvz.product(gpu, x, xq, n, b(Buf::Raw), false)?;
+                ba.product(gpu, x, xq, n, b(Buf::RawBa), false)?;
                 ops::unfuse_qkvz(
                     gpu,
                     b(Buf::Raw),
@@ -245,7 +260,8 @@ impl GpuMlp {
     }
 
     /// `out (+)= down(silu(gate x) · up x)` with `g`, `u` scratch of `n × F` floats; `add`
-    /// for a residual connection.
+    /// for a residual connection. For a decode step in int8, `q8` holds `x` in int8 and a
+    /// buffer for `g`'s.
     #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
@@ -256,20 +272,18 @@ impl GpuMlp {
         u: u64,
         out: u64,
         add: bool,
+        q8: Option<(Q8View, &Q8Buffer)>,
     ) -> Result<(), GpuError> {
-        self.hidden(gpu, x, n, g, u)?;
-        match add {
-            true => self.down.forward_add(gpu, g, n, out),
-            false => self.down.forward(gpu, g, n, out),
-        }
-    }
-
-    /// `g = silu(gate x) · up x`.
-    fn hidden(&self, gpu: &Gpu, x: u64, n: usize, g: u64, u: u64) -> Result<(), GpuError> {
         let f = self.gate.rows();
-        self.gate.forward(gpu, x, n, g)?;
-        self.up.forward(gpu, x, n, u)?;
-        ops::silu_mul(gpu, g, u, g, n * f)
+        let xq = q8.map(|q| q.0);
+        self.gate.product(gpu, x, xq, n, g, false)?;
+        self.up.product(gpu, x, xq, n, u, false)?;
+        match q8 {
+            Some((_, gq)) => ops::silu_mul_q8(gpu, g, u, g, n * f, gq)?,
+            None => ops::silu_mul(gpu, g, u, g, n * f)?,
+        }
+        self.down
+            .product(gpu, g, q8.map(|q| q.1.view()), n, out, add)
     }
 }
 
@@ -467,6 +481,9 @@ struct Scratch {
     bufs: Vec<DeviceBuffer>,
     /// The position word a recorded decode step reads.
     step: Option<Result<DeviceBuffer, GpuError>>,
+    /// A decode step's activations in int8: the normed input of the mixer and the feed-forward
+    /// (kept for a shared expert after the routed ones), and the other products' inputs.
+    q8: Option<Result<[Q8Buffer; 2], GpuError>>,
 }
 
 /// Scratch buffer names (indices into `Scratch::bufs`) and their widths per token.
@@ -510,7 +527,7 @@ struct State {
     /// Logits of the last pass.
     logits: Option<DeviceBuffer>,
     /// Decode steps recorded as CUDA graphs, by the buffers they use.
-    graphs: HashMap<[u64; 5], Graph>,
+    graphs: HashMap<[u64; 6], Graph>,
     tokens: u64,
 }
 
@@ -784,6 +801,7 @@ impl CudaModel {
     fn run(
         &self,
         model: &Model,
+        mode: ProductMode,
         tokens: &[u32],
         cache: &mut SequenceCache,
         want: Logits,
@@ -853,6 +871,25 @@ impl CudaModel {
             *logits_buf = None; // free before allocating the larger one
             *logits_buf = Some(gpu.alloc_f32(rows * self.vocab).map_err(dev)?);
         }
+        // A decode step at int8 precision multiplies the K-quant weights with int8 activations
+        // (the CPU's method), quantized once per input by the kernel that writes it.
+        let int8 = n == 1 && mode == ProductMode::Decode(ActivationPrecision::Int8);
+        if int8 && scratch.q8.is_none() {
+            let w = &self.widths.0;
+            let cap = [Buf::Normed, Buf::Attn, Buf::Gate]
+                .iter()
+                .map(|&k| w[k as usize])
+                .max()
+                .unwrap_or(0);
+            scratch.q8 = Some((|| {
+                Ok([Q8Buffer::new(gpu, cap)?, Q8Buffer::new(gpu, cap)?])
+            })());
+        }
+        let q8 = match (&scratch.q8, int8) {
+            (Some(Ok(q)), true) => Some(q),
+            (Some(Err(e)), true) => return Err(dev(e.clone())),
+            _ => None,
+        };
         let b = |w: Buf| scratch.bufs[w as usize].ptr;
         let mut keep_alive = Vec::new();
 
@@ -891,6 +928,7 @@ impl CudaModel {
                 pos,
                 first,
                 rows,
+                q8,
                 keep,
             )
         };
@@ -905,6 +943,7 @@ impl CudaModel {
                 b(Buf::X),
                 lb.ptr,
                 model.top_k() as u64,
+                int8 as u64,
             ];
             if !graphs.contains_key(&key) {
                 if graphs.len() >= 8 {
@@ -958,21 +997,26 @@ impl CudaModel {
         pos: Position,
         first: usize,
         rows: usize,
+        q8: Option<&[Q8Buffer; 2]>,
         keep_alive: &mut Vec<DeviceBuffer>,
     ) -> Result<(), StoreError> {
         let dev = |e: GpuError| StoreError::Device(e.0);
         let h = self.hidden;
         let table = b(Buf::Table);
+        // int8 activations: `Normed` in q8[0], every other product input in q8[1].
+        let (normed_q8, other_q8) = (q8.map(|q| &q[0]), q8.map(|q| &q[1]));
+        let xq = normed_q8.map(Q8Buffer::view);
+        let ffn_q8 = xq.zip(other_q8);
         for (l, layer) in self.layers.iter().enumerate() {
             // h = x + Attention(RMSNorm(x))    (o_proj adds into x)
             layer
                 .input_norm
-                .forward(gpu, b(Buf::X), b(Buf::Normed), n)
+                .forward(gpu, b(Buf::X), b(Buf::Normed), n, normed_q8)
                 .map_err(dev)?;
             match &layer.mixer {
-                GpuMixer::Attention(a) => self.attention(gpu, a, seq, l, b, n, pos),
+                GpuMixer::Attention(a) => self.attention(gpu, a, seq, l, b, n, pos, xq, other_q8),
                 GpuMixer::Delta(d) => match &seq.linear[l] {
-                    Some(state) => d.forward(gpu, state, b, n),
+                    Some(state) => d.forward(gpu, state, b, n, xq),
                     None => Err(GpuError("a Gated DeltaNet layer without its state".into())),
                 },
             }
@@ -980,12 +1024,13 @@ impl CudaModel {
             // out = h + FeedForward(RMSNorm(h))
             layer
                 .post_norm
-                .forward(gpu, b(Buf::X), b(Buf::Normed), n)
+                .forward(gpu, b(Buf::X), b(Buf::Normed), n, normed_q8)
                 .map_err(dev)?;
             match &layer.ffn {
                 GpuFfn::Dense(m) => {
                     let (x, g, u) = (b(Buf::Normed), b(Buf::Gate), b(Buf::Up));
-                    m.forward(gpu, x, n, g, u, b(Buf::X), true).map_err(dev)?
+                    m.forward(gpu, x, n, g, u, b(Buf::X), true, ffn_q8)
+                        .map_err(dev)?
                 }
                 GpuFfn::Sparse { router, shared } => {
                     let moe = match &model.layers[l].mlp {
@@ -1006,10 +1051,10 @@ impl CudaModel {
                         out: b(target),
                         accumulate: shared.is_none(),
                     };
-                    self.moe(gpu, model, moe, cache, l, n, b, routed, keep_alive)?;
+                    self.moe(gpu, model, moe, cache, l, n, b, routed, ffn_q8, keep_alive)?;
                     if let Some((mlp, gate)) = shared {
                         let (x, g, u) = (b(Buf::Normed), b(Buf::Gate), b(Buf::Up));
-                        mlp.forward(gpu, x, n, g, u, b(Buf::ExpertOut), false)
+                        mlp.forward(gpu, x, n, g, u, b(Buf::ExpertOut), false, ffn_q8)
                             .map_err(dev)?;
                         gate.forward(gpu, b(Buf::Normed), n, b(Buf::Router))
                             .map_err(dev)?;
@@ -1026,15 +1071,18 @@ impl CudaModel {
                 b(Buf::X) + (first * h * 4) as u64,
                 b(Buf::Normed),
                 rows,
+                normed_q8,
             )
             .map_err(dev)?;
         self.lm_head
-            .forward(gpu, b(Buf::Normed), rows, lb.ptr)
+            .product(gpu, b(Buf::Normed), xq, rows, lb.ptr, false)
             .map_err(dev)?;
         Ok(())
     }
 
-    /// `x += o_proj(Attention(Normed))`, the new keys and values appended to the cache.
+    /// `x += o_proj(Attention(Normed))`, the new keys and values appended to the cache. For
+    /// a decode step in int8, `xq` is `Normed` in int8 and `attn_q8` a buffer for o_proj's
+    /// input.
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
@@ -1045,27 +1093,37 @@ impl CudaModel {
         b: &impl Fn(Buf) -> u64,
         n: usize,
         pos: Position,
+        xq: Option<Q8View>,
+        attn_q8: Option<&Q8Buffer>,
     ) -> Result<(), GpuError> {
         let d = a.head_dim;
         let x = b(Buf::Normed);
         if a.output_gate {
-            a.q.forward(gpu, x, n, b(Buf::QGate))?;
+            a.q.product(gpu, x, xq, n, b(Buf::QGate), false)?;
             ops::split_query_gate(gpu, b(Buf::QGate), b(Buf::Q), b(Buf::Gate), n * a.heads, d)?;
         } else {
-            a.q.forward(gpu, x, n, b(Buf::Q))?;
+            a.q.product(gpu, x, xq, n, b(Buf::Q), false)?;
         }
-        a.k.forward(gpu, x, n, b(Buf::K))?;
-        a.v.forward(gpu, x, n, b(Buf::V))?;
+        a.k.product(gpu, x, xq, n, b(Buf::K), false)?;
+        a.v.product(gpu, x, xq, n, b(Buf::V), false)?;
         let norm = |nm: &Option<Norm>| nm.as_ref().map_or((0, 0.0), |nm| (nm.w.ptr, nm.eps));
         let (qw, qe) = norm(&a.q_norm);
         let (kw, ke) = norm(&a.k_norm);
         let (f, rot) = (self.inv_freq.ptr, self.rot);
         let Position { start, at } = pos;
-        ops::head_norm_rope(gpu, b(Buf::Q), n, a.heads, d, qw, qe, rot, f, start, at)?;
-        ops::head_norm_rope(gpu, b(Buf::K), n, a.kv_heads, d, kw, ke, rot, f, start, at)?;
-        let kvw = a.kv_heads * d;
         let (kc, vc) = (&seq.k[layer], &seq.v[layer]);
-        ops::append_kv(gpu, b(Buf::K), b(Buf::V), kc.ptr, vc.ptr, kvw, n, start, at)?;
+        ops::qk_norm_rope_append(
+            gpu,
+            (b(Buf::Q), b(Buf::K), b(Buf::V)),
+            n,
+            (a.heads, a.kv_heads, d),
+            (qw, qe),
+            (kw, ke),
+            rot,
+            f,
+            (start, at),
+            (kc.ptr, vc.ptr),
+        )?;
         ops::attention(
             gpu,
             b(Buf::Q),
@@ -1087,7 +1145,14 @@ impl CudaModel {
         if a.output_gate {
             ops::mul_sigmoid(gpu, b(Buf::Attn), b(Buf::Gate), n * a.heads * d)?;
         }
-        a.o.forward_add(gpu, b(Buf::Attn), n, b(Buf::X))
+        let oq = match attn_q8 {
+            Some(q) if n == 1 && a.o.layout.has_int8() => {
+                ops::quantize_q8(gpu, b(Buf::Attn), q, a.heads * d)?;
+                Some(q.view())
+            }
+            _ => None,
+        };
+        a.o.product(gpu, b(Buf::Attn), oq, n, b(Buf::X), true)
     }
 
     /// The routed experts of layer `l` applied to `Normed`, into `routed.out`.
@@ -1102,6 +1167,7 @@ impl CudaModel {
         n: usize,
         b: &impl Fn(Buf) -> u64,
         routed: Routed,
+        q8: Option<(Q8View, &Q8Buffer)>,
         keep_alive: &mut Vec<DeviceBuffer>,
     ) -> Result<(), StoreError> {
         let dev = |e: GpuError| StoreError::Device(e.0);
@@ -1152,29 +1218,50 @@ impl CudaModel {
             }
             let (x, g, y) = (b(Buf::Normed), b(Buf::Gate), b(Buf::ExpertOut));
             let kf = k * f;
+            let xq = q8.map(|q| q.0);
             if layout.gate.same_kind(&layout.up) {
                 // Gate and up in one launch: the up bases are the gate bases moved by up_delta.
                 layout
                     .gate
-                    .launch_grouped(gpu, tb, 2 * k, x, 0, 1, g, f)
+                    .launch_grouped(gpu, tb, 2 * k, x, xq, 0, 1, g, f)
                     .map_err(dev)?;
             } else {
                 layout
                     .gate
-                    .launch_grouped(gpu, tb, k, x, 0, 1, g, f)
+                    .launch_grouped(gpu, tb, k, x, xq, 0, 1, g, f)
                     .map_err(dev)?;
                 let up = g + 4 * kf as u64;
                 layout
                     .up
-                    .launch_grouped(gpu, tb, k, x, 0, 1, up, f)
+                    .launch_grouped(gpu, tb, k, x, xq, 0, 1, up, f)
                     .map_err(dev)?;
             }
-            ops::silu_mul(gpu, g, g + 4 * kf as u64, g, kf).map_err(dev)?;
+            let gq = match q8 {
+                Some((_, gq)) if layout.down.has_int8() => {
+                    ops::silu_mul_q8(gpu, g, g + 4 * kf as u64, g, kf, gq).map_err(dev)?;
+                    Some(gq.view())
+                }
+                _ => {
+                    ops::silu_mul(gpu, g, g + 4 * kf as u64, g, kf).map_err(dev)?;
+                    None
+                }
+            };
+            let weights = tb + 16 * k as u64;
+            if let Some(gq) = gq {
+                // The experts' down products and their weighted sum in one launch.
+                let (out, acc) = (routed.out, routed.accumulate);
+                let done = layout
+                    .down
+                    .launch_combined(gpu, tb, k, gq, f, weights, out, acc)
+                    .map_err(dev)?;
+                if done {
+                    return Ok(());
+                }
+            }
             layout
                 .down
-                .launch_grouped(gpu, tb, k, g, f, 1, y, h)
+                .launch_grouped(gpu, tb, k, g, gq, f, 1, y, h)
                 .map_err(dev)?;
-            let weights = tb + 16 * k as u64;
             ops::combine_experts(gpu, y, weights, routed.out, k, h, 1, routed.accumulate)
                 .map_err(dev)?;
             return Ok(());
@@ -1304,7 +1391,7 @@ impl Accelerator for CudaModel {
     fn forward(
         &self,
         model: &Model,
-        _mode: ProductMode,
+        mode: ProductMode,
         tokens: &[u32],
         cache: &mut SequenceCache,
         want: Logits,
@@ -1316,13 +1403,13 @@ impl Accelerator for CudaModel {
         // activations (and, for scoring, its logits) stay a bounded size in VRAM.
         let max = max_pass();
         if tokens.len() <= max {
-            return self.run(model, tokens, cache, want);
+            return self.run(model, mode, tokens, cache, want);
         }
         let start = cache.len();
         let mut logits = Vec::new();
         let passes = tokens.len().div_ceil(max);
         for (i, chunk) in tokens.chunks(max).enumerate() {
-            match self.run(model, chunk, cache, want) {
+            match self.run(model, mode, chunk, cache, want) {
                 Ok(l) if want == Logits::All || i + 1 == passes => logits.extend(l),
                 Ok(_) => {}
                 Err(e) => {

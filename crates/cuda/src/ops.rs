@@ -1,6 +1,6 @@
 //! Typed launchers of the element-wise, normalisation and attention kernels (kernels.cu). All
 //! take device addresses of f32 arrays and queue work on the GPU's stream.
-use crate::device::{Gpu, GpuError};
+use crate::device::{DeviceBuffer, Gpu, GpuError};
 use std::ffi::c_void;
 
 macro_rules! args {
@@ -133,6 +133,98 @@ impl AttentionSplit {
 pub fn silu_mul(gpu: &Gpu, g: u64, u: u64, out: u64, n: usize) -> Result<(), GpuError> {
     let (mut g, mut u, mut out, mut len) = (g, u, out, n as u64);
     gpu.launch_elements("silu_mul", n, args!(g, u, out, len))
+}
+
+/// One token's activations rounded to int8 per span of 32 (kernels.cu `Q8`, the CPU's
+/// `ActivationPrecision::Int8` method): device addresses of the codes and of the spans' steps,
+/// f32 sums and rounding residual sums.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Q8View {
+    q: u64,
+    step: u64,
+    sum: u64,
+    res: u64,
+}
+
+/// Device memory for up to `capacity` activations in int8 ([`Q8View`]).
+pub struct Q8Buffer {
+    buf: DeviceBuffer,
+    capacity: usize,
+}
+
+impl Q8Buffer {
+    /// Room for `capacity` activations (rounded up to a span of 32).
+    pub fn new(gpu: &Gpu, capacity: usize) -> Result<Q8Buffer, GpuError> {
+        let capacity = capacity.max(32).next_multiple_of(32);
+        let floats = (capacity / 32).next_multiple_of(64);
+        let buf = gpu.alloc_f32(capacity.next_multiple_of(256) / 4 + 3 * floats)?;
+        Ok(Q8Buffer { buf, capacity })
+    }
+
+    /// The codes, then the steps, sums and residuals, each at a 256-byte boundary.
+    pub fn view(&self) -> Q8View {
+        let q = self.buf.ptr;
+        let step = q + self.capacity.next_multiple_of(256) as u64;
+        let span_bytes = (4 * (self.capacity / 32).next_multiple_of(64)) as u64;
+        Q8View {
+            q,
+            step,
+            sum: step + span_bytes,
+            res: step + 2 * span_bytes,
+        }
+    }
+
+    fn check(&self, what: &str, n: usize) -> Result<Q8View, GpuError> {
+        if n > self.capacity || !n.is_multiple_of(32) {
+            return Err(GpuError(format!(
+                "{what}: {n} activations do not fit int8 spans of 32 in room for {}",
+                self.capacity
+            )));
+        }
+        Ok(self.view())
+    }
+}
+
+/// `q = int8(x)` for `n` floats (a multiple of 32).
+pub fn quantize_q8(gpu: &Gpu, x: u64, q: &Q8Buffer, n: usize) -> Result<(), GpuError> {
+    let mut v = q.check("quantize_q8", n)?;
+    let (mut x, mut len) = (x, n as u64);
+    gpu.launch_elements("quantize_q8", n, args!(x, v, len))
+}
+
+/// [`rms_norm`] of one row, its output also rounded to int8 into `q`.
+pub fn rms_norm_q8(
+    gpu: &Gpu,
+    x: u64,
+    w: u64,
+    out: u64,
+    width: usize,
+    eps: f32,
+    q: &Q8Buffer,
+) -> Result<(), GpuError> {
+    let mut v = q.check("rms_norm_q8", width)?;
+    let (mut x, mut w, mut out, mut width, mut eps) = (x, w, out, width as u32, eps);
+    gpu.launch(
+        "rms_norm_q8",
+        (1, 1, 1),
+        1024,
+        args!(x, w, out, width, eps, v),
+    )
+}
+
+/// [`silu_mul`], its output also rounded to int8 into `q` (`n` a multiple of 32).
+pub fn silu_mul_q8(
+    gpu: &Gpu,
+    g: u64,
+    u: u64,
+    out: u64,
+    n: usize,
+    q: &Q8Buffer,
+) -> Result<(), GpuError> {
+    let mut v = q.check("silu_mul_q8", n)?;
+    let (mut g, mut u, mut out, mut len) = (g, u, out, n as u64);
+    gpu.launch_elements("silu_mul_q8", n, args!(g, u, out, len, v))
 }
 
 /// `x += d` over `n` floats.
@@ -302,6 +394,38 @@ pub fn gather_rows(
 pub fn add_gated(gpu: &Gpu, out: u64, y: u64, g: u64, h: usize, n: usize) -> Result<(), GpuError> {
     let (mut o, mut y, mut g, mut hh, mut nn) = (out, y, g, h as u32, n as u32);
     gpu.launch_elements("add_gated", n * h, args!(o, y, g, hh, nn))
+}
+
+/// The queries' and keys' [`head_norm_rope`] and [`append_kv`] in one launch (a head's norm
+/// weight 0: no norm).
+#[allow(clippy::too_many_arguments)]
+pub fn qk_norm_rope_append(
+    gpu: &Gpu,
+    (q, k, v): (u64, u64, u64),
+    n: usize,
+    (n_heads, n_kv, head_dim): (usize, usize, usize),
+    (qw, qe): (u64, f32),
+    (kw, ke): (u64, f32),
+    rot: usize,
+    inv_freq: u64,
+    (start, start_at): (usize, u64),
+    (k_cache, v_cache): (u64, u64),
+) -> Result<(), GpuError> {
+    if head_dim > 256 || rot > head_dim {
+        return Err(GpuError(format!(
+            "heads of {head_dim} (rotary {rot}) are not supported on the GPU"
+        )));
+    }
+    let (mut q, mut k, mut v, mut nh, mut nkv, mut hd) =
+        (q, k, v, n_heads as u32, n_kv as u32, head_dim as u32);
+    let (mut qw, mut qe, mut kw, mut ke, mut rot, mut f) = (qw, qe, kw, ke, rot as u32, inv_freq);
+    let (mut start, mut at, mut kc, mut vc) = (start as u32, start_at, k_cache, v_cache);
+    gpu.launch(
+        "qk_norm_rope_append",
+        ((n_heads + n_kv) as u32, n as u32, 1),
+        128,
+        args!(q, k, v, nh, nkv, hd, qw, qe, kw, ke, rot, f, start, at, kc, vc),
+    )
 }
 
 /// Appends `n` rows of keys and values (`width` floats each) to the caches at position

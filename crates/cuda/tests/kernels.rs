@@ -177,6 +177,141 @@ fn products_match_the_cpu_for_every_format() {
     }
 }
 
+/// The one-token products with int8 activations (Q4_K, Q6_K) against the CPU's int8 path on
+/// the same activations: the same rounding, so they differ only by the order of f32 additions
+/// (bound 1e-5 of Σ|w·x| per output); and against the exact f32 product within the rounding's
+/// error (CPU module docs: measured up to 7.2e-3 with outliers; bound 2e-2). Activations come
+/// from `quantize_q8`, `rms_norm_q8` and `silu_mul_q8`, which must give the same codes (the
+/// same bits of output). Shapes with 2, 3 (a part-idle warp) and 9 super-blocks (over three
+/// passes of a warp) per row; one span of activations with outliers 50 times larger.
+#[test]
+fn int8_products_match_the_cpu_int8_path() {
+    use moestream_cuda::matrix::GpuMatrix;
+    use moestream_kernels::features::{ActivationPrecision, SimdLevel};
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng(0x0188_dead_beef_0003);
+    for format in [BlockFormat::Q4_K, BlockFormat::Q6_K] {
+        for (rows, cols) in [(37usize, 512usize), (19, 768), (6, 2304)] {
+            let data = ggml_blocks(&mut rng, format, rows * cols / 256);
+            let m = Matrix {
+                rows,
+                cols,
+                weights: Weights::Ggml {
+                    format,
+                    data: &data,
+                },
+            };
+            let w = GpuMatrix::upload(&gpu, &m).unwrap();
+            let mut x = rng.floats(cols);
+            for v in &mut x[64..96] {
+                *v *= 50.0;
+            }
+            let mut cpu = vec![0f32; rows];
+            moestream_kernels::matmul_with_precision(
+                SimdLevel::Scalar,
+                ActivationPrecision::Int8,
+                &m,
+                &x,
+                1,
+                &mut cpu,
+            );
+            let mut exact = vec![0f32; rows];
+            moestream_kernels::matmul_with_precision(
+                SimdLevel::Scalar,
+                ActivationPrecision::F32,
+                &m,
+                &x,
+                1,
+                &mut exact,
+            );
+            let mut dense = vec![0f32; cols];
+            let magnitude: Vec<f64> = (0..rows)
+                .map(|r| {
+                    dequantize_row(&m, r, &mut dense);
+                    dense
+                        .iter()
+                        .zip(&x)
+                        .map(|(a, b)| (*a as f64 * *b as f64).abs())
+                        .sum()
+                })
+                .collect();
+            let q8 = ops::Q8Buffer::new(&gpu, cols).unwrap();
+            let xd = gpu.upload(&x).unwrap();
+            let y = gpu.alloc_f32(rows).unwrap();
+            gpu.write(&y, 0, &vec![f32::NAN; rows]).unwrap();
+            ops::quantize_q8(&gpu, xd.ptr, &q8, cols).unwrap();
+            w.product(&gpu, xd.ptr, Some(q8.view()), 1, y.ptr, false)
+                .unwrap();
+            let mut got = vec![0f32; rows];
+            gpu.read(y.ptr, &mut got).unwrap();
+            let (mut worst_cpu, mut worst_f32) = (0f64, 0f64);
+            for r in 0..rows {
+                let mag = magnitude[r].max(1e-30);
+                let e_cpu = (got[r] as f64 - cpu[r] as f64).abs() / mag;
+                let e_f32 = (got[r] as f64 - exact[r] as f64).abs() / mag;
+                assert!(
+                    e_cpu <= 1e-5 && e_f32 <= 2e-2,
+                    "{} {rows}x{cols} row {r}: GPU {} vs CPU int8 {} / f32 {} ({e_cpu:.2e}, {e_f32:.2e} of Σ|w·x|)",
+                    format.name(),
+                    got[r],
+                    cpu[r],
+                    exact[r]
+                );
+                worst_cpu = worst_cpu.max(e_cpu);
+                worst_f32 = worst_f32.max(e_f32);
+            }
+            eprintln!(
+                "{} {rows}x{cols} int8: {worst_cpu:.2e} from the CPU's int8, {worst_f32:.2e} from f32",
+                format.name()
+            );
+            // y += W x doubles it.
+            w.product(&gpu, xd.ptr, Some(q8.view()), 1, y.ptr, true)
+                .unwrap();
+            let mut twice = vec![0f32; rows];
+            gpu.read(y.ptr, &mut twice).unwrap();
+            for (a, b) in twice.iter().zip(&got) {
+                assert!(
+                    (a - 2.0 * b).abs() <= 1e-5 * b.abs().max(1e-3),
+                    "{a} vs 2 x {b}"
+                );
+            }
+            // The fused producers round the same values to the same codes: the same bits.
+            let same = |what: &str, out: u64, q: &ops::Q8Buffer| {
+                let y2 = gpu.alloc_f32(rows).unwrap();
+                w.product(&gpu, out, Some(q.view()), 1, y2.ptr, false)
+                    .unwrap();
+                let mut want = vec![0f32; rows];
+                ops::quantize_q8(&gpu, out, &q8, cols).unwrap();
+                w.product(&gpu, out, Some(q8.view()), 1, y.ptr, false)
+                    .unwrap();
+                gpu.read(y.ptr, &mut want).unwrap();
+                let mut got2 = vec![0f32; rows];
+                gpu.read(y2.ptr, &mut got2).unwrap();
+                assert!(
+                    got2.iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{what}: {got2:?} vs {want:?}"
+                );
+            };
+            let nw = gpu.upload(&rng.floats(cols)).unwrap();
+            let (normed, q_norm) = (
+                gpu.alloc_f32(cols).unwrap(),
+                ops::Q8Buffer::new(&gpu, cols).unwrap(),
+            );
+            ops::rms_norm_q8(&gpu, xd.ptr, nw.ptr, normed.ptr, cols, 1e-6, &q_norm).unwrap();
+            same("rms_norm_q8", normed.ptr, &q_norm);
+            let u = gpu.upload(&rng.floats(cols)).unwrap();
+            let (h, q_silu) = (
+                gpu.alloc_f32(cols).unwrap(),
+                ops::Q8Buffer::new(&gpu, cols).unwrap(),
+            );
+            ops::silu_mul_q8(&gpu, xd.ptr, u.ptr, h.ptr, cols, &q_silu).unwrap();
+            same("silu_mul_q8", h.ptr, &q_silu);
+        }
+    }
+}
+
 fn max_rel(a: &[f32], b: &[f32]) -> f32 {
     let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
     a.iter()
@@ -261,6 +396,57 @@ fn norm_rope_attention_and_element_wise_match_the_cpu() {
             );
             assert!(e < 1e-4, "head_norm_rope off by {e}");
         }
+        // Queries and keys in one launch, the keys and values appended to the caches: the
+        // bits of head_norm_rope for each (and of the plain copy for the values).
+        let kv = 2usize;
+        let (k, v) = (rng.floats(n * kv * head_dim), rng.floats(n * kv * head_dim));
+        let kw = gpu.upload(&rng.floats(head_dim)).unwrap();
+        let (qd, kd, vd) = (
+            gpu.upload(&x).unwrap(),
+            gpu.upload(&k).unwrap(),
+            gpu.upload(&v).unwrap(),
+        );
+        let cache = (start + n) * kv * head_dim;
+        let (kc, vc) = (gpu.alloc_f32(cache).unwrap(), gpu.alloc_f32(cache).unwrap());
+        ops::qk_norm_rope_append(
+            &gpu,
+            (qd.ptr, kd.ptr, vd.ptr),
+            n,
+            (heads, kv, head_dim),
+            (wd.ptr, 1e-6),
+            (kw.ptr, 1e-5),
+            rot,
+            fd.ptr,
+            (0, at.ptr),
+            (kc.ptr, vc.ptr),
+        )
+        .unwrap();
+        let (rq, rk) = (gpu.upload(&x).unwrap(), gpu.upload(&k).unwrap());
+        ops::head_norm_rope(
+            &gpu, rq.ptr, n, heads, head_dim, wd.ptr, 1e-6, rot, fd.ptr, start, 0,
+        )
+        .unwrap();
+        ops::head_norm_rope(
+            &gpu, rk.ptr, n, kv, head_dim, kw.ptr, 1e-5, rot, fd.ptr, start, 0,
+        )
+        .unwrap();
+        let read = |ptr: u64, len: usize| {
+            let mut out = vec![0f32; len];
+            gpu.read(ptr, &mut out).unwrap();
+            out
+        };
+        let bits = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+        let tail = start * kv * head_dim;
+        let (kc_all, vc_all) = (read(kc.ptr, cache), read(vc.ptr, cache));
+        assert!(
+            bits(&read(qd.ptr, x.len()), &read(rq.ptr, x.len())),
+            "fused queries"
+        );
+        assert!(
+            bits(&kc_all[tail..], &read(rk.ptr, k.len())),
+            "fused keys in the cache"
+        );
+        assert!(bits(&vc_all[tail..], &v), "fused values in the cache");
     }
 
     // Causal grouped-query attention: a prompt after a cached prefix, and one decode step.
