@@ -47,15 +47,10 @@ fn score(model: &Path, extra: &[&str]) -> Result<Vec<f64>, String> {
     Ok(score_logprobs(&o))
 }
 
-/// [`score`] with `MOESTREAM_SIMD=simd` (the CPU's kernels capped at that level).
+/// `score` of `model` with `extra` (which names the tokens) and `MOESTREAM_SIMD=simd` (the
+/// CPU's kernels capped at that level; "" for the best).
 fn score_env(model: &Path, extra: &[&str], simd: &str) -> Vec<f64> {
-    let mut args = vec![
-        "score",
-        "--model",
-        model.to_str().unwrap(),
-        "--tokens",
-        TOKENS,
-    ];
+    let mut args = vec!["score", "--model", model.to_str().unwrap()];
     args.extend_from_slice(extra);
     let o = std::process::Command::new(crate::common::bin())
         .args(&args)
@@ -65,6 +60,11 @@ fn score_env(model: &Path, extra: &[&str], simd: &str) -> Vec<f64> {
         .expect("spawn moestream");
     assert!(o.status.success(), "score failed: {}", stderr(&o));
     score_logprobs(&o)
+}
+
+fn mean_diff(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).sum::<f64>() / a.len().max(1) as f64
 }
 
 fn max_diff(a: &[f64], b: &[f64]) -> f64 {
@@ -207,26 +207,49 @@ fn gpu_scores_equal_cpu_scores() {
             worst <= tol,
             "{arch} {format}: GPU decode steps differ by {worst}"
         );
-        if format.starts_with("gguf") {
-            // Decode steps with int8 activations (the default of run/bench/serve): the GPU's
-            // K-quant kernels round as the CPU's int8 path does, so both differ only by the order
-            // of additions, which can move an activation across a rounding boundary (one int8
-            // step). On these tiny random models that alone moves log-probabilities by up to a
-            // few 1e-2: measured between the CPU's own scalar and SIMD int8 kernels, which is
-            // the yardstick (int8 against f32 is ~10 times more).
-            let int8 = ["--ubatch", "1", "--decode-activations", "int8"];
-            let cpu8 = score(&m, &[&["--device", "cpu"], &int8[..]].concat()).expect("cpu int8");
+        if format == "gguf-q4km" {
+            // Decode steps with int8 activations (the default of run/bench/serve). The GPU's
+            // K-quant kernels round as the CPU's int8 path does (kernels.rs: products within
+            // 1e-7 of the CPU's), but the activations they round differ in their last bits (f32
+            // sums in another order), and on these tiny random models an activation moved
+            // across a rounding boundary moves later log-probabilities by up to a few 1e-2:
+            // measured between the CPU's own scalar and SIMD int8 kernels, whose spread on 96
+            // tokens (~5e-3 mean) is of the order of int8's own error against f32 (~8e-3). So
+            // this checks the plumbing (the right activations rounded, buffers, the experts'
+            // sum): the GPU must lie within int8's envelope around the CPU's int8 result.
+            let tokens: Vec<String> = (0..96).map(|i| ((i * 37 + 11) % 380).to_string()).collect();
+            let tokens = tokens.join(" ");
+            let int8 = [
+                "--ubatch",
+                "1",
+                "--decode-activations",
+                "int8",
+                "--tokens",
+                &tokens,
+            ];
+            let f32s = [
+                "--ubatch",
+                "1",
+                "--decode-activations",
+                "f32",
+                "--tokens",
+                &tokens,
+            ];
+            let cpu8 = score_env(&m, &[&["--device", "cpu"], &int8[..]].concat(), "");
+            let cpu32 = score_env(&m, &[&["--device", "cpu"], &f32s[..]].concat(), "");
             let scalar8 = score_env(&m, &[&["--device", "cpu"], &int8[..]].concat(), "scalar");
-            let gpu8 = score(&m, &[&["--device", "cuda"], &int8[..]].concat()).expect("gpu int8");
-            let (worst, spread) = (max_diff(&cpu8, &gpu8), max_diff(&cpu8, &scalar8));
+            let gpu8 = score_env(&m, &[&["--device", "cuda"], &int8[..]].concat(), "");
+            let (worst, mean) = (max_diff(&cpu8, &gpu8), mean_diff(&cpu8, &gpu8));
+            let int8_error = mean_diff(&cpu8, &cpu32);
             eprintln!(
-                "{arch} {format}: int8 decode steps, max |Δ log-prob| GPU vs CPU {worst:.2e}; CPU scalar vs SIMD {spread:.2e}; GPU vs CPU f32 {:.2e}; CPU int8 vs f32 {:.2e}",
-                max_diff(&cpu, &gpu8),
-                max_diff(&cpu, &cpu8)
+                "{arch} {format}: int8 decode steps, |Δ log-prob| GPU vs CPU max {worst:.2e} mean {mean:.2e}; CPU scalar vs SIMD max {:.2e} mean {:.2e}; CPU int8 vs f32 max {:.2e} mean {int8_error:.2e}",
+                max_diff(&cpu8, &scalar8),
+                mean_diff(&cpu8, &scalar8),
+                max_diff(&cpu8, &cpu32),
             );
             assert!(
-                worst <= (3.0 * spread).max(1e-3),
-                "{arch} {format}: int8 decode steps differ by {worst}, the CPU's kernels by {spread}"
+                mean <= 1.5 * int8_error + 1e-3 && worst <= 0.25,
+                "{arch} {format}: int8 decode steps differ by {worst} (mean {mean}), int8 from f32 by {int8_error} (mean)"
             );
         }
     }

@@ -135,6 +135,7 @@ const FUNCTIONS: &[&str] = &[
     "matvec_q4_k_q8_combine",
     "matvec_q6_k_q8_combine",
     "qk_norm_rope_append",
+    "matvec_f32_1_split",
 ];
 
 impl Gpu {

@@ -463,6 +463,37 @@ matvec_f32_1(const u64* bases, MatArgs a, const float* x, float* y) {
     decode_store(a, y, row, acc);
 }
 
+// f32 with few rows (a router: 128 of them would leave most SMs without a warp): one block of
+// ROWS_PER_BLOCK warps per row, thread t reading float4 t, t + 128, ...; the warps' sums added
+// in order.
+extern "C" __global__ void __launch_bounds__(ROWS_PER_BLOCK * WARP)
+matvec_f32_1_split(const u64* bases, MatArgs a, const float* x, float* y) {
+    __shared__ float part[ROWS_PER_BLOCK];
+    u32 row = blockIdx.x;
+    u64 g = blockIdx.y;
+    u64 base = bases ? bases[g] : 0;
+    const float4* xv = (const float4*)(x + g * a.x_group_stride);
+    y += g * a.y_group_stride;
+    const float4* w = (const float4*)(base + a.data) + (u64)row * (a.cols / 4);
+    float acc = 0.f;
+#pragma unroll 4
+    for (u32 i = threadIdx.x; i < a.cols / 4; i += ROWS_PER_BLOCK * WARP) {
+        float4 wv = w[i], v = xv[i];
+        acc = fmaf(wv.x, v.x, acc);
+        acc = fmaf(wv.y, v.y, acc);
+        acc = fmaf(wv.z, v.z, acc);
+        acc = fmaf(wv.w, v.w, acc);
+    }
+    acc = warp_sum(acc);
+    if (threadIdx.x % WARP == 0) part[threadIdx.x / WARP] = acc;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float s = 0.f;
+        for (int i = 0; i < ROWS_PER_BLOCK; i++) s += part[i];
+        y[row] = a.accumulate ? y[row] + s : s;
+    }
+}
+
 // Q4_K: lane l reads code bytes 4l .. 4l+3 of a super-block: sub-block 2j (low nibbles, columns
 // 64j + 4(l%8) + 0..3) and 2j+1 (high nibbles, 32 columns on), j = l / 8. Its sums Σq·x and Σx
 // per sub-block are scaled once: y += d·sc·Σq·x − dmin·m·Σx.
@@ -692,26 +723,31 @@ __device__ __forceinline__ void matvec_q8(const u64* bases, const MatArgs& a, Q8
 }
 
 // One token's experts and their weighted sum in one launch: y (+)= Σ_g weights[g] · W_g x_g in
-// ascending g, as combine_experts adds the separate products.
+// ascending g, as combine_experts adds the separate products. One block per output row, warp g
+// on expert g (blockDim = 32 · groups, groups <= 32), so the experts' loads are in flight at
+// once; warp 0 adds the products in order.
 template <class K>
 __device__ __forceinline__ void matvec_q8_combine(const u64* bases, const MatArgs& a, Q8 x,
                                                   const float* weights, u32 groups, float* y) {
-    u32 row = blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / WARP;
-    if (row >= a.rows) return;
+    __shared__ float part[32];
+    u32 row = blockIdx.x, g = threadIdx.x / WARP;
+    int lane = threadIdx.x % WARP;
     u32 nb = a.cols / 256;
-    float total = 0.f;
-    for (u32 g = 0; g < groups; g++) {
-        const u8* rowp = (const u8*)(bases[g] + a.data) + (u64)row * nb * K::BLOCK;
-        float s = warp_sum(K::lane_dot(rowp, q8_at(x, g * a.x_group_stride), nb, threadIdx.x % WARP));
-        total += weights[g] * s;
+    const u8* rowp = (const u8*)(bases[g] + a.data) + (u64)row * nb * K::BLOCK;
+    float s = warp_sum(K::lane_dot(rowp, q8_at(x, g * a.x_group_stride), nb, lane));
+    if (lane == 0) part[g] = s;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float total = 0.f;
+        for (u32 i = 0; i < groups; i++) total += weights[i] * part[i];
+        y[row] = a.accumulate ? y[row] + total : total;
     }
-    if (threadIdx.x % WARP == 0) y[row] = a.accumulate ? y[row] + total : total;
 }
 
 #define MATVEC_Q8(name, K) \
     extern "C" __global__ void __launch_bounds__(ROWS_PER_BLOCK * WARP) \
     name##_q8(const u64* bases, MatArgs a, Q8 x, float* y) { matvec_q8<K>(bases, a, x, y); } \
-    extern "C" __global__ void __launch_bounds__(ROWS_PER_BLOCK * WARP) \
+    extern "C" __global__ void __launch_bounds__(1024) \
     name##_q8_combine(const u64* bases, MatArgs a, Q8 x, const float* weights, u32 groups, float* y) { \
         matvec_q8_combine<K>(bases, a, x, weights, groups, y); \
     }

@@ -31,6 +31,8 @@ pub(crate) struct MatArgs {
 const ALIGN: usize = 256;
 /// Output rows per thread block of the product kernels (kernels.cu `ROWS_PER_BLOCK`).
 const ROWS_PER_BLOCK: usize = 4;
+/// f32 matrices of fewer rows (routers) take a block per row in one-token products.
+const SPLIT_F32_ROWS: usize = 1024;
 
 /// The kernels of one weight format (kernels.cu `MATVEC`).
 #[derive(Clone, Copy, Debug)]
@@ -286,6 +288,9 @@ impl MatrixLayout {
         let Some(kernel) = self.kernel.int8_combine else {
             return Ok(false);
         };
+        if groups == 0 || groups > 32 {
+            return Ok(false); // a warp per expert, at most 32 in a block
+        }
         let mut a = self.args;
         a.n = 1;
         a.accumulate = accumulate as u32;
@@ -294,8 +299,8 @@ impl MatrixLayout {
             (bases, xq, weights, groups as u32, y);
         gpu.launch(
             kernel,
-            (self.rows.div_ceil(ROWS_PER_BLOCK) as u32, 1, 1),
-            (ROWS_PER_BLOCK * 32) as u32,
+            (self.rows as u32, 1, 1),
+            32 * groups,
             &mut [
                 &mut bases as *mut u64 as *mut c_void,
                 &mut a as *mut MatArgs as *mut c_void,
@@ -358,6 +363,20 @@ impl MatrixLayout {
         }
         let mut bases = bases;
         let blocks = self.rows.div_ceil(ROWS_PER_BLOCK) as u32;
+        if a.n == 1 && self.plain_f32 && self.rows < SPLIT_F32_ROWS {
+            // A block per row (a router's few rows).
+            return gpu.launch(
+                "matvec_f32_1_split",
+                (self.rows as u32, groups as u32, 1),
+                (ROWS_PER_BLOCK * 32) as u32,
+                &mut [
+                    &mut bases as *mut u64 as *mut c_void,
+                    &mut a as *mut MatArgs as *mut c_void,
+                    &mut x as *mut u64 as *mut c_void,
+                    &mut y as *mut u64 as *mut c_void,
+                ],
+            );
+        }
         if let (1, Some(kernel), Some(mut xq)) = (a.n, self.kernel.int8, xq) {
             return gpu.launch(
                 kernel,
