@@ -136,6 +136,7 @@ const FUNCTIONS: &[&str] = &[
     "matvec_q6_k_q8_combine",
     "qk_norm_rope_append",
     "matvec_f32_1_split",
+    "matvec_q8_multi",
 ];
 
 impl Gpu {

@@ -754,14 +754,48 @@ __device__ __forceinline__ void matvec_q8_combine(const u64* bases, const MatArg
 MATVEC_Q8(matvec_q4_k, Q4_KQ8)
 MATVEC_Q8(matvec_q6_k, Q6_KQ8)
 
-// As rms_norm, and the output also rounded to int8 into `q` (one row: a decode step).
-// Launched with 1024 threads: a decode step's norm is one block, whose loop iterations each
-// wait for their loads.
+// Up to MULTI_MAX matrices multiplying the same int8 activations in one launch (a layer's q, k
+// and v; a Gated DeltaNet layer's input projections): matrix i takes the blocks from
+// first_block[i] on, kind[i] 0 for Q4_K, 1 for Q6_K. Each row gets the bits of matvec_q8.
+#define MULTI_MAX 4
+struct MultiArgs {
+    MatArgs a[MULTI_MAX];
+    u64 y[MULTI_MAX];
+    u32 kind[MULTI_MAX];
+    u32 first_block[MULTI_MAX + 1];
+    u32 count;
+};
+extern "C" __global__ void __launch_bounds__(ROWS_PER_BLOCK * WARP)
+matvec_q8_multi(MultiArgs m, Q8 x) {
+    u32 i = 0;
+    while (i + 1 < m.count && blockIdx.x >= m.first_block[i + 1]) i++;
+    const MatArgs& a = m.a[i];
+    u32 row = (blockIdx.x - m.first_block[i]) * ROWS_PER_BLOCK + threadIdx.x / WARP;
+    if (row >= a.rows) return;
+    u32 nb = a.cols / 256;
+    int lane = threadIdx.x % WARP;
+    float acc = m.kind[i] == 0
+        ? Q4_KQ8::lane_dot((const u8*)a.data + (u64)row * nb * Q4_KQ8::BLOCK, x, nb, lane)
+        : Q6_KQ8::lane_dot((const u8*)a.data + (u64)row * nb * Q6_KQ8::BLOCK, x, nb, lane);
+    decode_store(a, (float*)m.y[i], row, acc);
+}
+
+// As rms_norm, and the output also rounded to int8 into `q` (one row: a decode step). Launched
+// with 1024 threads for rows of up to 4096: each thread loads its (at most 4) elements and
+// weights once, before the reduction, so the block waits for memory once.
+#define NORM_Q8_PER_THREAD 4
 extern "C" __global__ void rms_norm_q8(const float* __restrict__ x, const float* __restrict__ w,
                                        float* __restrict__ out, u32 width, float eps, Q8 q) {
     __shared__ float part[32];
+    float xv[NORM_Q8_PER_THREAD], wv[NORM_Q8_PER_THREAD];
     float s = 0.f;
-    for (u32 i = threadIdx.x; i < width; i += blockDim.x) s += x[i] * x[i];
+#pragma unroll
+    for (int k = 0; k < NORM_Q8_PER_THREAD; k++) {
+        u32 i = threadIdx.x + k * blockDim.x;
+        xv[k] = i < width ? x[i] : 0.f;
+        wv[k] = i < width ? w[i] : 0.f;
+        s += xv[k] * xv[k];
+    }
     s = warp_sum(s);
     if (threadIdx.x % WARP == 0) part[threadIdx.x / WARP] = s;
     __syncthreads();
@@ -773,10 +807,14 @@ extern "C" __global__ void rms_norm_q8(const float* __restrict__ x, const float*
     __syncthreads();
     float r = 1.0f / sqrtf(part[0] / (float)width + eps);
     // width is a multiple of 32 and so is blockDim.x: a warp's lanes stay together.
-    for (u32 i = threadIdx.x; i < width; i += blockDim.x) {
-        float v = w[i] * (x[i] * r);
-        out[i] = v;
-        q8_store(q, i, v);
+#pragma unroll
+    for (int k = 0; k < NORM_Q8_PER_THREAD; k++) {
+        u32 i = threadIdx.x + k * blockDim.x;
+        if (i < width) {
+            float v = wv[k] * (xv[k] * r);
+            out[i] = v;
+            q8_store(q, i, v);
+        }
     }
 }
 
@@ -911,8 +949,9 @@ attention(const float* q, const float* k, const float* v, float* out, u32 start,
 }
 
 // Merges the `splits` partial results of split attention: one block per (token, head).
+// With q.q not 0, the output is also rounded to int8 there (o_proj's input in a decode step).
 extern "C" __global__ void attention_combine(const float* part, float* out, u32 splits,
-                                             u32 head_dim) {
+                                             u32 head_dim, Q8 q) {
     u64 th = blockIdx.x;
     const float* ph = part + th * splits * (head_dim + 2);
     float mall = __int_as_float(0xff800000);
@@ -930,6 +969,8 @@ extern "C" __global__ void attention_combine(const float* part, float* out, u32 
             if (pz[1] > 0.f) s += pz[2 + i] * expf(pz[0] - mall);
         }
         out[th * head_dim + i] = s / lall;
+        // head_dim is a multiple of 32 and blockDim.x too: whole warps reach this.
+        if (q.q) q8_store(q, th * head_dim + i, s / lall);
     }
 }
 

@@ -33,6 +33,19 @@ const ALIGN: usize = 256;
 const ROWS_PER_BLOCK: usize = 4;
 /// f32 matrices of fewer rows (routers) take a block per row in one-token products.
 const SPLIT_F32_ROWS: usize = 1024;
+/// Matrices in one `matvec_q8_multi` launch (kernels.cu `MULTI_MAX`).
+const MULTI_MAX: usize = 4;
+
+/// Kernel arguments of `matvec_q8_multi` (kernels.cu `MultiArgs`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct MultiArgs {
+    a: [MatArgs; MULTI_MAX],
+    y: [u64; MULTI_MAX],
+    kind: [u32; MULTI_MAX],
+    first_block: [u32; MULTI_MAX + 1],
+    count: u32,
+}
 
 /// The kernels of one weight format (kernels.cu `MATVEC`).
 #[derive(Clone, Copy, Debug)]
@@ -492,6 +505,61 @@ impl GpuMatrix {
             gemm.rows_times(w, m, cols, x, n, y + (4 * row0) as u64, rows, accumulate)?;
         }
         Ok(())
+    }
+
+    /// `y_i = W_i x` for matrices multiplying the same input (`list`: matrix and output). For a
+    /// decode step with `xq` (x in int8) and two to four Q4_K/Q6_K matrices, one launch does all
+    /// (each row with the bits of its own product); otherwise one product each.
+    pub fn products(
+        gpu: &Gpu,
+        list: &[(&GpuMatrix, u64)],
+        x: u64,
+        xq: Option<Q8View>,
+        n: usize,
+    ) -> Result<(), GpuError> {
+        let kind = |m: &GpuMatrix| match m.layout.kernel.tiled {
+            "matvec_q4_k" => Some(0u32),
+            "matvec_q6_k" => Some(1u32),
+            _ => None,
+        };
+        let multi = n == 1
+            && (2..=MULTI_MAX).contains(&list.len())
+            && list.iter().all(|(m, _)| kind(m).is_some());
+        match xq {
+            Some(mut xq) if multi => {
+                let mut m = MultiArgs {
+                    count: list.len() as u32,
+                    ..Default::default()
+                };
+                let mut blocks = 0u32;
+                for (i, (w, y)) in list.iter().enumerate() {
+                    let mut a = w.layout.args;
+                    a.data += w.buf.ptr;
+                    a.n = 1;
+                    m.a[i] = a;
+                    m.y[i] = *y;
+                    m.kind[i] = kind(w).unwrap_or(0);
+                    m.first_block[i] = blocks;
+                    blocks += w.layout.rows.div_ceil(ROWS_PER_BLOCK) as u32;
+                }
+                m.first_block[list.len()] = blocks;
+                gpu.launch(
+                    "matvec_q8_multi",
+                    (blocks, 1, 1),
+                    (ROWS_PER_BLOCK * 32) as u32,
+                    &mut [
+                        &mut m as *mut MultiArgs as *mut c_void,
+                        &mut xq as *mut Q8View as *mut c_void,
+                    ],
+                )
+            }
+            _ => {
+                for (w, y) in list {
+                    w.product(gpu, x, xq, n, *y, false)?;
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Output features.

@@ -179,14 +179,12 @@ impl GpuDelta {
                 b: wb,
                 a: wa,
             } => {
-                qkv.product(gpu, x, xq, n, mixed, false)?;
-                wz.product(gpu, x, xq, n, z, false)?;
-                wb.product(gpu, x, xq, n, bb, false)?;
-                wa.product(gpu, x, xq, n, ab, false)?;
+                let list = [(qkv, mixed), (wz, z), (wb, bb), (wa, ab)];
+                GpuMatrix::products(gpu, &list, x, xq, n)?;
             }
             GpuDeltaProjections::Fused { qkvz, ba } => {
-                qkvz.product(gpu, x, xq, n, b(Buf::Raw), false)?;
-                ba.product(gpu, x, xq, n, b(Buf::RawBa), false)?;
+                let list = [(qkvz, b(Buf::Raw)), (ba, b(Buf::RawBa))];
+                GpuMatrix::products(gpu, &list, x, xq, n)?;
                 ops::unfuse_qkvz(
                     gpu,
                     b(Buf::Raw),
@@ -276,8 +274,7 @@ impl GpuMlp {
     ) -> Result<(), GpuError> {
         let f = self.gate.rows();
         let xq = q8.map(|q| q.0);
-        self.gate.product(gpu, x, xq, n, g, false)?;
-        self.up.product(gpu, x, xq, n, u, false)?;
+        GpuMatrix::products(gpu, &[(&self.gate, g), (&self.up, u)], x, xq, n)?;
         match q8 {
             Some((_, gq)) => ops::silu_mul_q8(gpu, g, u, g, n * f, gq)?,
             None => ops::silu_mul(gpu, g, u, g, n * f)?,
@@ -1098,14 +1095,12 @@ impl CudaModel {
     ) -> Result<(), GpuError> {
         let d = a.head_dim;
         let x = b(Buf::Normed);
+        let q = if a.output_gate { Buf::QGate } else { Buf::Q };
+        let qkv = [(&a.q, b(q)), (&a.k, b(Buf::K)), (&a.v, b(Buf::V))];
+        GpuMatrix::products(gpu, &qkv, x, xq, n)?;
         if a.output_gate {
-            a.q.product(gpu, x, xq, n, b(Buf::QGate), false)?;
             ops::split_query_gate(gpu, b(Buf::QGate), b(Buf::Q), b(Buf::Gate), n * a.heads, d)?;
-        } else {
-            a.q.product(gpu, x, xq, n, b(Buf::Q), false)?;
         }
-        a.k.product(gpu, x, xq, n, b(Buf::K), false)?;
-        a.v.product(gpu, x, xq, n, b(Buf::V), false)?;
         let norm = |nm: &Option<Norm>| nm.as_ref().map_or((0, 0.0), |nm| (nm.w.ptr, nm.eps));
         let (qw, qe) = norm(&a.q_norm);
         let (kw, ke) = norm(&a.k_norm);
@@ -1124,7 +1119,7 @@ impl CudaModel {
             (start, at),
             (kc.ptr, vc.ptr),
         )?;
-        ops::attention(
+        let quantized = ops::attention(
             gpu,
             b(Buf::Q),
             kc.ptr,
@@ -1140,12 +1135,17 @@ impl CudaModel {
                 part: self.attention_part.ptr,
                 splits: ATTENTION_SPLITS,
                 floats: self.attention_part.bytes / 4,
+                // o_proj's int8 input from the merge, unless a gate still multiplies it.
+                q8: attn_q8
+                    .filter(|_| !a.output_gate && a.o.layout.has_int8())
+                    .map(Q8Buffer::view),
             }),
         )?;
         if a.output_gate {
             ops::mul_sigmoid(gpu, b(Buf::Attn), b(Buf::Gate), n * a.heads * d)?;
         }
         let oq = match attn_q8 {
+            Some(q) if quantized => Some(q.view()),
             Some(q) if n == 1 && a.o.layout.has_int8() => {
                 ops::quantize_q8(gpu, b(Buf::Attn), q, a.heads * d)?;
                 Some(q.view())

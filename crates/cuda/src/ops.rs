@@ -71,7 +71,7 @@ pub fn attention(
     head_dim: usize,
     start_at: u64,
     split: Option<AttentionSplit>,
-) -> Result<(), GpuError> {
+) -> Result<bool, GpuError> {
     if !head_dim.is_multiple_of(32) || head_dim > 256 || !n_heads.is_multiple_of(n_kv) {
         return Err(GpuError(format!(
             "attention with {n_heads} heads of {head_dim} over {n_kv} kv heads is not supported on the GPU (head_dim must be a multiple of 32 up to 256)"
@@ -99,16 +99,21 @@ pub fn attention(
         512, // ATT_WARPS warps
         args!(q, k, v, out, start, nh, nkv, hd, scale, at, part),
     )?;
-    if split.is_some() {
+    if let Some(s) = split {
         let mut sp = splits;
+        let (quantized, mut q8) = match s.q8 {
+            Some(q) => (true, q),
+            None => (false, Q8View::NONE),
+        };
         gpu.launch(
             "attention_combine",
             (n_heads as u32, 1, 1),
             128,
-            args!(part, out, sp, hd),
+            args!(part, out, sp, hd, q8),
         )?;
+        return Ok(quantized);
     }
-    Ok(())
+    Ok(false)
 }
 
 /// Decode attention split over the positions: `splits` blocks per head, each writing a partial
@@ -121,6 +126,8 @@ pub struct AttentionSplit {
     pub splits: usize,
     /// Floats at `part`.
     pub floats: usize,
+    /// Where the merge also writes the output in int8 (o_proj's input), if anywhere.
+    pub q8: Option<Q8View>,
 }
 
 impl AttentionSplit {
@@ -145,6 +152,16 @@ pub struct Q8View {
     step: u64,
     sum: u64,
     res: u64,
+}
+
+impl Q8View {
+    /// No buffer: kernels with an optional int8 output skip it.
+    const NONE: Q8View = Q8View {
+        q: 0,
+        step: 0,
+        sum: 0,
+        res: 0,
+    };
 }
 
 /// Device memory for up to `capacity` activations in int8 ([`Q8View`]).
@@ -204,6 +221,11 @@ pub fn rms_norm_q8(
     q: &Q8Buffer,
 ) -> Result<(), GpuError> {
     let mut v = q.check("rms_norm_q8", width)?;
+    if width > 4096 {
+        // kernels.cu's NORM_Q8_PER_THREAD × 1024 threads.
+        rms_norm(gpu, x, w, out, 1, width, eps)?;
+        return quantize_q8(gpu, out, q, width);
+    }
     let (mut x, mut w, mut out, mut width, mut eps) = (x, w, out, width as u32, eps);
     gpu.launch(
         "rms_norm_q8",

@@ -312,6 +312,113 @@ fn int8_products_match_the_cpu_int8_path() {
     }
 }
 
+/// The launch-saving forms of the int8 decode path give the bits of the plain ones: several
+/// matrices over the same activations in one launch (`GpuMatrix::products`), and split
+/// attention's merge writing o_proj's int8 input (against `quantize_q8` of its output).
+#[test]
+fn int8_fused_launches_give_the_bits_of_single_ones() {
+    use moestream_cuda::matrix::GpuMatrix;
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng(0x0188_f00d_0004);
+    let cols = 512;
+    let shapes = [
+        (BlockFormat::Q4_K, 37usize),
+        (BlockFormat::Q6_K, 19),
+        (BlockFormat::Q4_K, 5),
+    ];
+    let data: Vec<Vec<u8>> = shapes
+        .iter()
+        .map(|&(f, rows)| ggml_blocks(&mut rng, f, rows * cols / 256))
+        .collect();
+    let mats: Vec<GpuMatrix> = shapes
+        .iter()
+        .zip(&data)
+        .map(|(&(format, rows), d)| {
+            let m = Matrix {
+                rows,
+                cols,
+                weights: Weights::Ggml { format, data: d },
+            };
+            GpuMatrix::upload(&gpu, &m).unwrap()
+        })
+        .collect();
+    let read = |ptr: u64, len: usize| {
+        let mut out = vec![0f32; len];
+        gpu.read(ptr, &mut out).unwrap();
+        out
+    };
+    let bits = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+    let x = gpu.upload(&rng.floats(cols)).unwrap();
+    let q8 = ops::Q8Buffer::new(&gpu, cols).unwrap();
+    ops::quantize_q8(&gpu, x.ptr, &q8, cols).unwrap();
+    let outs: Vec<_> = shapes
+        .iter()
+        .map(|&(_, rows)| gpu.alloc_f32(rows).unwrap())
+        .collect();
+    let list: Vec<(&GpuMatrix, u64)> = mats.iter().zip(&outs).map(|(m, o)| (m, o.ptr)).collect();
+    GpuMatrix::products(&gpu, &list, x.ptr, Some(q8.view()), 1).unwrap();
+    for ((m, o), &(format, rows)) in mats.iter().zip(&outs).zip(&shapes) {
+        let fused = read(o.ptr, rows);
+        m.product(&gpu, x.ptr, Some(q8.view()), 1, o.ptr, false)
+            .unwrap();
+        let single = read(o.ptr, rows);
+        assert!(
+            bits(&fused, &single),
+            "{} in a multi launch: {fused:?} vs {single:?}",
+            format.name()
+        );
+    }
+
+    // Split attention over 8 heads of 64 (o_proj's input: 512 columns), its merge writing int8.
+    let (heads, kv, head_dim, start) = (8usize, 2usize, 64usize, 300usize);
+    let q = gpu.upload(&rng.floats(heads * head_dim)).unwrap();
+    let k = gpu
+        .upload(&rng.floats((start + 1) * kv * head_dim))
+        .unwrap();
+    let v = gpu
+        .upload(&rng.floats((start + 1) * kv * head_dim))
+        .unwrap();
+    let out = gpu.alloc_f32(heads * head_dim).unwrap();
+    let part = gpu.alloc_f32(heads * 16 * (head_dim + 2)).unwrap();
+    let merged_q8 = ops::Q8Buffer::new(&gpu, cols).unwrap();
+    let split = ops::AttentionSplit {
+        part: part.ptr,
+        splits: 16,
+        floats: heads * 16 * (head_dim + 2),
+        q8: Some(merged_q8.view()),
+    };
+    let quantized = ops::attention(
+        &gpu,
+        q.ptr,
+        k.ptr,
+        v.ptr,
+        out.ptr,
+        1,
+        start,
+        heads,
+        kv,
+        head_dim,
+        0,
+        Some(split),
+    )
+    .unwrap();
+    assert!(quantized, "the split merge reports its int8 output");
+    ops::quantize_q8(&gpu, out.ptr, &q8, cols).unwrap();
+    let y = gpu.alloc_f32(37).unwrap();
+    mats[0]
+        .product(&gpu, out.ptr, Some(merged_q8.view()), 1, y.ptr, false)
+        .unwrap();
+    let from_merge = read(y.ptr, 37);
+    mats[0]
+        .product(&gpu, out.ptr, Some(q8.view()), 1, y.ptr, false)
+        .unwrap();
+    let from_quantize = read(y.ptr, 37);
+    assert!(
+        bits(&from_merge, &from_quantize),
+        "attention_combine's int8 output"
+    );
+}
+
 fn max_rel(a: &[f32], b: &[f32]) -> f32 {
     let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
     a.iter()
@@ -480,6 +587,7 @@ fn norm_rope_attention_and_element_wise_match_the_cpu() {
                 part: part.ptr,
                 splits,
                 floats: 8 * 16 * (head_dim + 2),
+                q8: None,
             });
             ops::attention(
                 &gpu, qd.ptr, kd.ptr, vd.ptr, od.ptr, n, start, 8, 2, head_dim, 0, split,
