@@ -373,7 +373,9 @@ fn usize_of(cfg: &Value, k: &str) -> usize {
     cfg.get(k).and_then(Value::as_u64).unwrap_or(0) as usize
 }
 
-fn plan(cfg: &Value, format: SynthFormat) -> Plan {
+/// The tensors of `cfg`'s model; `residual_scale` multiplies what every layer adds to the
+/// residual stream (o_proj, down projections).
+fn plan(cfg: &Value, format: SynthFormat, residual_scale: f32) -> Plan {
     let arch = cfg["model_type"].as_str().unwrap_or_default();
     if matches!(arch, "qwen3_next" | "qwen3_5" | "qwen3_5_moe") {
         return hybrid::plan(arch, cfg.get("text_config").unwrap_or(cfg), format);
@@ -430,7 +432,7 @@ fn plan(cfg: &Value, format: SynthFormat) -> Plan {
         p.linear(
             &format!("{at}.o_proj"),
             (None, h, nh * d),
-            s(nh * d),
+            residual_scale * s(nh * d),
             format,
             None,
         );
@@ -440,7 +442,18 @@ fn plan(cfg: &Value, format: SynthFormat) -> Plan {
         }
         if e == 0 {
             for (n, r, c) in [("gate_proj", f, h), ("up_proj", f, h), ("down_proj", h, f)] {
-                p.linear(&format!("{pre}.mlp.{n}"), (None, r, c), s(c), format, None);
+                let scale = if n == "down_proj" {
+                    residual_scale
+                } else {
+                    1.0
+                };
+                p.linear(
+                    &format!("{pre}.mlp.{n}"),
+                    (None, r, c),
+                    scale * s(c),
+                    format,
+                    None,
+                );
             }
             continue;
         }
@@ -464,17 +477,19 @@ fn plan(cfg: &Value, format: SynthFormat) -> Plan {
             ["gate_proj", "up_proj", "down_proj"]
         };
         let shapes = [(i, h), (i, h), (h, i)];
+        // The down projection (third) adds to the residual stream.
+        let out_scale = |n: usize| if n == 2 { residual_scale } else { 1.0 };
         if mlx {
             let hf_names = if arch == "mixtral" {
                 ["w1", "w3", "w2"]
             } else {
                 names
             };
-            for ((n, hf), (r, c)) in names.iter().zip(hf_names).zip(shapes) {
+            for (k, ((n, hf), (r, c))) in names.iter().zip(hf_names).zip(shapes).enumerate() {
                 p.linear(
                     &format!("{moe}.switch_mlp.{n}"),
                     (Some(e), r, c),
-                    s(c),
+                    out_scale(k) * s(c),
                     format,
                     None,
                 );
@@ -486,11 +501,11 @@ fn plan(cfg: &Value, format: SynthFormat) -> Plan {
             }
         } else {
             for x in 0..e {
-                for (n, (r, c)) in names.iter().zip(shapes) {
+                for (k, (n, (r, c))) in names.iter().zip(shapes).enumerate() {
                     p.linear(
                         &format!("{moe}.experts.{x}.{n}"),
                         (None, r, c),
-                        s(c),
+                        out_scale(k) * s(c),
                         format,
                         None,
                     );
@@ -514,22 +529,35 @@ pub fn synth(
     out: &Path,
     progress: bool,
 ) -> Result<u64> {
-    synth_layers(arch, preset, format, seed, None, out, progress)
+    synth_layers(arch, preset, format, seed, None, 1.0, out, progress)
 }
 
 /// [`synth`], keeping only the first `layers` decoder layers when given. Every tensor's values
-/// depend only on the seed and the tensor's name, so such a model holds exactly the embedding,
-/// first layers, final norm and output head of the full one: a draft made of the target's own
-/// weights, for speculative decoding.
+/// depend only on the seed, the tensor's name and its scale, so such a model holds exactly the
+/// embedding, first layers, final norm and output head of the full one: a draft made of the
+/// target's own weights, for speculative decoding.
+///
+/// `residual_scale` (1 for the usual model) multiplies the weights of every projection that adds
+/// to the residual stream (o_proj, the MLPs' and experts' down projections). Well below 1, the
+/// layers barely move the stream, so the next token is almost a function of the current one
+/// (output head of its embedding) whatever the layers: a 1-layer draft of the same seed then
+/// predicts a many-layer target's greedy tokens, distinct tokens at each position, a
+/// high-acceptance pair for measuring speculation with realistic expert choices (safetensors
+/// formats of the non-hybrid architectures).
+#[allow(clippy::too_many_arguments)]
 pub fn synth_layers(
     arch: &str,
     preset: &str,
     format: SynthFormat,
     seed: u64,
     layers: Option<usize>,
+    residual_scale: f32,
     out: &Path,
     progress: bool,
 ) -> Result<u64> {
+    if !(residual_scale.is_finite() && residual_scale > 0.0) {
+        bail!("--residual-scale {residual_scale}: give a positive number");
+    }
     if !ARCHES.contains(&arch) {
         bail!(
             "unknown architecture `{arch}`; supported: {}",
@@ -568,9 +596,15 @@ pub fn synth_layers(
         if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
+        if residual_scale != 1.0 {
+            bail!("--residual-scale is for the safetensors formats (hf-*, mlx*)");
+        }
         return gguf::write(&cfg, mix, seed, out);
     }
-    let plan = plan(&cfg, format);
+    if residual_scale != 1.0 && matches!(arch, "qwen3_next" | "qwen3_5" | "qwen3_5_moe") {
+        bail!("--residual-scale is not available for the hybrid architectures");
+    }
+    let plan = plan(&cfg, format, residual_scale);
     if matches!(format, SynthFormat::Mlx4 | SynthFormat::Mlx8) {
         let bits = if format == SynthFormat::Mlx4 { 4 } else { 8 };
         let mut q = json!({"group_size": 64, "bits": bits, "mode": "affine"});

@@ -562,6 +562,28 @@ matvec_q6_k_1(const u64* bases, MatArgs a, const float* x, float* y) {
     decode_store(a, y, row, acc);
 }
 
+// ---- block reductions (blockDim.x a multiple of 32, at most 1024) ----
+
+__device__ float block_sum(float v, float* red) {
+    int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) red[w] = v;
+    __syncthreads();
+    v = lane < nw ? red[lane] : 0.f;
+    return warp_sum(v);
+}
+
+__device__ float block_max(float v, float* red) {
+    int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) red[w] = v;
+    __syncthreads();
+    v = lane < nw ? red[lane] : __int_as_float(0xff800000);
+    return warp_max(v);
+}
+
 // ---- decode products with int8 activations (ActivationPrecision::Int8) ----
 //
 // The f32 one-token kernels above spend most of their time in instructions, not memory: every
@@ -796,16 +818,7 @@ extern "C" __global__ void rms_norm_q8(const float* __restrict__ x, const float*
         wv[k] = i < width ? w[i] : 0.f;
         s += xv[k] * xv[k];
     }
-    s = warp_sum(s);
-    if (threadIdx.x % WARP == 0) part[threadIdx.x / WARP] = s;
-    __syncthreads();
-    if (threadIdx.x < WARP) {
-        float v = threadIdx.x < blockDim.x / WARP ? part[threadIdx.x] : 0.f;
-        v = warp_sum(v);
-        if (threadIdx.x == 0) part[0] = v;
-    }
-    __syncthreads();
-    float r = 1.0f / sqrtf(part[0] / (float)width + eps);
+    float r = 1.0f / sqrtf(block_sum(s, part) / (float)width + eps);
     // width is a multiple of 32 and so is blockDim.x: a warp's lanes stay together.
 #pragma unroll
     for (int k = 0; k < NORM_Q8_PER_THREAD; k++) {
@@ -839,16 +852,7 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
     float* orow = out + (u64)blockIdx.x * width;
     float s = 0.f;
     for (u32 i = threadIdx.x; i < width; i += blockDim.x) s += xr[i] * xr[i];
-    s = warp_sum(s);
-    if (threadIdx.x % WARP == 0) part[threadIdx.x / WARP] = s;
-    __syncthreads();
-    if (threadIdx.x < WARP) {
-        float v = threadIdx.x < blockDim.x / WARP ? part[threadIdx.x] : 0.f;
-        v = warp_sum(v);
-        if (threadIdx.x == 0) part[0] = v;
-    }
-    __syncthreads();
-    float r = 1.0f / sqrtf(part[0] / (float)width + eps);
+    float r = 1.0f / sqrtf(block_sum(s, part) / (float)width + eps);
     for (u32 i = threadIdx.x; i < width; i += blockDim.x) orow[i] = w[i] * (xr[i] * r);
 }
 
@@ -1016,27 +1020,6 @@ extern "C" __global__ void combine_experts(const float* y, const float* weights,
     out[i] = accumulate ? out[i] + s : s;
 }
 
-// ---- block reductions (blockDim.x a multiple of 32, at most 1024) ----
-
-__device__ float block_sum(float v, float* red) {
-    int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
-    v = warp_sum(v);
-    __syncthreads();
-    if (lane == 0) red[w] = v;
-    __syncthreads();
-    v = lane < nw ? red[lane] : 0.f;
-    return warp_sum(v);
-}
-
-__device__ float block_max(float v, float* red) {
-    int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) red[w] = v;
-    __syncthreads();
-    v = lane < nw ? red[lane] : __int_as_float(0xff800000);
-    return warp_max(v);
-}
 
 // Largest value, ties to the lower index (ops::top_k's order).
 __device__ void block_argmax(float v, int i, float* red, int* redi, float* best, int* besti) {

@@ -342,12 +342,6 @@ fn int8_fused_launches_give_the_bits_of_single_ones() {
             GpuMatrix::upload(&gpu, &m).unwrap()
         })
         .collect();
-    let read = |ptr: u64, len: usize| {
-        let mut out = vec![0f32; len];
-        gpu.read(ptr, &mut out).unwrap();
-        out
-    };
-    let bits = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
     let x = gpu.upload(&rng.floats(cols)).unwrap();
     let q8 = ops::Q8Buffer::new(&gpu, cols).unwrap();
     ops::quantize_q8(&gpu, x.ptr, &q8, cols).unwrap();
@@ -358,12 +352,12 @@ fn int8_fused_launches_give_the_bits_of_single_ones() {
     let list: Vec<(&GpuMatrix, u64)> = mats.iter().zip(&outs).map(|(m, o)| (m, o.ptr)).collect();
     GpuMatrix::products(&gpu, &list, x.ptr, Some(q8.view()), 1).unwrap();
     for ((m, o), &(format, rows)) in mats.iter().zip(&outs).zip(&shapes) {
-        let fused = read(o.ptr, rows);
+        let fused = read(&gpu, o.ptr, rows);
         m.product(&gpu, x.ptr, Some(q8.view()), 1, o.ptr, false)
             .unwrap();
-        let single = read(o.ptr, rows);
+        let single = read(&gpu, o.ptr, rows);
         assert!(
-            bits(&fused, &single),
+            same_bits(&fused, &single),
             "{} in a multi launch: {fused:?} vs {single:?}",
             format.name()
         );
@@ -408,15 +402,26 @@ fn int8_fused_launches_give_the_bits_of_single_ones() {
     mats[0]
         .product(&gpu, out.ptr, Some(merged_q8.view()), 1, y.ptr, false)
         .unwrap();
-    let from_merge = read(y.ptr, 37);
+    let from_merge = read(&gpu, y.ptr, 37);
     mats[0]
         .product(&gpu, out.ptr, Some(q8.view()), 1, y.ptr, false)
         .unwrap();
-    let from_quantize = read(y.ptr, 37);
+    let from_quantize = read(&gpu, y.ptr, 37);
     assert!(
-        bits(&from_merge, &from_quantize),
+        same_bits(&from_merge, &from_quantize),
         "attention_combine's int8 output"
     );
+}
+
+/// `len` floats at device address `ptr`.
+fn read(gpu: &Gpu, ptr: u64, len: usize) -> Vec<f32> {
+    let mut out = vec![0f32; len];
+    gpu.read(ptr, &mut out).unwrap();
+    out
+}
+
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
 }
 
 fn max_rel(a: &[f32], b: &[f32]) -> f32 {
@@ -537,23 +542,17 @@ fn norm_rope_attention_and_element_wise_match_the_cpu() {
             &gpu, rk.ptr, n, kv, head_dim, kw.ptr, 1e-5, rot, fd.ptr, start, 0,
         )
         .unwrap();
-        let read = |ptr: u64, len: usize| {
-            let mut out = vec![0f32; len];
-            gpu.read(ptr, &mut out).unwrap();
-            out
-        };
-        let bits = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
         let tail = start * kv * head_dim;
-        let (kc_all, vc_all) = (read(kc.ptr, cache), read(vc.ptr, cache));
+        let (kc_all, vc_all) = (read(&gpu, kc.ptr, cache), read(&gpu, vc.ptr, cache));
         assert!(
-            bits(&read(qd.ptr, x.len()), &read(rq.ptr, x.len())),
+            same_bits(&read(&gpu, qd.ptr, x.len()), &read(&gpu, rq.ptr, x.len())),
             "fused queries"
         );
         assert!(
-            bits(&kc_all[tail..], &read(rk.ptr, k.len())),
+            same_bits(&kc_all[tail..], &read(&gpu, rk.ptr, k.len())),
             "fused keys in the cache"
         );
-        assert!(bits(&vc_all[tail..], &v), "fused values in the cache");
+        assert!(same_bits(&vc_all[tail..], &v), "fused values in the cache");
     }
 
     // Causal grouped-query attention: a prompt after a cached prefix, and one decode step.
