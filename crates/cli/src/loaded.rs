@@ -94,7 +94,10 @@ impl SpeculationArgs {
         let model = Model::load_with(&dir, &options)
             .with_context(|| format!("loading the draft model {}", dir.display()))?
             .into_memory();
-        let tokenizer = if dir.join("tokenizer.json").is_file() {
+        let tokenizer = if moestream_engine::gguf::is_gguf_path(&dir) && dir.is_file() {
+            // A GGUF draft's vocabulary: a tokenizer.json beside it, else its own metadata.
+            gguf_text(&dir)?.0
+        } else if dir.join("tokenizer.json").is_file() {
             Some(Tokenizer::from_dir(&dir)?)
         } else {
             None

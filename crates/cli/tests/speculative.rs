@@ -284,6 +284,35 @@ fn a_one_layer_draft_predicts_a_small_residual_target() {
     assert!(!o.status.success() && stderr(&o).contains("--residual-scale"));
 }
 
+/// A GGUF file drafts for a GGUF target: the vocabularies are compared from the files' own
+/// metadata (no tokenizer.json beside them), and with the target as its own draft every
+/// proposal is kept and the tokens are those of plain decoding.
+#[test]
+fn a_gguf_draft_is_checked_by_its_metadata_vocabulary() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let m = tmp.path().join("m.gguf");
+    let o = moestream(&[
+        "synth",
+        "--arch",
+        "qwen3_moe",
+        "--preset",
+        "tiny-gguf",
+        "--format",
+        "gguf-q4km",
+        m.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "synth: {}", stderr(&o));
+    let want = run_json(&m, &[])["generated_tokens"].clone();
+    let d = m.to_str().unwrap();
+    let got = run_json(&m, &["--draft-model", d, "--fixed-draft-length"]);
+    assert_eq!(got["generated_tokens"], want);
+    let s = &got["speculation"];
+    assert!(
+        s["proposed"].as_u64() > Some(0) && s["accepted"] == s["proposed"],
+        "the target drafting for itself: {s}"
+    );
+}
+
 /// Sampling with a draft keeps the target's distribution: over many seeds, the first tokens of
 /// runs with and without speculation have close frequencies (the exact law is tested on the
 /// sampler itself; this checks the wiring).

@@ -1399,6 +1399,25 @@ impl Accelerator for CudaModel {
         if tokens.is_empty() {
             return Err(StoreError::Device("a forward pass needs tokens".into()));
         }
+        if matches!(mode, ProductMode::Decode(_)) && tokens.len() > 1 {
+            // Speculative verification: every token must come out with the bits of a decode
+            // step (so that greedy output with a draft is the output without), and a pass of
+            // several tokens here multiplies them differently (tiles, cuBLAS, f32 activations).
+            // So the tokens go through as decode steps, one after another.
+            let start = cache.len();
+            let mut logits = Vec::new();
+            for (i, &t) in tokens.iter().enumerate() {
+                match self.run(model, mode, &[t], cache, Logits::Last) {
+                    Ok(l) if want == Logits::All || i + 1 == tokens.len() => logits.extend(l),
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = cache.truncate(start);
+                        return Err(e);
+                    }
+                }
+            }
+            return Ok(logits);
+        }
         // A long prompt runs in passes of at most `max_pass` tokens, so that its scratch
         // activations (and, for scoring, its logits) stay a bounded size in VRAM.
         let max = max_pass();

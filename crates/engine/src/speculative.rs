@@ -613,7 +613,7 @@ pub fn check_vocabularies(
                 differ.sort_by_key(|(_, &id)| id);
                 let (tok, id) = differ[0];
                 return Err(format!(
-                    "the draft's tokenizer differs from the target's in {} tokens (first: {tok:?},                      id {id} in the target, {:?} in the draft)",
+                    "the draft's tokenizer differs from the target's in {} tokens (first: {tok:?}, id {id} in the target, {:?} in the draft)",
                     differ.len(),
                     dv.get(tok)
                 ));
@@ -634,10 +634,10 @@ pub fn check_vocabularies(
             "the draft's vocabulary has {draft_vocab} tokens, the target's {target_vocab}"
         )),
         (Some(_), None) => {
-            Err("the draft model has no tokenizer.json to compare with the target's".into())
+            Err("the draft model has no tokenizer (tokenizer.json or a GGUF vocabulary) to compare with the target's".into())
         }
         (None, Some(_)) => {
-            Err("the target model has no tokenizer.json to compare with the draft's".into())
+            Err("the target model has no tokenizer (tokenizer.json or a GGUF vocabulary) to compare with the draft's".into())
         }
     }
 }
