@@ -385,27 +385,29 @@ impl Sequence {
     }
 
     fn end_without_flush(&mut self, reason: FinishReason, metrics: &Metrics) {
-        let _ = self.job.events.send(Event::Done {
-            reason,
-            prompt_tokens: self.job.prompt.len(),
-            completion_tokens: self.generated,
-        });
         let label = match reason {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
             FinishReason::Cancelled => "cancelled",
         };
+        // Counted before the client hears it is done, so /metrics read after a response
+        // includes that response.
         metrics.finished(label, self.job.prompt.len(), self.generated);
         self.record_speculation(metrics);
+        let _ = self.job.events.send(Event::Done {
+            reason,
+            prompt_tokens: self.job.prompt.len(),
+            completion_tokens: self.generated,
+        });
         self.done = true;
         self.cache = None;
     }
 
     fn fail(&mut self, message: String, metrics: &Metrics) {
         tracing::error!("generation failed: {message}");
-        let _ = self.job.events.send(Event::Failed(message));
         metrics.finished("error", self.job.prompt.len(), self.generated);
         self.record_speculation(metrics);
+        let _ = self.job.events.send(Event::Failed(message));
         self.done = true;
         self.cache = None;
     }
