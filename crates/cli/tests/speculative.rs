@@ -269,7 +269,13 @@ fn a_one_layer_draft_predicts_a_small_residual_target() {
         assert!(distinct.len() >= 8, "tokens should vary: {want}");
     }
     // The scale is refused where it would be ignored.
-    let o = moestream(&[
+    let o = synth_tiny_gguf(&tmp.path().join("x.gguf"), &["--residual-scale", "0.5"]);
+    assert!(!o.status.success() && stderr(&o).contains("--residual-scale"));
+}
+
+/// `synth` of the tiny Qwen3-MoE preset as a Q4_K_M GGUF file `out`, with `extra` options.
+fn synth_tiny_gguf(out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
         "synth",
         "--arch",
         "qwen3_moe",
@@ -277,11 +283,10 @@ fn a_one_layer_draft_predicts_a_small_residual_target() {
         "tiny-gguf",
         "--format",
         "gguf-q4km",
-        "--residual-scale",
-        "0.5",
-        tmp.path().join("x.gguf").to_str().unwrap(),
-    ]);
-    assert!(!o.status.success() && stderr(&o).contains("--residual-scale"));
+    ];
+    args.extend_from_slice(extra);
+    args.push(out.to_str().unwrap());
+    moestream(&args)
 }
 
 /// A GGUF file drafts for a GGUF target: the vocabularies are compared from the files' own
@@ -291,16 +296,7 @@ fn a_one_layer_draft_predicts_a_small_residual_target() {
 fn a_gguf_draft_is_checked_by_its_metadata_vocabulary() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let m = tmp.path().join("m.gguf");
-    let o = moestream(&[
-        "synth",
-        "--arch",
-        "qwen3_moe",
-        "--preset",
-        "tiny-gguf",
-        "--format",
-        "gguf-q4km",
-        m.to_str().unwrap(),
-    ]);
+    let o = synth_tiny_gguf(&m, &[]);
     assert!(o.status.success(), "synth: {}", stderr(&o));
     let want = run_json(&m, &[])["generated_tokens"].clone();
     let d = m.to_str().unwrap();

@@ -440,27 +440,34 @@ __device__ __forceinline__ void decode_store(const MatArgs& a, float* y, u32 row
     if (threadIdx.x % WARP == 0) y[row] = a.accumulate ? y[row] + s : s;
 }
 
-// f32 (a router, mostly): lane l reads float4 l, l + 32, ... of the row and of x.
-extern "C" __global__ void __launch_bounds__(ROWS_PER_BLOCK * WARP)
-matvec_f32_1(const u64* bases, MatArgs a, const float* x, float* y) {
-    u32 row = blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / WARP;
-    int lane = threadIdx.x % WARP;
-    if (row >= a.rows) return;
+// Σ w·x over float4 first, first + step, ... of row `row` of group g = blockIdx.y (fused
+// multiply-adds in that order), for the one-token f32 kernels below.
+__device__ __forceinline__ float f32_row_part(const u64* bases, const MatArgs& a, const float* x,
+                                              u32 row, u32 first, u32 step) {
     u64 g = blockIdx.y;
     u64 base = bases ? bases[g] : 0;
     const float4* xv = (const float4*)(x + g * a.x_group_stride);
-    y += g * a.y_group_stride;
     const float4* w = (const float4*)(base + a.data) + (u64)row * (a.cols / 4);
     float acc = 0.f;
 #pragma unroll 4
-    for (u32 i = lane; i < a.cols / 4; i += WARP) {
+    for (u32 i = first; i < a.cols / 4; i += step) {
         float4 wv = w[i], v = xv[i];
         acc = fmaf(wv.x, v.x, acc);
         acc = fmaf(wv.y, v.y, acc);
         acc = fmaf(wv.z, v.z, acc);
         acc = fmaf(wv.w, v.w, acc);
     }
-    decode_store(a, y, row, acc);
+    return acc;
+}
+
+// f32 (a large f32 matrix, e.g. an output head): lane l reads float4 l, l + 32, ... of the row
+// and of x.
+extern "C" __global__ void __launch_bounds__(ROWS_PER_BLOCK * WARP)
+matvec_f32_1(const u64* bases, MatArgs a, const float* x, float* y) {
+    u32 row = blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / WARP;
+    if (row >= a.rows) return;
+    float acc = f32_row_part(bases, a, x, row, threadIdx.x % WARP, WARP);
+    decode_store(a, y + blockIdx.y * a.y_group_stride, row, acc);
 }
 
 // f32 with few rows (a router: 128 of them would leave most SMs without a warp): one block of
@@ -470,20 +477,8 @@ extern "C" __global__ void __launch_bounds__(ROWS_PER_BLOCK * WARP)
 matvec_f32_1_split(const u64* bases, MatArgs a, const float* x, float* y) {
     __shared__ float part[ROWS_PER_BLOCK];
     u32 row = blockIdx.x;
-    u64 g = blockIdx.y;
-    u64 base = bases ? bases[g] : 0;
-    const float4* xv = (const float4*)(x + g * a.x_group_stride);
-    y += g * a.y_group_stride;
-    const float4* w = (const float4*)(base + a.data) + (u64)row * (a.cols / 4);
-    float acc = 0.f;
-#pragma unroll 4
-    for (u32 i = threadIdx.x; i < a.cols / 4; i += ROWS_PER_BLOCK * WARP) {
-        float4 wv = w[i], v = xv[i];
-        acc = fmaf(wv.x, v.x, acc);
-        acc = fmaf(wv.y, v.y, acc);
-        acc = fmaf(wv.z, v.z, acc);
-        acc = fmaf(wv.w, v.w, acc);
-    }
+    y += blockIdx.y * a.y_group_stride;
+    float acc = f32_row_part(bases, a, x, row, threadIdx.x, ROWS_PER_BLOCK * WARP);
     acc = warp_sum(acc);
     if (threadIdx.x % WARP == 0) part[threadIdx.x / WARP] = acc;
     __syncthreads();

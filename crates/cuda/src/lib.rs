@@ -13,6 +13,13 @@
 //! forward pass (generation, scoring, serving) runs on the GPU.
 #![deny(missing_docs)]
 
+/// A kernel's argument array from local variables (each passed by address, as the driver wants).
+macro_rules! args {
+    ($($a:ident),* $(,)?) => {
+        &mut [$(&mut $a as *mut _ as *mut ::std::ffi::c_void),*]
+    };
+}
+
 pub mod device;
 pub mod experts;
 pub mod gemm;

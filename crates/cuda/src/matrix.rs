@@ -9,7 +9,6 @@ use crate::gemm::Gemm;
 use crate::ops::Q8View;
 use moestream_kernels::ggml::BlockFormat;
 use moestream_kernels::{FloatKind, Matrix, Weights};
-use std::ffi::c_void;
 
 /// Kernel arguments of a product (kernels.cu `MatArgs`).
 #[repr(C)]
@@ -314,14 +313,7 @@ impl MatrixLayout {
             kernel,
             (self.rows as u32, 1, 1),
             32 * groups,
-            &mut [
-                &mut bases as *mut u64 as *mut c_void,
-                &mut a as *mut MatArgs as *mut c_void,
-                &mut xq as *mut Q8View as *mut c_void,
-                &mut weights as *mut u64 as *mut c_void,
-                &mut groups as *mut u32 as *mut c_void,
-                &mut y as *mut u64 as *mut c_void,
-            ],
+            args!(bases, a, xq, weights, groups, y),
         )?;
         Ok(true)
     }
@@ -350,13 +342,7 @@ impl MatrixLayout {
             self.kernel.spans,
             (blocks, groups as u32, 1),
             (ROWS_PER_BLOCK * 32) as u32,
-            &mut [
-                &mut bases as *mut u64 as *mut c_void,
-                &mut spans as *mut u64 as *mut c_void,
-                &mut a as *mut MatArgs as *mut c_void,
-                &mut x as *mut u64 as *mut c_void,
-                &mut y as *mut u64 as *mut c_void,
-            ],
+            args!(bases, spans, a, x, y),
         )
     }
 
@@ -382,12 +368,7 @@ impl MatrixLayout {
                 "matvec_f32_1_split",
                 (self.rows as u32, groups as u32, 1),
                 (ROWS_PER_BLOCK * 32) as u32,
-                &mut [
-                    &mut bases as *mut u64 as *mut c_void,
-                    &mut a as *mut MatArgs as *mut c_void,
-                    &mut x as *mut u64 as *mut c_void,
-                    &mut y as *mut u64 as *mut c_void,
-                ],
+                args!(bases, a, x, y),
             );
         }
         if let (1, Some(kernel), Some(mut xq)) = (a.n, self.kernel.int8, xq) {
@@ -395,12 +376,7 @@ impl MatrixLayout {
                 kernel,
                 (blocks, groups as u32, 1),
                 (ROWS_PER_BLOCK * 32) as u32,
-                &mut [
-                    &mut bases as *mut u64 as *mut c_void,
-                    &mut a as *mut MatArgs as *mut c_void,
-                    &mut xq as *mut Q8View as *mut c_void,
-                    &mut y as *mut u64 as *mut c_void,
-                ],
+                args!(bases, a, xq, y),
             );
         }
         gpu.launch(
@@ -411,12 +387,7 @@ impl MatrixLayout {
             },
             (blocks, groups as u32, 1),
             (ROWS_PER_BLOCK * 32) as u32,
-            &mut [
-                &mut bases as *mut u64 as *mut c_void,
-                &mut a as *mut MatArgs as *mut c_void,
-                &mut x as *mut u64 as *mut c_void,
-                &mut y as *mut u64 as *mut c_void,
-            ],
+            args!(bases, a, x, y),
         )
     }
 }
@@ -493,12 +464,7 @@ impl GpuMatrix {
                 gpu.launch_elements(
                     self.layout.kernel.dequant,
                     m * (cols / 32),
-                    &mut [
-                        &mut a as *mut MatArgs as *mut c_void,
-                        &mut r0 as *mut u32 as *mut c_void,
-                        &mut r as *mut u32 as *mut c_void,
-                        &mut out as *mut u64 as *mut c_void,
-                    ],
+                    args!(a, r0, r, out),
                 )?;
                 gemm.scratch()
             };
@@ -547,10 +513,7 @@ impl GpuMatrix {
                     "matvec_q8_multi",
                     (blocks, 1, 1),
                     (ROWS_PER_BLOCK * 32) as u32,
-                    &mut [
-                        &mut m as *mut MultiArgs as *mut c_void,
-                        &mut xq as *mut Q8View as *mut c_void,
-                    ],
+                    args!(m, xq),
                 )
             }
             _ => {

@@ -1,13 +1,6 @@
 //! Typed launchers of the element-wise, normalisation and attention kernels (kernels.cu). All
 //! take device addresses of f32 arrays and queue work on the GPU's stream.
 use crate::device::{DeviceBuffer, Gpu, GpuError};
-use std::ffi::c_void;
-
-macro_rules! args {
-    ($($a:ident),* $(,)?) => {
-        &mut [$(&mut $a as *mut _ as *mut c_void),*]
-    };
-}
 
 /// `out[r] = w · x[r] / rms(x[r])` over `rows` rows of `width`.
 pub fn rms_norm(
